@@ -1,0 +1,223 @@
+"""Channel dependency groups and per-layer facts of a model, built once from the rule table.
+
+:func:`analyse` runs every node's rule in topological order, freezes what graph inputs and
+outputs touch, and returns an :class:`Analysis`: the groups (each a class of united atoms), the
+layers (Conv/ConvTranspose/Gemm/MatMul with their MACs and which groups scale them) and a cost
+model that prices any plan (kept channels per group, rank per Conv) without touching the graph.
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+
+import numpy as np
+import onnx_graphsurgeon as gs
+
+from .costs import LAYER_OPS, node_macs, node_params
+from .layout import Atoms, Layout, LayoutAlgebra
+from .op_rules import CHANNEL_RULES, RuleContext, unknown
+from .view import ModelView
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Member:
+    """Tensor ``tensor`` holds the group's channels on ``axis`` starting at channel ``offset``."""
+
+    tensor: str
+    axis: int
+    offset: int
+    inner: int = 1
+    outer: int = 1
+
+
+@dataclass
+class ChannelGroup:
+    id: int
+    size: int
+    origins: tuple[str, ...]
+    members: tuple[Member, ...]
+    frozen: tuple[str, ...]
+
+    @property
+    def prunable(self) -> bool:
+        return not self.frozen and self.size > 1
+
+
+@dataclass
+class Layer:
+    """A MAC-bearing node, keyed by its (unique) output tensor name."""
+
+    key: str
+    name: str
+    op: str
+    kernel: tuple[int, ...]
+    cin: int
+    cout: int
+    group: int
+    macs: int
+    params: int
+    out_layout: Layout | None
+    red_layout: Layout | None
+    hw_in: int = 1
+    hw_out: int = 1
+    out_groups: tuple[int, ...] = ()
+    in_groups: tuple[int, ...] = ()
+    prunable: bool = False
+    factorizable: bool = False
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def compressible(self) -> bool:
+        return self.prunable or self.factorizable
+
+    @property
+    def kk(self) -> int:
+        return int(np.prod(self.kernel)) if self.kernel else 1
+
+    def max_useful_rank(self, cin: int | None = None, cout: int | None = None) -> int:
+        """Largest SVD rank whose two-conv form has fewer MACs than the dense conv."""
+        cin = self.cin if cin is None else cin
+        cout = self.cout if cout is None else cout
+        return int(np.ceil(cout * cin * self.kk / (cin * self.kk + cout))) - 1
+
+
+@dataclass
+class Analysis:
+    view: ModelView
+    atoms: Atoms
+    layouts: dict[str, Layout]
+    groups: dict[int, ChannelGroup]
+    layers: list[Layer]
+    total_macs: int
+
+    def __post_init__(self) -> None:
+        self.alg = LayoutAlgebra(self.atoms)
+
+    @property
+    def compressible_macs(self) -> int:
+        return sum(l.macs for l in self.layers if l.compressible)
+
+    def layer(self, key: str) -> Layer:
+        return next(l for l in self.layers if l.key == key)
+
+    def layout(self, tensor: str) -> Layout | None:
+        lay = self.layouts.get(tensor)
+        return None if lay is None else self.alg.live(lay)
+
+    def group_of(self, atom: int) -> int:
+        return self.atoms.find(atom)
+
+    def mask(self, tensor: str, keep: dict[int, np.ndarray]) -> np.ndarray | None:
+        """Kept-channel mask of ``tensor`` along its channel axis (None: no channel layout)."""
+        lay = self.layout(tensor)
+        return None if lay is None else self.alg.mask(lay, keep)
+
+    def _fraction(self, layout: Layout | None, kept: dict[int, int]) -> float:
+        if layout is None:
+            return 1.0
+        return self.alg.count(layout, kept) / self.alg.count(layout, {})
+
+    def layer_macs(self, layer: Layer, kept: dict[int, int], rank: int | None = None) -> float:
+        """MACs of ``layer`` when groups keep ``kept`` channels and the conv has ``rank``."""
+        out_f, red_f = self._fraction(layer.out_layout, kept), self._fraction(layer.red_layout, kept)
+        if rank is None:
+            return layer.macs * out_f * red_f
+        cin, cout = layer.cin * red_f, layer.cout * out_f
+        return layer.hw_out * rank * (cin * layer.kk + cout)
+
+    def macs(self, kept: dict[int, int] | None = None, ranks: dict[str, int] | None = None) -> int:
+        kept, ranks = kept or {}, ranks or {}
+        delta = sum(self.layer_macs(l, kept, ranks.get(l.key)) - l.macs for l in self.layers)
+        return int(round(self.total_macs + delta))
+
+
+def analyse(view: ModelView) -> Analysis:
+    ctx = RuleContext(view)
+    for node in view.nodes:
+        rule = CHANNEL_RULES.get(node.op, unknown) if node.domain in (None, "", "ai.onnx") else unknown
+        rule(ctx, node)
+        _freeze_subgraph_captures(ctx, node)
+    for out in view.graph.outputs:
+        ctx.freeze(ctx.layout(out), f"graph output {out.name}")
+    layers = [_layer(ctx, node) for node in view.nodes if node.op in LAYER_OPS]
+    total = sum(node_macs(view, n) for n in view.nodes)
+    groups = _groups(ctx)
+    for layer in layers:
+        layer.prunable = any(groups[g].prunable for g in layer.out_groups + layer.in_groups)
+    return Analysis(view, ctx.atoms, dict(ctx.layouts), groups, layers, total)
+
+
+def _freeze_subgraph_captures(ctx: RuleContext, node: gs.Node) -> None:
+    """If/Loop bodies read outer tensors by name, outside ``node.inputs``: freeze those too."""
+    for value in node.attrs.values():
+        if isinstance(value, gs.Graph):
+            for inner in value.nodes:
+                for t in inner.inputs:
+                    ctx.freeze(ctx.layout(t), f"{node.op} {node.name}: read inside a subgraph")
+
+
+def _groups(ctx: RuleContext) -> dict[int, ChannelGroup]:
+    members: dict[int, list[Member]] = {}
+    for name, layout in ctx.layouts.items():
+        pos = 0
+        for a in ctx.atoms.expand(layout.atoms):
+            root = ctx.atoms.find(a)
+            members.setdefault(root, []).append(Member(name, layout.axis, pos, layout.inner, layout.outer))
+            pos += ctx.atoms.size[a]
+    groups = {}
+    for root, ms in members.items():
+        origins = tuple(dict.fromkeys(ctx.atoms.origin[m] for m in ctx.atoms.members[root]))
+        groups[root] = ChannelGroup(root, ctx.atoms.size[root], origins, tuple(ms),
+                                    tuple(sorted(ctx.atoms.frozen.get(root, ()))))
+    return groups
+
+
+def _layer(ctx: RuleContext, node: gs.Node) -> Layer:
+    view = ctx.view
+    x, w, y = node.inputs[0], node.inputs[1], node.outputs[0]
+    wshape = view.shape(w) or ()
+    xs, ys = view.shape(x) or (), view.shape(y) or ()
+    group = node.attrs.get("group", 1)
+    out_layout = ctx.layout(y)
+    lin = ctx.layout(x)
+    if node.op == "Conv":
+        cout, cin, kernel = wshape[0], wshape[1] * group, tuple(wshape[2:])
+        red = lin if group == 1 else None
+    elif node.op == "ConvTranspose":
+        cin, cout, kernel = wshape[0], wshape[1] * group, tuple(wshape[2:])
+        red = lin
+    else:
+        trans_b = node.attrs.get("transB", 0) if node.op == "Gemm" else 0
+        k_dim = len(wshape) - 2 if len(wshape) >= 2 else 0
+        cin = wshape[k_dim + trans_b] if len(wshape) >= 2 else 0
+        cout = wshape[k_dim + 1 - trans_b] if len(wshape) >= 2 else 0
+        kernel = ()
+        red = lin if lin is not None and lin.axis == len(xs) - 1 else None
+    atoms = ctx.atoms
+    groups_of = lambda lay: tuple(dict.fromkeys(atoms.find(a) for a in atoms.expand(lay.atoms))) if lay else ()
+    layer = Layer(
+        key=y.name, name=node.name or y.name, op=node.op, kernel=kernel, cin=int(cin), cout=int(cout),
+        group=int(group), macs=node_macs(view, node), params=node_params(node),
+        out_layout=out_layout, red_layout=red,
+        hw_in=int(np.prod(xs[2:])) if len(xs) > 2 else 1, hw_out=int(np.prod(ys[2:])) if len(ys) > 2 else 1,
+        out_groups=groups_of(out_layout), in_groups=groups_of(red))
+    if node.op == "Conv" and red is None and group > 1:
+        layer.in_groups = ()
+    layer.factorizable, why = _factorizable(view, node, layer)
+    if why:
+        layer.notes.append(why)
+    return layer
+
+
+def _factorizable(view: ModelView, node: gs.Node, layer: Layer) -> tuple[bool, str]:
+    if node.op != "Conv":
+        return False, ""
+    if view.const(node.inputs[1]) is None:
+        return False, "not factorized: weights are not constant"
+    if layer.group != 1:
+        return False, "not factorized: " + ("depthwise" if layer.cin == layer.group else "grouped") + " conv"
+    if layer.max_useful_rank() < 1:
+        return False, "not factorized: too small for low rank to save MACs"
+    return True, ""

@@ -1,0 +1,255 @@
+"""Normalization: bring any exporter's graph into the one form the analysis expects.
+
+- ``LiftConstantsPass``: ``Constant`` nodes (Paddle keeps weights there) become initializers.
+- ``RemoveIdentityPass``: ``Identity`` and inference ``Dropout`` disappear.
+- ``FoldConstantsPass``: subgraphs that depend only on constants are evaluated once (tf2onnx
+  transposes weights, Paddle casts them); shape computations on activations are left alone so a
+  dynamic batch dimension survives.
+- ``FoldBatchNormPass``: ``BatchNormalization(Conv(x))`` → ``Conv'(x)`` with
+  ``W' = W · s``, ``b' = (b − μ) · s + β`` and ``s = γ / √(σ² + ε)`` per output channel
+  (ConvTranspose scales axis 1 of its weight, Gemm the output features).
+- ``FusePadIntoConvPass``: a zero ``Pad`` on spatial axes only (TF "same" padding) merges into
+  the following Convs' ``pads``.
+
+Each is exact up to float rounding; ``normalize()`` runs them in that order.
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import numpy as np
+import onnx
+import onnx_graphsurgeon as gs
+
+from ..graph import Namer, constant, export_model, import_graph, set_inputs
+from .base import Pass, PassRecord, PassResult, Sequence, SequenceRecord
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class CountRecord(PassRecord):
+    count: int = 0
+    skipped: tuple[str, ...] = ()
+
+    @property
+    def changes(self) -> int:
+        return self.count
+
+
+def _result(graph: gs.Graph, model: onnx.ModelProto, record: CountRecord) -> PassResult:
+    """Export only when something changed: re-serializing big weights is the costly part."""
+    if not record.count:
+        return PassResult(model, record)
+    return PassResult(export_model(graph, model, clear_shapes=False), record)
+
+
+class LiftConstantsPass(Pass):
+    """Replaces Constant nodes with initializers of the same name."""
+
+    name = "LiftConstants"
+
+    def call(self, model: onnx.ModelProto) -> PassResult:
+        graph = import_graph(model)
+        count = 0
+        for node in graph.nodes:
+            if node.op != "Constant" or node.outputs[0] in graph.outputs:
+                continue
+            out = node.outputs[0]
+            attr = next(iter(node.attrs.items()), (None, None))
+            values = _constant_value(*attr)
+            if values is None:
+                log.debug("LiftConstants: skipped %s (attribute %s)", node.name, attr[0])
+                continue
+            out.to_constant(values)
+            node.outputs.clear()
+            count += 1
+        return _result(graph, model, CountRecord(self.name, count))
+
+
+def _constant_value(name: str | None, value) -> np.ndarray | None:
+    if name == "value":
+        return np.asarray(value.values)
+    if name in ("value_float", "value_int"):
+        return np.asarray(value, np.float32 if name == "value_float" else np.int64)
+    if name in ("value_floats", "value_ints"):
+        return np.asarray(list(value), np.float32 if name == "value_floats" else np.int64)
+    return None
+
+
+class RemoveIdentityPass(Pass):
+    """Removes Identity and inference-mode Dropout by wiring consumers to their input."""
+
+    name = "RemoveIdentity"
+
+    def call(self, model: onnx.ModelProto) -> PassResult:
+        graph = import_graph(model)
+        count = 0
+        for node in graph.nodes:
+            if node.op not in ("Identity", "Dropout"):
+                continue
+            if node.op == "Dropout" and len(node.outputs) > 1 and node.outputs[1].outputs:
+                continue
+            src, out = node.inputs[0], node.outputs[0]
+            if out in graph.outputs:
+                continue  # the output name is part of the model's interface
+            for consumer in list(out.outputs):
+                set_inputs(consumer, [src if t is out else t for t in consumer.inputs])
+            node.outputs.clear()
+            count += 1
+        return _result(graph, model, CountRecord(self.name, count))
+
+
+class FoldConstantsPass(Pass):
+    """Evaluates constant-only subgraphs with onnxruntime (via onnx-graphsurgeon)."""
+
+    name = "FoldConstants"
+
+    def call(self, model: onnx.ModelProto) -> PassResult:
+        graph = import_graph(model)
+        before = len(graph.nodes)
+        try:
+            graph.fold_constants(fold_shapes=False, error_ok=False)
+        except Exception as e:  # noqa: BLE001 - folding is an optimisation; keep the graph as is
+            log.warning("constant folding skipped: %s", str(e).splitlines()[0][:200])
+            return PassResult(model, CountRecord(self.name, 0, (str(e).splitlines()[0][:200],)))
+        graph.cleanup()
+        return _result(graph, model, CountRecord(self.name, before - len(graph.nodes)))
+
+
+# Per producer op: which weight axis holds the output channels, and which input is the bias.
+_BN_FOLD_AXIS = {"Conv": 0, "ConvTranspose": 1}
+
+
+class FoldBatchNormPass(Pass):
+    """Replaces BatchNormalization(Conv|ConvTranspose|Gemm(x)) with the producer alone."""
+
+    name = "FoldBatchNorm"
+
+    def call(self, model: onnx.ModelProto) -> PassResult:
+        graph = import_graph(model)
+        namer = Namer(graph)
+        count, skipped = 0, []
+        for bn in graph.nodes:
+            if bn.op != "BatchNormalization" or not bn.inputs[0].inputs:
+                continue
+            why = self._check(graph, bn)
+            if why:
+                skipped.append(f"{bn.name}: {why}")
+                log.debug("FoldBatchNorm: skipped %s: %s", bn.name, why)
+                continue
+            self._fold(graph, bn, namer)
+            count += 1
+        return _result(graph, model, CountRecord(self.name, count, tuple(skipped)))
+
+    @staticmethod
+    def _check(graph: gs.Graph, bn: gs.Node) -> str:
+        prod = bn.inputs[0].inputs[0]
+        if prod.op not in ("Conv", "ConvTranspose", "Gemm"):
+            return f"preceded by {prod.op}"
+        if len(bn.inputs[0].outputs) != 1 or bn.inputs[0] in graph.outputs:
+            return "producer output has other consumers"
+        if any(o.outputs for o in bn.outputs[1:]) or bn.attrs.get("training_mode", 0):
+            return "training-mode BatchNormalization"
+        if not all(isinstance(t, gs.Constant) for t in bn.inputs[1:5]):
+            return "statistics are not constant"
+        if not all(isinstance(t, gs.Constant) for t in prod.inputs[1:3] if t.name):
+            return "producer weights are not constant"
+        if prod.op == "Gemm" and (prod.attrs.get("transA", 0) or prod.attrs.get("alpha", 1.0) != 1.0
+                                  or prod.attrs.get("beta", 1.0) != 1.0):
+            return "Gemm with transA/alpha/beta"
+        if prod.op == "ConvTranspose" and prod.attrs.get("group", 1) != 1:
+            return "grouped ConvTranspose"
+        return ""
+
+    @staticmethod
+    def _fold(graph: gs.Graph, bn: gs.Node, namer: Namer) -> None:
+        prod = bn.inputs[0].inputs[0]
+        gamma, beta, mean, var = (np.asarray(t.values, np.float64) for t in bn.inputs[1:5])
+        scale = gamma / np.sqrt(var + bn.attrs.get("epsilon", 1e-5))
+        W = np.asarray(prod.inputs[1].values)
+        if prod.op == "Gemm":
+            axis = 0 if prod.attrs.get("transB", 0) else 1
+        else:
+            axis = _BN_FOLD_AXIS[prod.op]
+        shape = [1] * W.ndim
+        shape[axis] = -1
+        new_w = (W.astype(np.float64) * scale.reshape(shape)).astype(W.dtype)
+        has_bias = len(prod.inputs) > 2 and prod.inputs[2].name
+        b = np.asarray(prod.inputs[2].values, np.float64).reshape(-1) if has_bias else np.zeros_like(mean)
+        new_b = ((np.broadcast_to(b, mean.shape) - mean) * scale + beta).astype(W.dtype)
+        w_t = constant(namer, prod.inputs[1].name + "_bnfold", new_w)
+        b_t = constant(namer, (prod.inputs[2].name if has_bias else prod.outputs[0].name) + "_bnfold", new_b)
+        set_inputs(prod, [prod.inputs[0], w_t, b_t])
+        out = bn.outputs[0]
+        bn.outputs.clear()
+        prod.outputs[0] = out
+
+
+class FusePadIntoConvPass(Pass):
+    """Merges constant-zero spatial Pad nodes into the pads of the Convs that consume them."""
+
+    name = "FusePadIntoConv"
+
+    def call(self, model: onnx.ModelProto) -> PassResult:
+        graph = import_graph(model)
+        count = 0
+        for pad in graph.nodes:
+            if pad.op != "Pad":
+                continue
+            pads = self._spatial_pads(pad)
+            consumers = pad.outputs[0].outputs
+            if pads is None or not consumers or pad.outputs[0] in graph.outputs:
+                continue
+            if not all(c.op == "Conv" and c.inputs[0] is pad.outputs[0]
+                       and c.attrs.get("auto_pad", "NOTSET") in ("NOTSET", "VALID") for c in consumers):
+                continue
+            for conv in list(consumers):
+                k = len(pads) // 2
+                old = list(conv.attrs.get("pads", [0] * (2 * k))) if conv.attrs.get("auto_pad", "NOTSET") == "NOTSET" else [0] * (2 * k)
+                conv.attrs["pads"] = [int(a + b) for a, b in zip(old, pads)]
+                conv.attrs.pop("auto_pad", None)
+                conv.inputs[0] = pad.inputs[0]
+            count += 1
+        return _result(graph, model, CountRecord(self.name, count))
+
+    @staticmethod
+    def _spatial_pads(pad: gs.Node) -> list[int] | None:
+        """The spatial [begin..., end...] pads of a zero constant Pad, or None."""
+        if pad.attrs.get("mode", "constant") != "constant":
+            return None
+        if "pads" in pad.attrs:
+            pads, value = list(pad.attrs["pads"]), pad.attrs.get("value", 0.0)
+        else:
+            if not isinstance(pad.inputs[1], gs.Constant):
+                return None
+            pads = [int(v) for v in np.asarray(pad.inputs[1].values).reshape(-1)]
+            value = 0.0
+            if len(pad.inputs) > 2 and pad.inputs[2].name:
+                if not isinstance(pad.inputs[2], gs.Constant):
+                    return None
+                value = float(np.asarray(pad.inputs[2].values).reshape(-1)[0]) if np.asarray(pad.inputs[2].values).size else 0.0
+            if len(pad.inputs) > 3 and pad.inputs[3].name:
+                return None  # explicit axes (opset 18): rare enough to leave alone
+        rank = len(pads) // 2
+        if value != 0.0 or rank < 3 or any(p < 0 for p in pads):
+            return None
+        begin, end = pads[:rank], pads[rank:]
+        if begin[:2] != [0, 0] or end[:2] != [0, 0]:
+            return None
+        return begin[2:] + end[2:]
+
+
+def normalize_passes() -> Sequence:
+    return Sequence(LiftConstantsPass(), RemoveIdentityPass(), FoldConstantsPass(),
+                    FoldBatchNormPass(), FusePadIntoConvPass(), name="Normalize")
+
+
+def normalize(model: onnx.ModelProto) -> PassResult:
+    """Run the whole normalization; the result's record is a SequenceRecord."""
+    return normalize_passes()(model)
+
+
+__all__ = ["LiftConstantsPass", "RemoveIdentityPass", "FoldConstantsPass", "FoldBatchNormPass",
+           "FusePadIntoConvPass", "normalize", "normalize_passes", "SequenceRecord"]

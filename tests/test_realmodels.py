@@ -1,0 +1,84 @@
+"""Real architectures: the onnx wheel's structure models and the fetched corpus (PyTorch,
+Paddle-style Constant weights, tf2onnx NHWC). Every check is exact, not approximate."""
+import glob
+import os
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+
+import onnx as _onnx
+from conftest import require_data
+from engine_helpers import random_keep, zero_reads
+from oracles import assert_same_outputs, check_model_full, random_feeds, runtime_macs
+
+from onnxcc.inspect import inspect_model
+from onnxcc.passes.factorize import FactorizeConvPass
+from onnxcc.passes.prune import PruneChannelsPass
+
+LIGHT_DIR = Path(_onnx.__file__).parent / "backend/test/data/light"
+LIGHT = sorted(LIGHT_DIR.glob("*.onnx"))
+HEAVY = {"light_vgg19", "light_zfnet512", "light_bvlc_alexnet"}  # >500 MB of FC weights
+# Grouped convs everywhere (ShuffleNet) or grouped convs + LRN (AlexNet): little to compress.
+LOW_COMPRESSIBLE = {"light_shufflenet", "light_bvlc_alexnet"}
+CORPUS = ["mobilenetv2", "open_nsfw", "yolo_like", "dbnet_like", "tf_style_mobilenet",
+          "paddle_style_resnet", "paddle_style_dbnet"]
+
+
+def _check_engine(model: onnx.ModelProto, expect_compressible: bool):
+    feeds = random_feeds(model)
+    ins = inspect_model(model, feeds=feeds)
+    a = ins.analysis
+    assert a.total_macs == runtime_macs(model, feeds)
+    assert_same_outputs(model, ins.model, feeds, rtol=1e-4, atol=1e-4)
+    if expect_compressible:
+        assert a.compressible_macs >= 0.8 * a.total_macs
+    keep = random_keep(a, seed=0, frac=0.7)
+    pruned = PruneChannelsPass(a, keep)(ins.model)
+    check_model_full(pruned.model)
+    assert_same_outputs(zero_reads(a, ins.model, keep), pruned.model, feeds, rtol=1e-4, atol=1e-4)
+    assert runtime_macs(pruned.model, feeds) == pruned.record.macs_after
+    if expect_compressible:
+        assert pruned.record.macs_after < a.total_macs
+    return ins
+
+
+def _param(path: Path):
+    marks = [pytest.mark.slow] if path.stem in HEAVY else []
+    return pytest.param(path, id=path.stem, marks=marks)
+
+
+@pytest.mark.realmodel
+@pytest.mark.parametrize("path", [_param(p) for p in LIGHT])
+def test_onnx_light_models(path):
+    _check_engine(onnx.load(str(path)), path.stem not in LOW_COMPRESSIBLE)
+
+
+@pytest.mark.realmodel
+@pytest.mark.parametrize("name", CORPUS)
+def test_corpus_models(name):
+    require_data(name)
+    import models
+
+    model = onnx.load(str(models.model_path(name)))
+    ins = _check_engine(model, True)
+    a = ins.analysis
+    full = {l.key: min(l.cout, l.cin * l.kk) for l in a.layers if l.factorizable}
+    fact = FactorizeConvPass(full)(ins.model)
+    check_model_full(fact.model)
+    assert_same_outputs(ins.model, fact.model, random_feeds(model), rtol=1e-3, atol=1e-4)
+
+
+@pytest.mark.realmodel
+def test_open_nsfw_nhwc_is_fully_prunable():
+    require_data("open_nsfw")
+    import models
+
+    ins = inspect_model(str(models.model_path("open_nsfw")))
+    a = ins.analysis
+    assert ins.input_shapes == {"input:0": (1, 224, 224, 3)}
+    assert len([l for l in a.layers if l.op == "Conv"]) == 53
+    assert a.total_macs == 1_068_550_144
+    # every conv of the residual network reads or writes a prunable group
+    assert all(l.prunable for l in a.layers if l.op == "Conv")
