@@ -14,7 +14,7 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
-from .errors import InputShapeError, OnnxccError
+from .errors import InputShapeError, OnnxccError, UsageError
 
 out = Console()
 err = Console(stderr=True)
@@ -78,6 +78,44 @@ def cmd_info(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_compress(args: argparse.Namespace) -> int:
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from .calib import ImagePreprocess
+    from .compress import compress
+    from .io import check_output_path, load_model, save_model
+    from .report import write_report
+
+    if not 0 < args.flops < 1:
+        raise UsageError(f"--flops must be in (0, 1), got {args.flops}")
+    check_output_path(args.output, [args.model], args.force)
+    if args.report and Path(args.report).exists() and not Path(args.report).is_dir():
+        raise UsageError(f"--report must be a folder: {args.report}")
+    model = load_model(args.model)
+    pp = ImagePreprocess(size=tuple(args.image_size), mean=tuple(args.mean), std=tuple(args.std),
+                         scale=args.scale, layout=args.layout, bgr=args.bgr)
+    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                  console=err, transient=True, disable=not err.is_terminal) as bar:
+        task = bar.add_task("measuring", total=None)
+
+        def progress(desc: str, done: int, total: int) -> None:
+            bar.update(task, description=desc, completed=done, total=total)
+
+        result = compress(model, args.flops, calib=args.calib, input_shape=parse_input_shapes(args.input_shape),
+                          method=args.method, steps=args.steps, provider=args.provider, seed=args.seed,
+                          progress=progress, preprocess=pp)
+    save_model(result.model, args.output)
+    report_dir = Path(args.report) if args.report else Path(str(args.output) + ".report")
+    write_report(result.report, report_dir)
+    t, f = result.report["totals"], result.report["fidelity"]
+    out.print(f"[bold green]wrote[/] {args.output}: MACs {fmt_count(t['macs_before'])} → {fmt_count(t['macs_after'])} "
+              f"([bold]{t['mac_reduction']:.1%}[/] removed), params {fmt_count(t['params_before'])} → "
+              f"{fmt_count(t['params_after'])}; held-out cosine {f['cosine_mean']}"
+              + (f", top-1 agreement {f['top1_agreement']:.1%}" if "top1_agreement" in f else "")
+              + f"; report in {report_dir}/")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     from . import __version__
 
@@ -93,6 +131,28 @@ def build_parser() -> argparse.ArgumentParser:
     info.add_argument("--input-shape", action="append", metavar="[NAME:]DIMS", help=shape_help)
     info.add_argument("--json", action="store_true", help="print one JSON object on stdout")
     info.set_defaults(func=cmd_info)
+
+    c = sub.add_parser("compress", help="remove a fraction of the MACs by joint pruning + low rank")
+    c.add_argument("model", type=Path, help="ONNX model")
+    c.add_argument("--flops", type=float, required=True, help="fraction of MACs to remove, in (0, 1)")
+    c.add_argument("-o", "--output", type=Path, required=True, help="compressed model path")
+    c.add_argument("--calib", help=".npy (N, ...) for a single input, .npz keyed by input name, or an image folder")
+    c.add_argument("--input-shape", action="append", metavar="[NAME:]DIMS", help=shape_help)
+    c.add_argument("--method", choices=["cc", "prune", "decompose"], default="cc",
+                   help="cc: joint (default); prune / decompose: single-technique ablations")
+    c.add_argument("--steps", type=int, default=3, help="multi-step removal: re-measure after each step")
+    c.add_argument("--report", help="report folder (default: OUTPUT.report/)")
+    c.add_argument("--provider", choices=["cpu", "cuda"], default="cpu")
+    c.add_argument("--seed", type=int, default=0)
+    c.add_argument("--force", action="store_true", help="allow overwriting the input model")
+    g = c.add_argument_group("image folder preprocessing (with --calib DIR)")
+    g.add_argument("--image-size", type=int, nargs=2, default=[224, 224], metavar=("H", "W"))
+    g.add_argument("--mean", type=float, nargs=3, default=[0.485, 0.456, 0.406])
+    g.add_argument("--std", type=float, nargs=3, default=[0.229, 0.224, 0.225])
+    g.add_argument("--scale", type=float, default=1 / 255)
+    g.add_argument("--layout", choices=["NCHW", "NHWC"], default="NCHW")
+    g.add_argument("--bgr", action="store_true")
+    c.set_defaults(func=cmd_compress)
     return p
 
 

@@ -1,0 +1,104 @@
+"""Global Compression Rate Optimization: how much each unit removes, under one MAC budget.
+
+Each unit (a channel group to prune, or a Conv's rank) offers options — remove k more
+channels / drop to rank r — each with a measured damage increase ΔD and an exact MAC saving ΔS.
+With one Lagrange multiplier λ every unit independently picks ``argmin ΔD − λ·ΔS``; the joint
+plan's MACs (from the exact cost model, interactions included) fall as λ grows, so a scalar root
+find on log λ (``scipy.optimize.brentq``) meets the budget. This is CC's single-multiplier
+solution of ``min Σ damage s.t. Σ saving = T``, applied to measured rather than fitted curves.
+
+The paper's fitted curve ``p1·exp(p2·x)`` (weighted least squares with √y weights) is computed
+for the report; the *remaining compression space* enters as a look-ahead: an option is charged
+``(1−γ)·ΔD(k) + γ·ΔD(k⁺)``, the damage it would reach one measured step further, so units that
+have no cheap room left beyond this step are not drained first.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import numpy as np
+from scipy.optimize import brentq
+
+
+@dataclass
+class Options:
+    """One unit's options; index 0 is 'no change' (ΔD = 0, ΔS = 0)."""
+
+    unit: str
+    amounts: np.ndarray      # channels removed / rank chosen, per option
+    damage: np.ndarray       # ΔD per option (look-ahead applied)
+    saving: np.ndarray       # ΔS (MACs) per option, standalone
+
+
+def interpolate(unit: str, measured_k: list[int], measured_d: list[float], k_grid: np.ndarray,
+                saving: np.ndarray, gamma: float) -> Options:
+    """Dense options from a few measurements: damage made monotone, linearly interpolated."""
+    k = np.asarray([0] + list(measured_k), float)
+    d = np.maximum.accumulate(np.maximum(np.asarray([0.0] + list(measured_d)), 0.0))
+    dense = np.interp(k_grid, k, d)
+    ahead_k = np.interp(k_grid, k[:-1], k[1:]) if len(k) > 1 else k_grid
+    ahead = np.interp(ahead_k, k, d)
+    charged = (1 - gamma) * dense + gamma * ahead
+    charged[0] = 0.0
+    return Options(unit, k_grid, charged, saving)
+
+
+def choose(options: list[Options], lam: float) -> list[int]:
+    return [int(np.argmin(o.damage - lam * o.saving)) for o in options]
+
+
+def solve(options: list[Options], macs_of: Callable[[list[int]], int], target: int) -> tuple[list[int], float]:
+    """Smallest-damage choice whose joint MACs are ≤ target (λ by root finding on log λ)."""
+    scale = max(max(float(o.damage.max()) for o in options), 1e-30) / max(
+        max(float(o.saving.max()) for o in options), 1.0)
+
+    def excess(log_lam: float) -> float:
+        return macs_of(choose(options, scale * np.exp(log_lam))) - target
+
+    lo, hi = -30.0, 30.0
+    if excess(hi) > 0:
+        return choose(options, scale * np.exp(hi)), float(scale * np.exp(hi))
+    if excess(lo) <= 0:
+        return choose(options, scale * np.exp(lo)), float(scale * np.exp(lo))
+    # excess is a step function: bracket the last step before the budget is met
+    root = brentq(lambda x: excess(x) - 0.5, lo, hi, xtol=1e-6)
+    for x in (root, root + 1e-5, root + 1e-4, root + 1e-3, root + 1e-2, hi):
+        if excess(x) <= 0:
+            return choose(options, scale * np.exp(x)), float(scale * np.exp(x))
+    return choose(options, scale * np.exp(hi)), float(scale * np.exp(hi))
+
+
+def give_back(options: list[Options], choice: list[int], macs_of: Callable[[list[int]], int],
+              target: int, max_rounds: int = 200) -> list[int]:
+    """Undo overshoot: step units back one option while the budget still holds, cheapest
+    damage-per-MAC first (λ's last jump can remove more than the budget asks)."""
+    choice = list(choice)
+    for _ in range(max_rounds):
+        best, best_gain = None, 0.0
+        for i, (o, c) in enumerate(zip(options, choice)):
+            if c == 0:
+                continue
+            trial = choice[:i] + [c - 1] + choice[i + 1:]
+            if macs_of(trial) > target:
+                continue
+            gain = float(o.damage[c] - o.damage[c - 1]) + 1e-12
+            if gain > best_gain:
+                best, best_gain = trial, gain
+        if best is None:
+            return choice
+        choice = best
+    return choice
+
+
+def fit_exponential(x: np.ndarray, y: np.ndarray) -> tuple[float, float] | None:
+    """CC's curve: ln(y) = ln p1 + p2·x by least squares with √y weights (y normalised to max 1)."""
+    x, y = np.asarray(x, float), np.asarray(y, float)
+    ok = (x > 0) & (y > 0)
+    if ok.sum() < 2:
+        return None
+    x, y = x[ok], y[ok] / y[ok].max()
+    w = np.sqrt(y)
+    A = np.stack([np.ones_like(x), x], 1) * w[:, None]
+    coef, *_ = np.linalg.lstsq(A, np.log(y + 1e-10) * w, rcond=None)
+    return float(np.exp(coef[0])), float(coef[1])

@@ -1,0 +1,86 @@
+"""Write a compression report: report.json, a readable report.md, and plots where a picture helps."""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+
+def write_report(report: dict[str, Any], folder: str | Path) -> list[Path]:
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    written = [_atomic_text(folder / "report.json", json.dumps(report, indent=1)),
+               _atomic_text(folder / "report.md", to_markdown(report))]
+    written += _plots(report, folder)
+    return written
+
+
+def _atomic_text(path: Path, text: str) -> Path:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    with os.fdopen(fd, "w") as f:
+        f.write(text)
+    os.replace(tmp, path)
+    return path
+
+
+def to_markdown(r: dict[str, Any]) -> str:
+    t, f, c = r["totals"], r["fidelity"], r["config"]
+    lines = [
+        "# onnxcc compression report", "",
+        f"- method **{c['method']}**, target {c['flops']:.0%} fewer MACs in {c['steps']} step(s)",
+        f"- MACs {t['macs_before']:,} → {t['macs_after']:,} (**{t['mac_reduction']:.1%} removed**)",
+        f"- params {t['params_before']:,} → {t['params_after']:,}",
+        f"- {t['channels_removed']} channels removed, {t['layers_factorized']} convs factorized, {t['seconds']} s",
+        f"- calibration: {r['calibration']['source']} ({r['calibration']['samples']} samples"
+        f"{', synthetic' if r['calibration']['synthetic'] else ''})",
+        f"- fidelity on {f['samples']} held-back samples: cosine {f['cosine_mean']} (min {f['cosine_min']}), "
+        f"relative L2 {f['rel_l2']}" + (f", top-1 agreement {f['top1_agreement']:.1%}" if "top1_agreement" in f else ""),
+        "", "| layer | op | in | out | rank | MACs before | MACs after |", "|---|---|---|---|---|---|---|",
+    ]
+    for l in r["layers"]:
+        rank = "-" if l["rank"][1] is None else f"{l['rank'][1]}/{l['rank'][0]}"
+        lines.append(f"| {l['name']} | {l['op']} | {l['in_channels'][0]}→{l['in_channels'][1]} | "
+                     f"{l['out_channels'][0]}→{l['out_channels'][1]} | {rank} | {l['macs'][0]:,} | {l['macs'][1]:,} |")
+    return "\n".join(lines) + "\n"
+
+
+def _plots(r: dict[str, Any], folder: Path) -> list[Path]:
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        log.info("matplotlib not installed: report without plots (pip install 'onnxcc[plot]')")
+        return []
+    out = []
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for name, cv in (r["sensitivity"][0] if r["sensitivity"] else {}).items():
+        x = [m / r["totals"]["macs_before"] for m in cv["macs_saved"]]
+        ax.plot(x, cv["damage"], "-", lw=0.8, color="tab:blue" if name.startswith("group") else "tab:orange", alpha=0.6)
+    ax.set_xlabel("fraction of network MACs removed by this unit alone")
+    ax.set_ylabel("output damage (relative squared error)")
+    ax.set_yscale("symlog", linthresh=1e-4)
+    ax.set_title("sensitivity (step 1): blue = channel groups, orange = conv ranks")
+    fig.tight_layout()
+    out.append(folder / "sensitivity.png")
+    fig.savefig(out[-1], dpi=110)
+    plt.close(fig)
+
+    layers = [l for l in r["layers"] if l["macs"][0] > 0]
+    fig, ax = plt.subplots(figsize=(max(7, len(layers) * 0.12), 4))
+    ax.bar(range(len(layers)), [l["macs"][0] for l in layers], color="lightgray", label="before")
+    ax.bar(range(len(layers)), [l["macs"][1] for l in layers], color="tab:green", label="after")
+    ax.set_xlabel("layer (graph order)")
+    ax.set_ylabel("MACs")
+    ax.legend()
+    ax.set_title("per-layer allocation")
+    fig.tight_layout()
+    out.append(folder / "allocation.png")
+    fig.savefig(out[-1], dpi=110)
+    plt.close(fig)
+    return out
