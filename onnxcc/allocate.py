@@ -40,6 +40,9 @@ def interpolate(unit: str, measured_k: list[int], measured_d: list[float], k_gri
     ahead_k = np.interp(k_grid, k[:-1], k[1:]) if len(k) > 1 else k_grid
     ahead = np.interp(ahead_k, k, d)
     charged = (1 - gamma) * dense + gamma * ahead
+    # A removal measured as harmless is still not free: a vanishing per-MAC charge stops
+    # "zero-damage" options from being taken beyond what the budget needs.
+    charged = charged + 1e-9 * (saving / max(float(saving.max()), 1.0)) * max(float(d.max()), 1e-6)
     charged[0] = 0.0
     return Options(unit, k_grid, charged, saving)
 

@@ -26,8 +26,9 @@ from .errors import TargetUnreachableError, UnsupportedModelError, UsageError
 from .inspect import inspect_model, is_quantized
 from .io import load_model
 from .passes.factorize import FactorizeConvPass
+from .passes.weights import ReplaceInitializersPass
 from .passes.prune import PruneChannelsPass
-from .sensitivity import Plan, WeightProbe, channel_scores, plan_weights
+from .sensitivity import Plan, Stats, WeightProbe, affected_layers, channel_scores, plan_weights
 from .verify import verify
 
 log = logging.getLogger(__name__)
@@ -47,6 +48,8 @@ class CompressConfig:
     sens_samples: int = 8              # calibration samples per damage measurement
     fractions: tuple[float, ...] = (0.15, 0.3, 0.5, 0.75, 1.0)  # 1.0: never extrapolate
     min_keep: float = 0.05             # a group keeps at least this fraction of its channels
+    reconstruct: bool = True           # least-squares refit + activation-aware SVD (beyond CC)
+    stat_samples: int = 32             # calibration samples for layer-input statistics
     threads: int = 0
 
     def validate(self) -> None:
@@ -63,6 +66,7 @@ class CompressResult:
     model: onnx.ModelProto
     report: dict[str, Any]
     plan: Plan = field(default_factory=Plan)
+    weights: dict[str, np.ndarray] = field(default_factory=dict)  # emulated weights made physical
 
 
 def compress(model: onnx.ModelProto | str | Path, flops: float, calib: str | Path | Calibration | None = None,
@@ -90,16 +94,22 @@ def compress(model: onnx.ModelProto | str | Path, flops: float, calib: str | Pat
     target = int(round(a.total_macs * (1 - flops)))
     _check_reachable(a, cfg, target)
 
-    sens = fit.take(slice(0, min(cfg.sens_samples, len(fit))))
-    probe = WeightProbe(a, ins.model, sens, provider, cfg.threads, batched=_dynamic_batch(original))
-    plan, curves = Plan(), []
+    sens, stat = _sample_split(fit, cfg)
+    probe = WeightProbe(a, ins.model, sens, provider, cfg.threads, batched=_dynamic_batch(original),
+                        stat_feeds=stat)
+    plan, curves, weights = Plan(), [], {}
     for step in range(1, cfg.steps + 1):
         step_target = int(round(a.total_macs * (1 - flops * step / cfg.steps)))
-        plan, step_curves = _step(a, probe, plan, cfg, step_target, step, progress)
+        plan, step_curves = _step(a, probe, plan, weights, cfg, step_target, step, progress)
         curves.append(step_curves)
+        weights = plan_weights(probe, plan, _statistics(probe, weights, cfg.reconstruct))
     _drop_useless_ranks(a, plan)
-
-    pruned = PruneChannelsPass(a, plan.keep)(ins.model)
+    # Refit once more with statistics of the final plan, then make it physical: the emulated
+    # weights go into the graph, pruning slices them, and a plain SVD at rank r recovers the
+    # (already rank-r) factors exactly.
+    weights = plan_weights(probe, plan, _statistics(probe, weights, cfg.reconstruct))
+    reweighted = ReplaceInitializersPass(weights)(ins.model)
+    pruned = PruneChannelsPass(a, plan.keep)(reweighted.model)
     fact = FactorizeConvPass(plan.ranks)(pruned.model)
     result = verify(ins.model, fact.model, held, shapes, provider)
     report = _report(ins, a, plan, cfg, curves, result, pruned.record, fact.record, data, time.perf_counter() - t0)
@@ -107,7 +117,18 @@ def compress(model: onnx.ModelProto | str | Path, flops: float, calib: str | Pat
     if abs(achieved - flops) > 0.01:
         log.warning("achieved MAC reduction %.3f differs from the target %.3f by more than 1 point",
                     achieved, flops)
-    return CompressResult(fact.model, report, plan)
+    return CompressResult(fact.model, report, plan, weights)
+
+
+def _sample_split(fit: Calibration, cfg: CompressConfig) -> tuple[dict, dict]:
+    """Damage is measured on samples the refit did not see, when there are enough of them."""
+    n = len(fit)
+    k = min(cfg.sens_samples, n)
+    if n - k >= 8:
+        return fit.take(slice(0, k)), fit.take(slice(k, k + cfg.stat_samples))
+    log.warning("only %d calibration samples: weight refits are measured on the samples they were "
+                "fitted to; give 40 or more for honest measurements", n)
+    return fit.take(slice(0, k)), fit.take(slice(0, min(cfg.stat_samples, n)))
 
 
 def _check_model(model: onnx.ModelProto) -> None:
@@ -165,11 +186,18 @@ def _grid(kmax: int) -> np.ndarray:
     return np.unique(np.round(np.linspace(0, kmax, min(kmax + 1, 65))).astype(int))
 
 
-def _step(a: Analysis, probe: WeightProbe, plan: Plan, cfg: CompressConfig, target: int, step: int,
-          progress: Progress | None) -> tuple[Plan, dict]:
-    weights = plan_weights(probe, plan)
+def _statistics(probe: WeightProbe, weights: dict[str, np.ndarray], reconstruct: bool) -> Stats:
+    """Layer-input statistics under ``weights``; full second moments when reconstructing."""
+    return probe.statistics(weights, set(probe.views) if reconstruct else set())
+
+
+def _step(a: Analysis, probe: WeightProbe, plan: Plan, prev: dict[str, np.ndarray], cfg: CompressConfig,
+          target: int, step: int, progress: Progress | None) -> tuple[Plan, dict]:
+    stats = _statistics(probe, prev, cfg.reconstruct)
+    weights = plan_weights(probe, plan, stats)
     base = probe.damage(weights) if (plan.keep or plan.ranks) else 0.0
-    scores = channel_scores(probe, plan, weights, probe.input_energy(weights))
+    scores = channel_scores(probe, plan, weights, stats)
+    probe._svd_cache.clear()
     kept, macs_now = plan.kept(), a.macs(plan.kept(), plan.ranks)
     units: list[tuple[str, Any]] = []
     if cfg.method in ("cc", "prune"):
@@ -197,17 +225,17 @@ def _step(a: Analysis, probe: WeightProbe, plan: Plan, cfg: CompressConfig, targ
             start = upper if layer.key in plan.ranks else upper + 1
             apply = (lambda p, k, key=layer.key, start=start: p.ranks.__setitem__(key, int(start - k)) if k > 0 else None)
         measured = sorted({max(1, int(round(f * kmax))) for f in cfg.fractions})
-        jobs.append((kind, u, kmax, apply, measured))
+        jobs.append((kind, u, kmax, apply, measured, affected_layers(a, u if kind == "prune" else u.key)))
 
     total = sum(len(j[4]) for j in jobs)
     done = 0
     options, curves = [], {}
-    for kind, u, kmax, apply, measured in jobs:
+    for kind, u, kmax, apply, measured, touched in jobs:
         dmg = []
         for k in measured:
             cand = plan.copy()
             apply(cand, k)
-            dmg.append(probe.damage(plan_weights(probe, cand)) - base)
+            dmg.append(probe.damage({**weights, **plan_weights(probe, cand, stats, touched)}) - base)
             done += 1
             if progress:
                 progress(f"step {step}/{cfg.steps}: measuring", done, total)
@@ -230,6 +258,7 @@ def _step(a: Analysis, probe: WeightProbe, plan: Plan, cfg: CompressConfig, targ
         for apply, opt, c in zip(appliers, options, choice):
             if c:
                 apply(p, opt.amounts[c])
+        _drop_useless_ranks(a, p)  # a rank chosen alongside pruning may no longer pay
         return p
 
     def macs_of(choice: list[int]) -> int:

@@ -1,10 +1,11 @@
 """Measure how much the network's outputs suffer when units are removed, with onnxruntime.
 
-One session serves every candidate: the weights of all MAC-bearing layers become graph
-*inputs*, so a candidate is just a different feed. A pruning candidate zeroes the weights that
-read the removed channels (numerically what the physical rewrite gives — see the exactness
-tests); a low-rank candidate feeds the truncated-SVD weight. Damage is the relative squared
-error of the outputs (the logits when an output comes from Softmax/Sigmoid) on calibration data.
+One session serves every candidate: the weights (and biases) of all compressible layers become
+graph *inputs*, so a candidate is just a different feed. A pruning candidate zeroes the weights
+that read the removed channels — numerically what the physical rewrite gives (see the exactness
+tests) — and, where calibration statistics are known, refits the kept ones by least squares; a
+low-rank candidate feeds the activation-aware rank-r weight. Damage is the relative squared
+error of the outputs (the logits when an output comes from Softmax/Sigmoid).
 
 Each measurement is an independent job (a feed dict in, a number out), so the loop can fan out.
 """
@@ -15,13 +16,16 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import onnx
+import onnx_graphsurgeon as gs
 
 from .analysis.groups import Analysis, Layer
+from .reconstruct import refit, rows, second_moments, whitener
 from .runtime import expose_outputs, make_session
 
 log = logging.getLogger(__name__)
 
 SATURATING = ("Softmax", "LogSoftmax", "Sigmoid")
+ROWS_PER_UNKNOWN = 4
 
 
 @dataclass
@@ -48,15 +52,51 @@ def damage_targets(model: onnx.ModelProto) -> list[str]:
     return out
 
 
+@dataclass
+class LayerView:
+    """A layer's weight seen as a Cout × D matrix whose columns read input positions."""
+
+    layer: Layer
+    node: gs.Node
+    weight: str
+    bias: str | None
+    taps: int          # columns per input position (k·k for Conv, 1 for Gemm/MatMul)
+    transposed: bool   # stored as D × Cout (Gemm without transB, MatMul)
+
+    def matrix(self, W: np.ndarray) -> np.ndarray:
+        if self.layer.op == "ConvTranspose":
+            raise ValueError("ConvTranspose has no reading-matrix view")
+        return W.T.astype(np.float64) if self.transposed else W.reshape(W.shape[0], -1).astype(np.float64)
+
+    def native(self, Wm: np.ndarray, like: np.ndarray) -> np.ndarray:
+        return (Wm.T if self.transposed else Wm.reshape(like.shape)).astype(like.dtype)
+
+
+def _view(analysis: Analysis, layer: Layer) -> LayerView | None:
+    node = next(n for n in analysis.view.nodes if n.outputs[0].name == layer.key)
+    w = node.inputs[1]
+    if not isinstance(w, gs.Constant):
+        return None
+    b = node.inputs[2] if len(node.inputs) > 2 and isinstance(node.inputs[2], gs.Constant) else None
+    cout = layer.cout
+    if b is not None and (np.asarray(b.values).ndim != 1 or np.asarray(b.values).shape[0] != cout):
+        b = None  # broadcast Gemm C: leave it alone
+    taps = int(np.prod(w.shape[2:])) if layer.op in ("Conv", "ConvTranspose") else 1
+    transposed = layer.op == "MatMul" or (layer.op == "Gemm" and not node.attrs.get("transB", 0))
+    return LayerView(layer, node, w.name, b.name if b is not None else None, taps, transposed)
+
+
 class WeightProbe:
-    """An onnxruntime session of the model with every layer weight fed as an input."""
+    """An onnxruntime session of the model with every layer weight and bias fed as an input."""
 
     def __init__(self, analysis: Analysis, model: onnx.ModelProto, feeds: dict[str, np.ndarray],
-                 provider: str = "cpu", threads: int = 0, batched: bool = True) -> None:
+                 provider: str = "cpu", threads: int = 0, batched: bool = True,
+                 stat_feeds: dict[str, np.ndarray] | None = None) -> None:
         self.analysis = analysis
-        self.layers = [l for l in analysis.layers if l.compressible and self._weight(l) is not None]
-        self.weight_name = {l.key: self._weight(l) for l in self.layers}
-        names = set(self.weight_name.values())
+        views = [_view(analysis, l) for l in analysis.layers if l.compressible]
+        self.views = {v.layer.key: v for v in views if v is not None}
+        self.layers = [v.layer for v in self.views.values()]
+        names = {v.weight for v in self.views.values()} | {v.bias for v in self.views.values() if v.bias}
         inits = {i.name: i for i in model.graph.initializer}
         self.original = {n: onnx.numpy_helper.to_array(inits[n]) for n in names}
         probe = onnx.ModelProto()
@@ -68,121 +108,174 @@ class WeightProbe:
             t = inits[n]
             probe.graph.input.append(onnx.helper.make_tensor_value_info(n, t.data_type, list(t.dims)))
         self.targets = damage_targets(model)
-        inputs = {l.key: self._input_of(l) for l in self.layers}
-        self.model = expose_outputs(probe, self.targets + list(inputs.values()))
+        self.inputs = {k: v.node.inputs[0].name for k, v in self.views.items()}
+        self.model = expose_outputs(probe, self.targets + list(self.inputs.values()))
         self.session = make_session(self.model, provider, threads)
         self.feeds = feeds
+        self.stat_feeds = stat_feeds if stat_feeds is not None else feeds
         self.batched = batched
+        self._svd_cache: dict[tuple, tuple[np.ndarray, np.ndarray, np.ndarray]] = {}
+        self._original_acts: dict[str, np.ndarray] | None = None
         self.reference = self._run(self.original, self.targets)
 
-    def _weight(self, layer: Layer) -> str | None:
-        node = next(n for n in self.analysis.view.nodes if n.outputs[0].name == layer.key)
-        w = node.inputs[1]
-        return w.name if self.analysis.view.const(w) is not None and w.name in self.analysis.view.graph.tensors() else None
+    def _run(self, weights: dict[str, np.ndarray], outputs: list[str],
+             feeds: dict[str, np.ndarray] | None = None) -> list[np.ndarray]:
+        feeds = self.feeds if feeds is None else feeds
+        n = len(next(iter(feeds.values())))
+        step = 8 if self.batched else 1
+        parts = [self.session.run(outputs, {**{k: v[i:i + step] for k, v in feeds.items()}, **weights})
+                 for i in range(0, n, step)]
+        return [np.concatenate([p[j] for p in parts]) for j in range(len(outputs))]
 
-    def _run(self, weights: dict[str, np.ndarray], outputs: list[str]) -> list[np.ndarray]:
-        if self.batched:
-            return self.session.run(outputs, {**self.feeds, **weights})
-        n = len(next(iter(self.feeds.values())))
-        rows = [self.session.run(outputs, {**{k: v[i:i + 1] for k, v in self.feeds.items()}, **weights})
-                for i in range(n)]
-        return [np.concatenate([r[j] for r in rows]) for j in range(len(outputs))]
+    def outputs(self, weights: dict[str, np.ndarray]) -> list[np.ndarray]:
+        return self._run({**self.original, **weights}, self.targets)
 
     def damage(self, weights: dict[str, np.ndarray]) -> float:
-        outs = self._run({**self.original, **weights}, self.targets)
         errs = [float(np.sum((o.astype(np.float64) - r) ** 2) / (np.sum(r.astype(np.float64) ** 2) + 1e-30))
-                for o, r in zip(outs, self.reference)]
+                for o, r in zip(self.outputs(weights), self.reference)]
         return float(np.mean(errs))
 
-    def input_energy(self, weights: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        """Mean square of each layer's input along its reduction axis (per input position)."""
-        names = list(dict.fromkeys(self._input_of(l) for l in self.layers))
-        computed = [n for n in names if n not in self.feeds]
-        values = dict(zip(computed, self._run({**self.original, **weights}, computed)))
-        values.update({n: self.feeds[n] for n in names if n in self.feeds})
-        energy = {}
-        for name, x in values.items():
-            x = x.astype(np.float64) ** 2
-            axis = 1 if x.ndim > 2 and self._is_conv_input(name) else x.ndim - 1
-            energy[name] = x.mean(axis=tuple(i for i in range(x.ndim) if i != axis))
-        return energy
+    def statistics(self, weights: dict[str, np.ndarray], full: set[str]) -> "Stats":
+        """Per layer: E[p²] of every input column; the full second-moment matrix for ``full``."""
+        names = [self.inputs[k] for k in self.views]
+        computed = [n for n in dict.fromkeys(names) if n not in self.stat_feeds]
+        acts = dict(zip(computed, self._run({**self.original, **weights}, computed, self.stat_feeds)))
+        acts.update({n: self.stat_feeds[n] for n in names if n in self.stat_feeds})
+        if full and self._original_acts is None:
+            self._original_acts = dict(zip(computed, self._run(self.original, computed, self.stat_feeds)))
+        stats = Stats()
+        for key, v in self.views.items():
+            if v.layer.op == "ConvTranspose":
+                continue
+            name = self.inputs[key]
+            r = rows(np.asarray(acts[name]), v.node)
+            if r is None:
+                continue
+            stats.energy[key] = (r ** 2).mean(0)
+            stats.rows[key] = len(r)
+            if key in full:
+                orig = self._original_acts.get(name) if name in self._original_acts else None
+                stats.moments[key] = second_moments(r, None if orig is None else rows(np.asarray(orig), v.node))
+        return stats
 
-    def _input_of(self, layer: Layer) -> str:
-        node = next(n for n in self.analysis.view.nodes if n.outputs[0].name == layer.key)
-        return node.inputs[0].name
+    def svd(self, key: tuple, Wm: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        if key not in self._svd_cache:
+            if len(self._svd_cache) > 512:
+                self._svd_cache.clear()
+            self._svd_cache[key] = np.linalg.svd(Wm.astype(np.float32), full_matrices=False)
+        return self._svd_cache[key]
 
-    def _is_conv_input(self, name: str) -> bool:
-        return any(n.op in ("Conv", "ConvTranspose") and n.inputs[0].name == name for n in self.analysis.view.nodes)
+
+@dataclass
+class Stats:
+    energy: dict[str, np.ndarray] = field(default_factory=dict)    # layer key -> E[p²] per column
+    moments: dict[str, tuple[np.ndarray, np.ndarray]] = field(default_factory=dict)  # key -> (E[zzᵀ], E[tzᵀ])
+    rows: dict[str, int] = field(default_factory=dict)             # layer key -> regression rows seen
+
+    def moments_for(self, key: str, kept_columns: int) -> tuple[np.ndarray, np.ndarray] | None:
+        """Moments only where the rows clearly outnumber the unknowns: a classifier after global
+        pooling sees one row per image, and a refit on 12 rows fits any 12 outputs exactly."""
+        if self.rows.get(key, 0) < ROWS_PER_UNKNOWN * (kept_columns + 1):
+            return None
+        return self.moments.get(key)
 
 
-def plan_weights(probe: WeightProbe, plan: Plan) -> dict[str, np.ndarray]:
-    """Weights that emulate ``plan`` inside the unmodified graph (zeroed reads, low-rank fits)."""
-    a = probe.analysis
-    out = {}
-    for layer in probe.layers:
-        name = probe.weight_name[layer.key]
-        W = probe.original[name]
-        node_in = probe._input_of(layer)
-        in_m = a.mask(node_in, plan.keep) if layer.red_layout is not None else None
-        out_m = a.mask(layer.key, plan.keep)
-        rank = plan.ranks.get(layer.key)
-        if (in_m is None or in_m.all()) and (out_m is None or out_m.all()) and rank is None:
+def plan_weights(probe: WeightProbe, plan: Plan, stats: Stats | None = None,
+                 only: set[str] | None = None) -> dict[str, np.ndarray]:
+    """Weights (and biases) that emulate ``plan`` inside the unmodified graph.
+
+    Removed channels: reads zeroed (kept ones refit by least squares where ``stats`` has the
+    layer's second moments). Ranks: activation-aware rank-r fit of the (refit) kept columns.
+    With ``only`` (layer keys) just those layers are computed, and always returned, so they can
+    overwrite a base plan's weights when a candidate changes a single unit.
+    """
+    a, stats = probe.analysis, stats or Stats()
+    out: dict[str, np.ndarray] = {}
+    for key, v in probe.views.items():
+        if only is not None and key not in only:
             continue
-        W = W.copy()
-        read_axis, write_axis = _axes(layer, probe, W)
-        if in_m is not None and not in_m.all():
-            W = _zero(W, ~in_m, read_axis)
-        if out_m is not None and not out_m.all() and write_axis is not None and layer.group == 1:
-            W = _zero(W, ~out_m, write_axis)
+        W = probe.original[v.weight]
+        b = probe.original[v.bias] if v.bias else None
+        layer = v.layer
+        in_m = a.mask(v.node.inputs[0].name, plan.keep) if layer.red_layout is not None else None
+        out_m = a.mask(key, plan.keep) if layer.group == 1 else None
+        in_m = None if in_m is None or in_m.all() else in_m
+        out_m = None if out_m is None or out_m.all() else out_m
+        rank = plan.ranks.get(key)
+        if in_m is None and out_m is None and rank is None:
+            if only is not None:
+                out[v.weight] = W
+                if v.bias:
+                    out[v.bias] = b
+            continue
+        if layer.op == "ConvTranspose":
+            W = W.copy()
+            if in_m is not None:
+                W[~in_m] = 0
+            out[v.weight] = W
+            continue
+        Wm = v.matrix(W)
+        cols = np.ones(Wm.shape[1], bool) if in_m is None else np.repeat(in_m, v.taps)
+        moments = stats.moments_for(key, int(cols.sum()))
+        S = moments[0] if moments is not None else None
+        if in_m is not None and moments is not None:
+            Wm, b = refit(Wm, b.astype(np.float64) if b is not None else None, *moments, cols)
+        else:
+            Wm[:, ~cols] = 0
+        if out_m is not None:
+            Wm[~out_m] = 0
         if rank is not None:
-            W = low_rank(W, rank)
-        out[name] = W
+            Wm = _low_rank(probe, key, Wm, cols, rank, S, stats.energy.get(key), in_m, out_m)
+        out[v.weight] = v.native(Wm, W)
+        if v.bias:
+            out[v.bias] = np.asarray(b, probe.original[v.bias].dtype)
     return out
 
 
-def low_rank(W: np.ndarray, rank: int) -> np.ndarray:
-    Wm = W.reshape(W.shape[0], -1).astype(np.float64)
-    U, S, Vt = np.linalg.svd(Wm, full_matrices=False)
-    return ((U[:, :rank] * S[:rank]) @ Vt[:rank]).reshape(W.shape).astype(W.dtype)
+def _low_rank(probe: WeightProbe, key: str, Wm: np.ndarray, cols: np.ndarray, rank: int,
+              S: np.ndarray | None, energy: np.ndarray | None, in_m, out_m) -> np.ndarray:
+    """Activation-aware rank-r fit: full whitening where moments are known, else diagonal.
+
+    The SVD depends on the layer and its pruning masks, not on the rank, so it is cached: the
+    candidates of one step probe several ranks of the same matrix."""
+    Wk = Wm[:, cols]
+    tag = (key, S is not None) + tuple(None if m is None else np.packbits(m).tobytes() for m in (in_m, out_m))
+    if S is not None:
+        U, _, _ = probe.svd(tag, Wk @ whitener(S, cols))
+    else:
+        scale = np.sqrt(energy[cols] + 1e-12) if energy is not None else np.ones(cols.sum())
+        U, _, _ = probe.svd(tag, Wk * scale)
+    Ur = U[:, :rank].astype(np.float64)
+    out = np.zeros_like(Wm)
+    out[:, cols] = Ur @ (Ur.T @ Wk)
+    return out
 
 
-def _axes(layer: Layer, probe: WeightProbe, W: np.ndarray) -> tuple[int, int | None]:
-    """(axis of W that reads input channels, axis that writes output channels)."""
-    if layer.op == "Conv":
-        return 1, 0
-    if layer.op == "ConvTranspose":
-        return 0, 1
-    node = next(n for n in probe.analysis.view.nodes if n.outputs[0].name == layer.key)
-    if layer.op == "Gemm" and node.attrs.get("transB", 0):
-        return 1, 0
-    return 0, 1
-
-
-def _zero(W: np.ndarray, drop: np.ndarray, axis: int) -> np.ndarray:
-    idx = [slice(None)] * W.ndim
-    idx[axis] = drop
-    W[tuple(idx)] = 0
-    return W
+def affected_layers(analysis: Analysis, unit: str | int) -> set[str]:
+    """Layer keys whose emulated weight depends on a unit (a group id or a layer key)."""
+    if isinstance(unit, str):
+        return {unit}
+    return {l.key for l in analysis.layers if unit in l.in_groups or unit in l.out_groups}
 
 
 def channel_scores(probe: WeightProbe, plan: Plan, weights: dict[str, np.ndarray],
-                   energy: dict[str, np.ndarray]) -> dict[int, np.ndarray]:
-    """Per group, per channel: Σ over reading layers of ‖W[:, c]‖² · E[x_c²] (inf once removed).
+                   stats: Stats) -> dict[int, np.ndarray]:
+    """Per group, per channel: Σ over reading layers of ‖W[:, c]‖²·E[x_c²] (inf once removed).
 
-    This is the diagonal (per-input-channel) approximation of the layers' output error that the
-    CC notes derive as substitute A for the training-set gradient."""
+    The diagonal (per-input-column) approximation of the layers' output error: the CC notes'
+    substitute A for the training-set gradient."""
     a = probe.analysis
     scores = {gid: np.zeros(g.size) for gid, g in a.groups.items() if g.prunable}
-    for layer in probe.layers:
-        if layer.red_layout is None:
+    for key, v in probe.views.items():
+        layer = v.layer
+        if layer.red_layout is None or layer.op == "ConvTranspose":
             continue
-        name = probe.weight_name[layer.key]
-        W = weights.get(name, probe.original[name]).astype(np.float64)
-        read_axis, _ = _axes(layer, probe, W)
-        col = (np.moveaxis(W, read_axis, 0) ** 2).reshape(W.shape[read_axis], -1).sum(1)
-        e = energy.get(probe._input_of(layer))
+        Wm = v.matrix(weights.get(v.weight, probe.original[v.weight]))
+        col = (Wm ** 2).sum(0)
+        e = stats.energy.get(key)
         if e is not None and len(e) == len(col):
             col = col * e
+        col = col.reshape(-1, v.taps).sum(1)   # per input position
         gids, chans = index_map(a, layer.red_layout)
         for gid in np.unique(gids):
             if gid in scores:

@@ -52,7 +52,7 @@ def test_emulated_plan_equals_physical_rewrite():
     norm, a = normalized_analysis(model)
     feeds = random_feeds(model, seed=3, batch=1)
     probe = WeightProbe(a, norm, feeds, batched=False)
-    emulated = probe._run({**probe.original, **plan_weights(probe, res.plan)}, probe.targets)
+    emulated = probe.outputs(res.weights)
     physical = run(res.model, feeds)
     np.testing.assert_allclose(emulated[0], physical[0], rtol=1e-4, atol=1e-4)
 

@@ -1,0 +1,301 @@
+"""Conv latency as onnxruntime really runs it on this machine, for candidate widths and ranks.
+
+MACs are a poor proxy for latency: onnxruntime's CPU Convs run in an NCHWc layout blocked by 8
+(AVX2) or 16 (AVX-512) channels when the width is a multiple of 4, padding the rest of the last
+block, and in plain NCHW otherwise. So here (AVX-512) 100 channels cost as much as 112, and 93 more
+than 96. Candidates are timed as tiny models of one Conv (or, for an SVD pair, two), inside a
+network-like context and interleaved in rounds like :mod:`onnxcc.bench` (see
+:func:`measure_chains`); each median is cached in a JSON file per provider, thread count and
+machine, so a table of ~50 candidates is measured once (about 10 s on 2 cores) and then read back.
+"""
+from __future__ import annotations
+
+import functools
+import hashlib
+import json
+import os
+import platform
+import tempfile
+import time
+from pathlib import Path
+from typing import NamedTuple
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+from .bench import profiling_session, read_trace, split_runs
+from .runtime import _ort, make_session, providers_for
+
+MULTIPLES = (1, 4, 8, 16, 32)
+_CACHE_VERSION = 1  # bump whenever the measurement method changes: old numbers are not comparable
+_CONTEXT = 16  # channels of the context Convs: a multiple of every NCHWc block size
+
+
+class ConvSpec(NamedTuple):
+    cin: int
+    cout: int
+    k: int
+    stride: int = 1
+    group: int = 1
+
+
+# A measurable request: input height (= width) and the Conv layers applied in sequence.
+Chain = tuple[int, tuple[ConvSpec, ...]]
+
+
+def chain_key(chain: Chain) -> str:
+    hw, layers = chain
+    return f"hw{hw}:" + ";".join(f"{c.cin}-{c.cout}k{c.k}s{c.stride}g{c.group}" for c in layers)
+
+
+def chain_macs(chain: Chain) -> int:
+    hw, layers = chain
+    total = 0
+    for c in layers:
+        hw = _out_size(hw, c.k, c.stride)
+        total += c.cout * (c.cin // c.group) * c.k * c.k * hw * hw
+    return total
+
+
+def cache_dir() -> Path:
+    """``$ONNXCC_CACHE`` or ``~/.cache/onnxcc``."""
+    env = os.environ.get("ONNXCC_CACHE")
+    return Path(env).expanduser() if env else Path.home() / ".cache" / "onnxcc"
+
+
+def cache_path(provider: str = "cpu", threads: int = 2) -> Path:
+    return cache_dir() / f"latency-{provider}-{threads}-{machine_hash(provider)}.json"
+
+
+def machine_hash(provider: str = "cpu") -> str:
+    """Hash of what decides kernel speed: CPU model and vector ISA, GPU, onnxruntime version."""
+    blob = json.dumps(machine_info(provider), sort_keys=True).encode()
+    return hashlib.sha1(blob).hexdigest()[:12]
+
+
+class LatencyTable:
+    """Measured latencies (seconds) backed by one cache file; measures only what is missing."""
+
+    def __init__(self, provider: str = "cpu", threads: int = 2, path: Path | None = None,
+                 budget_s: float = 0.12):
+        providers_for(provider)  # refuse cuda without CUDA before any measurement
+        self.provider, self.threads, self.budget_s = provider, threads, budget_s
+        self.path = path or cache_path(provider, threads)
+        self.entries: dict[str, float] = _read_entries(self.path)
+
+    def measure(self, chains: list[Chain]) -> list[float]:
+        """Latency per chain; the uncached ones are timed together, interleaved, then saved."""
+        missing = list(dict.fromkeys(ch for ch in chains if chain_key(ch) not in self.entries))
+        if missing:
+            times = measure_chains(missing, self.provider, self.threads, self.budget_s)
+            self.entries.update({chain_key(ch): t for ch, t in zip(missing, times)})
+            self._save()
+        return [self.entries[chain_key(ch)] for ch in chains]
+
+    def conv(self, cin: int, cout: int, k: int, stride: int, hw_in: int, group: int = 1) -> float:
+        return self.measure([(hw_in, (ConvSpec(cin, cout, k, stride, group),))])[0]
+
+    def factorized(self, cin: int, r: int, cout: int, k: int, stride: int, hw: int) -> float:
+        """k×k Cin→r then 1×1 r→Cout, timed as one model so the rank-r tensor stays blocked."""
+        return self.measure([factorized_chain(cin, r, cout, k, stride, hw)])[0]
+
+    def _save(self) -> None:
+        # Another process may have added entries meanwhile: merge, then replace atomically.
+        entries = {**_read_entries(self.path), **self.entries}
+        doc = {"version": _CACHE_VERSION, "provider": self.provider, "threads": self.threads,
+               "machine": machine_info(self.provider), "entries": entries}
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{self.path.name}.", dir=self.path.parent)
+        with os.fdopen(fd, "w") as fh:
+            json.dump(doc, fh, indent=0, sort_keys=True)
+        os.replace(tmp, self.path)
+
+
+def factorized_chain(cin: int, r: int, cout: int, k: int, stride: int, hw: int) -> Chain:
+    return (hw, (ConvSpec(cin, r, k, stride), ConvSpec(r, cout, 1, 1)))
+
+
+_tables: dict[Path, LatencyTable] = {}
+
+
+def latency_table(provider: str = "cpu", threads: int = 2) -> LatencyTable:
+    """The shared table of this provider/thread count (re-created when $ONNXCC_CACHE changes)."""
+    path = cache_path(provider, threads)
+    if path not in _tables:
+        _tables[path] = LatencyTable(provider, threads, path)
+    return _tables[path]
+
+
+def conv_latency(cin: int, cout: int, k: int, stride: int, hw_in: int, group: int = 1,
+                 provider: str = "cpu", threads: int = 2) -> float:
+    """Seconds of one Conv (bias, pads k//2) on a (1, cin, hw_in, hw_in) input, in a network."""
+    return latency_table(provider, threads).conv(cin, cout, k, stride, hw_in, group)
+
+
+def factorized_latency(cin: int, r: int, cout: int, k: int, stride: int, hw: int,
+                       provider: str = "cpu", threads: int = 2) -> float:
+    """Seconds of the SVD pair replacing a k×k Cin→Cout Conv at rank r, in a network."""
+    return latency_table(provider, threads).factorized(cin, r, cout, k, stride, hw)
+
+
+# Widths in 64..128 by their largest divisor among MULTIPLES ("1" = not a multiple of 4), each
+# class spread over the whole range because per-MAC speed also grows with layer size.
+_PROBE_COUNTS = {1: (70, 83, 97, 115), 4: (68, 84, 100, 116), 8: (72, 88, 104, 120),
+                 16: (80, 112), 32: (64, 96, 128)}
+_PROBE_SHAPES = ((28, 3), (28, 1))  # (hw, k): a mid-network 3x3 and 1x1 Conv
+
+
+def multiple_costs(provider: str = "cpu", threads: int = 2) -> dict[int, float]:
+    """Relative seconds per MAC of a width drawn uniformly from the multiples of each m
+    (1.0 = the cheapest m), for Cin = Cout Convs of the probe shapes."""
+    table = latency_table(provider, threads)
+    probes = [(m, (hw, (ConvSpec(c, c, k),))) for hw, k in _PROBE_SHAPES
+              for m, counts in _PROBE_COUNTS.items() for c in counts]
+    per_mac = [t / chain_macs(ch) for (_, ch), t in zip(probes, table.measure([ch for _, ch in probes]))]
+    exact: dict[int, list[float]] = {m: [] for m in _PROBE_COUNTS}
+    n = len(probes) // len(_PROBE_SHAPES)
+    for i in range(0, len(probes), n):
+        ref = float(np.median(per_mac[i:i + n]))  # each shape relative to itself: both weigh alike
+        for (m, _), v in zip(probes[i:i + n], per_mac[i:i + n]):
+            exact[m].append(v / ref)
+    cls = {m: float(np.mean(v)) for m, v in exact.items()}
+    costs = {m: sum(_share(m, e) * cls[e] for e in MULTIPLES) for m in MULTIPLES}
+    best = min(costs.values())
+    return {m: round(c / best, 4) for m, c in costs.items()}
+
+
+def _share(m: int, e: int) -> float:
+    """Fraction of the multiples of ``m`` whose largest divisor among MULTIPLES is ``e``."""
+    if e < m:
+        return 0.0
+    nxt = next((x for x in MULTIPLES if x > e), None)
+    return m / e - (m / nxt if nxt else 0.0)
+
+
+def best_multiple(provider: str = "cpu", threads: int = 2, tolerance: float = 0.03) -> int:
+    """Smallest channel multiple whose per-MAC cost is within ``tolerance`` of the cheapest one:
+    rounding widths to it captures the blocked-layout speed-up without wasting channels."""
+    costs = multiple_costs(provider, threads)
+    return min(m for m, c in costs.items() if c <= 1 + tolerance)
+
+
+def measure_chains(chains: list[Chain], provider: str = "cpu", threads: int = 2,
+                   budget_s: float = 0.12, rounds: int = 5) -> list[float]:
+    """Seconds per chain, uncached. Each chain gets about ``budget_s`` of timed runs, spread
+    over ``rounds`` rounds that visit every chain in turn, so drift hits all alike; the result
+    is the median over rounds of a low percentile within each (see :func:`_robust_median`).
+
+    On CPU a chain is timed as it costs inside a network: it runs between two fixed 1x1 Convs
+    and its time is the sum of the profiled kernels between them, i.e. its Convs plus the NCHWc
+    Reorders its widths force. Timing a lone Conv instead would charge every multiple-of-4 width
+    the Reorder of the model's input and output (up to 40% of a 1x1 Conv) that a network pays
+    once, and make unaligned widths, which run without the blocked layout, look cheaper than
+    they are. CUDA kernels run asynchronously, so there whole runs of the bare chain are timed.
+    """
+    in_context = provider == "cpu"
+    rng = np.random.default_rng(0)
+    with tempfile.TemporaryDirectory(prefix="onnxcc-latency-") as tmp:
+        sessions, feeds = [], []
+        for i, ch in enumerate(chains):
+            model = _chain_model(ch, rng, context=_CONTEXT if in_context else 0)
+            sessions.append(profiling_session(model, provider, threads, f"{tmp}/p{i}") if in_context
+                            else make_session(model, provider, threads))
+            cin = _CONTEXT if in_context else ch[1][0].cin
+            feeds.append({"x": rng.standard_normal((1, cin, ch[0], ch[0])).astype(np.float32)})
+        per_round = []
+        for sess, f in zip(sessions, feeds):
+            sess.run(None, f)  # first run allocates and pre-packs weights
+            est = min(_timed(sess, f) for _ in range(2))
+            per_round.append(int(np.clip(budget_s / rounds / max(est, 1e-6), 1, 200)))
+        samples: list[list[float]] = [[] for _ in chains]
+        for _ in range(rounds):
+            for sess, f, n, s in zip(sessions, feeds, per_round, samples):
+                s.extend(_timed(sess, f) for _ in range(n))
+        if in_context:
+            # the trace starts at session creation: drop the warm-up and the two estimate runs
+            samples = [[_between_context(run) for run in split_runs(read_trace(sess))[3:]]
+                       for sess in sessions]
+    return [_robust_median(s, n) for s, n in zip(samples, per_round)]
+
+
+def _robust_median(samples: list[float], per_round: int) -> float:
+    """Median over rounds of each round's 20th percentile. Other processes only ever add time,
+    in bursts (and a non-spinning worker thread that finds no free core turns a run into a
+    one-thread run, twice as slow): the low percentile drops the runs a burst hit within a
+    round, the median drops a round that a long burst covered entirely."""
+    rounds = [samples[i:i + per_round] for i in range(0, len(samples), per_round)]
+    return float(np.median([np.percentile(r, 20) for r in rounds]))
+
+
+def _between_context(run: list[dict]) -> float:
+    """Seconds of the kernels between the first and the last Conv (the two context Convs)."""
+    convs = [i for i, e in enumerate(run) if e.get("args", {}).get("op_name") == "Conv"]
+    return sum(e["dur"] for e in run[convs[0] + 1:convs[-1]]) / 1e6
+
+
+def _timed(sess, feeds: dict[str, np.ndarray]) -> float:
+    t0 = time.perf_counter()
+    sess.run(None, feeds)
+    return time.perf_counter() - t0
+
+
+def _out_size(hw: int, k: int, stride: int) -> int:
+    return (hw + 2 * (k // 2) - k) // stride + 1
+
+
+def _chain_model(chain: Chain, rng: np.random.Generator, context: int = 0) -> onnx.ModelProto:
+    """The chain's Convs (bias, pads k//2); with ``context`` > 0 between a 1x1 Conv from and a
+    1x1 Conv to ``context`` channels."""
+    hw, layers = chain
+    if context:
+        layers = ((ConvSpec(context, layers[0].cin, 1),) + tuple(layers)
+                  + (ConvSpec(layers[-1].cout, context, 1),))
+    nodes, inits, x = [], [], "x"
+    for i, c in enumerate(layers):
+        # N(0, 1/fan_in) weights keep activations O(1): no denormals to slow the kernels down
+        w = (rng.standard_normal((c.cout, c.cin // c.group, c.k, c.k))
+             / np.sqrt(c.cin // c.group * c.k * c.k)).astype(np.float32)
+        inits += [numpy_helper.from_array(w, f"w{i}"),
+                  numpy_helper.from_array(np.zeros(c.cout, np.float32), f"b{i}")]
+        y = f"y{i}"
+        nodes.append(helper.make_node("Conv", [x, f"w{i}", f"b{i}"], [y], kernel_shape=[c.k, c.k],
+                                      strides=[c.stride] * 2, pads=[c.k // 2] * 4, group=c.group))
+        x, hw = y, _out_size(hw, c.k, c.stride)
+    graph = helper.make_graph(
+        nodes, "latency_probe",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, layers[0].cin, chain[0], chain[0]])],
+        [helper.make_tensor_value_info(x, TensorProto.FLOAT, [1, layers[-1].cout, hw, hw])], inits)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+
+
+def _read_entries(path: Path) -> dict[str, float]:
+    """Cached entries, or none when the file is absent, unreadable or of another version."""
+    try:
+        doc = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+    if not isinstance(doc, dict) or doc.get("version") != _CACHE_VERSION:
+        return {}
+    return {k: float(v) for k, v in doc.get("entries", {}).items()}
+
+
+@functools.lru_cache(maxsize=None)
+def machine_info(provider: str) -> dict:
+    info = {"onnxruntime": _ort().__version__, "machine": platform.machine(),
+            "cpu": platform.processor()}
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        text = ""
+    for line in text.splitlines():
+        key, _, value = line.partition(":")
+        if key.strip() == "model name":
+            info["cpu"] = value.strip()
+        elif key.strip() == "flags":
+            # the vector ISA picks the NCHWc block size and the GEMM kernels
+            info["isa"] = sorted(f for f in value.split() if f.startswith(("avx", "amx", "fma")))
+            break
+    if provider == "cuda":
+        info["gpu"] = sorted(p.read_text() for p in Path("/proc/driver/nvidia/gpus").glob("*/information"))
+    return info

@@ -1,0 +1,81 @@
+"""Weight reconstruction from calibration data (beyond the paper: no training needed).
+
+For a layer ``y = W p + b`` (p: an input patch for Conv, a feature row for Gemm/MatMul) with
+input second moments ``S = E[z zᵀ]`` over ``z = [p; 1]``:
+
+- **Refit after pruning.** Keeping only the columns K (and the bias), the least-squares
+  replacement is ``[W'_K, b'] = [W, b] · S[:, K⁺] · S[K⁺, K⁺]⁻¹`` with ``K⁺ = K ∪ {bias}``:
+  the kept channels (and a constant) take over what the removed ones carried, as far as the
+  data correlates them.
+- **Activation-aware low rank.** With ``S_KK = L Lᵀ``, the best rank-r weight in the data's
+  metric is ``U_r U_rᵀ W`` where ``W L = U Σ Vᵀ`` (``whitener`` gives L; the probe applies it).
+
+A small ridge (relative to the trace) keeps the solves stable when calibration rows are few.
+"""
+from __future__ import annotations
+
+import numpy as np
+import onnx_graphsurgeon as gs
+from numpy.lib.stride_tricks import sliding_window_view
+
+MAX_ROWS = 16384
+RIDGE = 1e-3
+
+
+def rows(x: np.ndarray, node: gs.Node, seed: int = 0) -> np.ndarray | None:
+    """The layer's input as regression rows (patches for a 2-D Conv), subsampled; None if n/a."""
+    if node.op == "Conv":
+        if x.ndim != 4 or node.attrs.get("group", 1) != 1 or node.attrs.get("auto_pad", "NOTSET") != "NOTSET":
+            return None
+        W = node.inputs[1].shape
+        kh, kw = W[2], W[3]
+        sh, sw = node.attrs.get("strides", [1, 1])
+        dh, dw = node.attrs.get("dilations", [1, 1])
+        pt, pl, pb, pr = node.attrs.get("pads", [0, 0, 0, 0])
+        xp = np.pad(x, ((0, 0), (0, 0), (pt, pb), (pl, pr)))
+        win = sliding_window_view(xp, ((kh - 1) * dh + 1, (kw - 1) * dw + 1), axis=(2, 3))
+        win = win[:, :, ::sh, ::sw, ::dh, ::dw]                    # N, C, Ho, Wo, kh, kw
+        r = win.transpose(0, 2, 3, 1, 4, 5).reshape(-1, x.shape[1] * kh * kw)
+    elif node.op == "Gemm" and not node.attrs.get("transA", 0):
+        r = x.reshape(len(x), -1)
+    elif node.op == "MatMul":
+        r = x.reshape(-1, x.shape[-1])
+    else:
+        return None
+    if len(r) > MAX_ROWS:
+        r = r[np.random.default_rng(seed).choice(len(r), MAX_ROWS, replace=False)]
+    return r.astype(np.float64)
+
+
+def second_moments(r: np.ndarray, target: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """(E[z zᵀ], E[t zᵀ]) for z = [row; 1] and t = [target row; 1] (t = z when no target).
+
+    ``target`` holds the same rows as seen by the *original* model: refitting towards them
+    also undoes the error that upstream removals already put into this layer's input."""
+    z = np.concatenate([r, np.ones((len(r), 1))], 1)
+    t = z if target is None else np.concatenate([target, np.ones((len(target), 1))], 1)
+    return z.T @ z / len(z), t.T @ z / len(z)
+
+
+def _ridge(S: np.ndarray) -> np.ndarray:
+    return S + RIDGE * np.trace(S) / len(S) * np.eye(len(S))
+
+
+def refit(Wm: np.ndarray, b: np.ndarray | None, S: np.ndarray, C: np.ndarray,
+          keep: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+    """Least-squares weights (zeros in removed columns) and bias; Wm is Cout × D.
+
+    S = E[z zᵀ] of the current input, C = E[t zᵀ] with t the original model's input."""
+    full = np.concatenate([Wm, (b if b is not None else np.zeros(len(Wm)))[:, None]], 1)
+    kp = np.append(keep, b is not None)
+    # minimise E‖full·t − X·z_K⁺‖²  ⇒  X = full · C[:, K⁺] · S[K⁺, K⁺]⁻¹
+    sol = np.linalg.solve(_ridge(S[np.ix_(kp, kp)]), (full @ C[:, kp]).T).T
+    out = np.zeros_like(Wm)
+    out[:, keep] = sol[:, : keep.sum()]
+    return out, (sol[:, -1] if b is not None else None)
+
+
+def whitener(S: np.ndarray, keep: np.ndarray) -> np.ndarray:
+    """L with L Lᵀ = S_KK (input columns only, ridge-stabilised)."""
+    k = np.append(keep, False)
+    return np.linalg.cholesky(_ridge(S[np.ix_(k, k)]))

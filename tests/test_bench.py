@@ -1,0 +1,200 @@
+"""onnxcc.bench (interleaved benchmark, profiler aggregation, CLI entry) and onnxcc.latency."""
+from __future__ import annotations
+
+import argparse
+import json
+
+import onnx
+import onnxruntime as ort
+import pytest
+
+import graphs
+from onnxcc import bench, latency
+from onnxcc.errors import InputShapeError, UsageError
+
+
+@pytest.fixture(scope="module")
+def two_models() -> list[onnx.ModelProto]:
+    return [graphs.tiny_resnet(), graphs.tiny_mobilenet()]
+
+
+def test_benchmark_structure(two_models):
+    r = bench.benchmark(two_models, runs=7, warmup=1, per_round=3)
+    assert [m["name"] for m in r["models"]] == ["tiny_resnet", "tiny_mobilenet"]
+    assert r["provider"] == "cpu" and r["threads"] == 2 and r["runs"] == 7
+    for m in r["models"]:
+        assert m["n"] == 7 and len(m["latencies_ms"]) == 7
+        assert 0 < m["min_ms"] <= m["p50_ms"] <= m["p90_ms"]
+        assert m["mean_ms"] > 0 and m["std_ms"] >= 0 and m["speedup"] > 0
+        assert m["input_shapes"] == {"x": [1, 3, 16, 16]}
+        assert "profile" not in m
+    assert r["models"][0]["speedup"] == 1.0
+    json.dumps(r)  # the --json output must serialise
+
+
+def test_runs_are_interleaved_in_rounds(two_models, monkeypatch):
+    calls: list[str] = []
+    real = bench.make_session
+
+    class Recorder:
+        def __init__(self, sess, name):
+            self.sess, self.name = sess, name
+
+        def run(self, *a, **k):
+            calls.append(self.name)
+            return self.sess.run(*a, **k)
+
+    monkeypatch.setattr(bench, "make_session", lambda m, *a, **k: Recorder(real(m, *a, **k), m.graph.name))
+    bench.benchmark(two_models, runs=7, warmup=2, per_round=3)
+    a, b = "tiny_resnet", "tiny_mobilenet"
+    warm = [a] * 2 + [b] * 2
+    rounds = [a] * 3 + [b] * 3 + [a] * 3 + [b] * 3 + [a] + [b]
+    assert calls == warm + rounds
+
+
+def test_same_signature_shares_feeds_and_batch_applies(two_models):
+    feeds = bench._feeds(two_models, None, batch=1, seed=0)
+    assert feeds[0] is feeds[1]
+    other = bench._feeds([two_models[0], graphs.transpose_nhwc()], None, batch=1, seed=0)
+    assert other[1]["x"].shape == (1, 8, 8, 3)
+    with pytest.raises(InputShapeError, match="cannot run"):  # the test graphs have batch fixed to 1
+        bench.benchmark(two_models[:1], batch=2, runs=1, warmup=0)
+
+
+def test_profile_reports_model_op_types(two_models):
+    r = bench.benchmark(two_models[:1], runs=4, warmup=1, profile=True, top=3)
+    prof = r["models"][0]["profile"]
+    ops = {d["op_type"]: d for d in prof["by_op_type"]}
+    assert "Conv" in ops and ops["Conv"]["ms"] > 0 and ops["Conv"]["count"] == 10
+    assert "Gemm" in ops
+    assert prof["runs"] == 4 and len(prof["top_nodes"]) == 3
+    assert sum(d["pct"] for d in prof["by_op_type"]) == pytest.approx(100, abs=0.5)
+
+
+def test_trace_split_per_run_and_aggregated():
+    def node(ts, dur, name, op):
+        return {"cat": "Node", "name": f"{name}_kernel_time", "ts": ts, "dur": dur, "args": {"op_name": op}}
+
+    events = [node(410, 50, "c0", "Conv"), node(450, 10, "r0", "Relu"),  # out of order on purpose
+              {"cat": "Session", "name": "model_run", "ts": 0, "dur": 100},
+              node(10, 90, "c0", "Conv"),
+              {"cat": "Session", "name": "model_run", "ts": 200, "dur": 100},
+              node(210, 30, "c0", "Conv"), node(250, 10, "r0", "Relu"),
+              {"cat": "Session", "name": "model_run", "ts": 400, "dur": 100},
+              {"cat": "Session", "name": "session_initialization", "ts": 0, "dur": 1}]
+    runs = bench.split_runs(events)
+    assert [[e["ts"] for e in r] for r in runs] == [[10], [210, 250], [410, 450]]
+    p = bench.aggregate_trace(runs[1:], top=1)  # the first run is a warm-up
+    assert p["runs"] == 2 and p["kernel_ms"] == pytest.approx(0.05)
+    assert p["by_op_type"][0] == {"op_type": "Conv", "ms": 0.04, "count": 1, "pct": 80.0}
+    assert p["top_nodes"] == [{"node": "c0", "op_type": "Conv", "ms": 0.04, "pct": 80.0}]
+
+
+@pytest.mark.skipif("CUDAExecutionProvider" in ort.get_available_providers(), reason="CUDA is present")
+def test_cuda_without_cuda_is_a_usage_error(two_models):
+    with pytest.raises(UsageError, match="CUDA"):
+        bench.benchmark(two_models, provider="cuda", runs=1)
+    with pytest.raises(UsageError, match="CUDA"):
+        latency.LatencyTable("cuda")
+
+
+def test_cmd_bench_json(two_models, tmp_path, capsys):
+    paths = []
+    for m in two_models:
+        paths.append(tmp_path / f"{m.graph.name}.onnx")
+        onnx.save(m, str(paths[-1]))
+    args = argparse.Namespace(models=paths, provider="cpu", threads=1, batch=1, runs=3,
+                              input_shape=["1,3,16,16"], profile=False, json=True)
+    assert bench.cmd_bench(args) == 0
+    d = json.loads(capsys.readouterr().out)
+    assert [m["name"] for m in d["models"]] == ["tiny_resnet.onnx", "tiny_mobilenet.onnx"]
+    assert d["threads"] == 1 and all(m["n"] == 3 for m in d["models"])
+
+
+def test_render_bench_prints_tables(two_models):
+    from rich.console import Console
+
+    console = Console(record=True, width=150)
+    bench.render_bench(bench.benchmark(two_models, runs=2, warmup=0, profile=True, top=2), console)
+    text = console.export_text()
+    assert "tiny_mobilenet" in text and "speedup" in text and "Conv" in text
+
+
+@pytest.fixture
+def counted_measure(monkeypatch, tmp_path):
+    """Cache in a temp dir; count how many chains really get timed."""
+    monkeypatch.setenv("ONNXCC_CACHE", str(tmp_path))
+    measured: list = []
+    real = latency.measure_chains
+
+    def counting(chains, *a, **k):
+        measured.extend(chains)
+        return real(chains, *a, **k)
+
+    monkeypatch.setattr(latency, "measure_chains", counting)
+    return measured
+
+
+def test_latency_cache_written_and_reused(counted_measure, tmp_path):
+    t = latency.conv_latency(8, 16, 3, 1, 12, threads=1)
+    assert t > 0 and len(counted_measure) == 1
+    files = list(tmp_path.glob("latency-cpu-1-*.json"))
+    assert len(files) == 1 and files[0] == latency.cache_path("cpu", 1)
+    assert latency.conv_latency(8, 16, 3, 1, 12, threads=1) == t
+    fresh = latency.LatencyTable("cpu", 1)  # a new process would read the file back
+    assert fresh.conv(8, 16, 3, 1, 12) == t
+    assert len(counted_measure) == 1
+    f = latency.factorized_latency(8, 4, 16, 3, 2, 12, threads=1)
+    assert f > 0 and len(counted_measure) == 2
+    assert latency.factorized_latency(8, 4, 16, 3, 2, 12, threads=1) == f
+    assert len(counted_measure) == 2
+    entries = json.loads(files[0].read_text())["entries"]
+    assert set(entries) == {"hw12:8-16k3s1g1", "hw12:8-4k3s2g1;4-16k1s1g1"}
+
+
+def test_chain_geometry():
+    assert latency.chain_macs((12, (latency.ConvSpec(8, 16, 3, 2),))) == 16 * 8 * 9 * 6 * 6
+    fact = latency.factorized_chain(8, 4, 16, 3, 1, 10)
+    assert latency.chain_macs(fact) == (4 * 8 * 9 + 16 * 4) * 100
+    assert latency.chain_macs((10, (latency.ConvSpec(8, 8, 3, 1, 8),))) == 8 * 9 * 100
+
+
+def test_best_multiple_picks_the_cheap_block(monkeypatch, tmp_path):
+    monkeypatch.setenv("ONNXCC_CACHE", str(tmp_path))
+
+    def fake(penalise):  # latency = MACs × (1.2 where ``penalise(c)``, else 1)
+        def measure(chains, *a, **k):
+            return [latency.chain_macs(ch) * 1e-11 * (1.2 if penalise(ch[1][0].cin) else 1.0)
+                    for ch in chains]
+        return measure
+
+    monkeypatch.setattr(latency, "measure_chains", fake(lambda c: c % 16 != 0))
+    assert latency.best_multiple("cpu", 3) == 16
+    costs = latency.multiple_costs("cpu", 3)
+    assert costs[16] == costs[32] == 1.0 and costs[1] > costs[4] > costs[8] > 1.0
+    monkeypatch.setattr(latency, "measure_chains", fake(lambda c: False))
+    assert latency.best_multiple("cpu", 4) == 1
+
+
+def test_chain_time_is_between_the_context_convs():
+    def k(op, dur):
+        return {"name": f"{op}_kernel_time", "dur": dur, "args": {"op_name": op}}
+
+    run = [k("ReorderInput", 5), k("Conv", 7), k("ReorderOutput", 3), k("Conv", 40), k("Conv", 2),
+           k("ReorderInput", 4), k("Conv", 11), k("ReorderOutput", 6)]
+    assert latency._between_context(run) == pytest.approx((3 + 40 + 2 + 4) / 1e6)
+
+
+def test_robust_median_ignores_bursts():
+    quiet = [1.0, 1.1, 1.0, 1.2]
+    burst_in_round = [1.0, 5.0, 1.1, 1.0]  # one run hit by another process
+    burst_round = [4.0, 4.5, 5.0, 4.2]  # a whole round hit
+    assert latency._robust_median(quiet + burst_in_round + burst_round + quiet + quiet, 4) \
+        == pytest.approx(1.0, abs=0.02)
+
+
+def test_labels_are_unique_and_short(two_models):
+    assert bench._labels(["a/m.onnx", "b/n.onnx"]) == ["m.onnx", "n.onnx"]
+    assert bench._labels(["a/m.onnx", "b/m.onnx"]) == ["a/m.onnx", "b/m.onnx"]
+    assert bench._labels(["a/m.onnx", "a/m.onnx"]) == ["m.onnx", "m.onnx#2"]
+    assert bench._labels([two_models[0], two_models[0]]) == ["tiny_resnet", "tiny_resnet#2"]
