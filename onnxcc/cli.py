@@ -79,8 +79,6 @@ def cmd_info(args: argparse.Namespace) -> int:
 
 
 def cmd_compress(args: argparse.Namespace) -> int:
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
     from .calib import ImagePreprocess
     from .compress import compress
     from .io import check_output_path, load_model, save_model
@@ -94,8 +92,7 @@ def cmd_compress(args: argparse.Namespace) -> int:
     model = load_model(args.model)
     pp = ImagePreprocess(size=tuple(args.image_size), mean=tuple(args.mean), std=tuple(args.std),
                          scale=args.scale, layout=args.layout, bgr=args.bgr)
-    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                  console=err, transient=True, disable=not err.is_terminal) as bar:
+    with _progress_bar() as bar:
         task = bar.add_task("measuring", total=None)
 
         def progress(desc: str, done: int, total: int) -> None:
@@ -103,7 +100,7 @@ def cmd_compress(args: argparse.Namespace) -> int:
 
         result = compress(model, args.flops, calib=args.calib, input_shape=parse_input_shapes(args.input_shape),
                           method=args.method, steps=args.steps, provider=args.provider, seed=args.seed,
-                          progress=progress, preprocess=pp)
+                          progress=progress, preprocess=pp, round_to=args.round_to)
     save_model(result.model, args.output)
     report_dir = Path(args.report) if args.report else Path(str(args.output) + ".report")
     write_report(result.report, report_dir)
@@ -114,6 +111,36 @@ def cmd_compress(args: argparse.Namespace) -> int:
               + (f", top-1 agreement {f['top1_agreement']:.1%}" if "top1_agreement" in f else "")
               + f"; report in {report_dir}/")
     return 0
+
+
+def _progress_bar():
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                    console=err, transient=True, disable=not err.is_terminal)
+
+
+def cmd_finetune(args: argparse.Namespace) -> int:
+    from .finetune import run_finetune_cli
+
+    with _progress_bar() as bar:
+        task = bar.add_task("fine-tuning", total=None)
+
+        def progress(desc: str, done: int, total: int) -> None:
+            bar.update(task, description=desc, completed=done, total=total)
+
+        r = run_finetune_cli(args.model, args.teacher, args.data, args.output, epochs=args.epochs, lr=args.lr,
+                             batch_size=args.batch_size, val_path=args.val, device=args.device, progress=progress)
+    h = r["history"]
+    out.print(f"[bold green]wrote[/] {r['output']}: {len(h['epochs'])} epoch(s), kept epoch {h['best_epoch']} "
+              f"(by {h['selected_by']}); last train loss {h['epochs'][-1]['train_loss']:.4g}")
+    return 0
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    from .bench import cmd_bench as run_bench
+
+    return run_bench(args)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -144,6 +171,9 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--report", help="report folder (default: OUTPUT.report/)")
     c.add_argument("--provider", choices=["cpu", "cuda"], default="cpu")
     c.add_argument("--seed", type=int, default=0)
+    c.add_argument("--round-to", type=int, default=16, metavar="M",
+                   help="keep channel counts and ranks at multiples of M (onnxruntime's blocked layouts "
+                        "prefer multiples of 16 on AVX-512, see tools/results/widths.md; 1 = finest MAC targets)")
     c.add_argument("--force", action="store_true", help="allow overwriting the input model")
     g = c.add_argument_group("image folder preprocessing (with --calib DIR)")
     g.add_argument("--image-size", type=int, nargs=2, default=[224, 224], metavar=("H", "W"))
@@ -153,6 +183,29 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--layout", choices=["NCHW", "NHWC"], default="NCHW")
     g.add_argument("--bgr", action="store_true")
     c.set_defaults(func=cmd_compress)
+
+    f = sub.add_parser("finetune", help="recover accuracy: distil the original model into the compressed one (needs torch)")
+    f.add_argument("model", type=Path, help="compressed ONNX model (the student)")
+    f.add_argument("--teacher", type=Path, required=True, help="the original ONNX model")
+    f.add_argument("--data", type=Path, required=True, help=".npz with x (N, ...) and optional integer labels y (N,)")
+    f.add_argument("-o", "--output", type=Path, required=True, help="fine-tuned model path")
+    f.add_argument("--epochs", type=int, default=1)
+    f.add_argument("--lr", type=float, default=1e-4)
+    f.add_argument("--batch-size", type=int, default=32)
+    f.add_argument("--val", type=Path, help="validation .npz (same format); picks the best epoch")
+    f.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    f.set_defaults(func=cmd_finetune)
+
+    b = sub.add_parser("bench", help="time models against each other: interleaved runs, p50/p90, speedup")
+    b.add_argument("models", type=Path, nargs="+", help="ONNX models; the first is the baseline of the speedups")
+    b.add_argument("--provider", choices=["cpu", "cuda"], default="cpu")
+    b.add_argument("--threads", type=int, default=2, help="intra-op threads per session (0: onnxruntime's default)")
+    b.add_argument("--batch", type=int, default=1, help="batch size of the random inputs")
+    b.add_argument("--runs", type=int, default=50, help="timed runs per model")
+    b.add_argument("--input-shape", action="append", metavar="[NAME:]DIMS", help=shape_help)
+    b.add_argument("--profile", action="store_true", help="also break the time down per op type and node (separate pass)")
+    b.add_argument("--json", action="store_true", help="print one JSON object on stdout")
+    b.set_defaults(func=cmd_bench)
     return p
 
 

@@ -46,10 +46,11 @@ class CompressConfig:
     seed: int = 0
     gamma: float = 0.9                 # weight of the remaining-compression-space look-ahead
     sens_samples: int = 8              # calibration samples per damage measurement
-    fractions: tuple[float, ...] = (0.15, 0.3, 0.5, 0.75, 1.0)  # 1.0: never extrapolate
+    fractions: tuple[float, ...] = (0.2, 0.45, 0.7, 1.0)  # 1.0: never extrapolate
     min_keep: float = 0.05             # a group keeps at least this fraction of its channels
     reconstruct: bool = True           # least-squares refit + activation-aware SVD (beyond CC)
     stat_samples: int = 32             # calibration samples for layer-input statistics
+    round_to: int = 16                 # kept widths and ranks are multiples of this (backend speed)
     threads: int = 0
 
     def validate(self) -> None:
@@ -182,8 +183,21 @@ def _remove_lowest(mask: np.ndarray, scores: np.ndarray, k: int) -> np.ndarray:
     return m
 
 
-def _grid(kmax: int) -> np.ndarray:
-    return np.unique(np.round(np.linspace(0, kmax, min(kmax + 1, 65))).astype(int))
+def _allowed(lo: int, hi: int, multiple: int) -> np.ndarray:
+    """Counts in [lo, hi] the backend runs well: multiples of ``multiple`` once there is room."""
+    if hi < lo:
+        return np.zeros(0, int)
+    if hi < multiple:
+        return np.arange(lo, hi + 1)
+    return np.arange(max(lo + (-lo) % multiple, multiple), hi + 1, multiple)
+
+
+def _thin(grid: np.ndarray, most: int = 65) -> np.ndarray:
+    """At most ``most`` options (first and last kept): savings are exact at each, damage is
+    interpolated between measurements anyway."""
+    if len(grid) <= most:
+        return grid
+    return grid[np.unique(np.round(np.linspace(0, len(grid) - 1, most)).astype(int))]
 
 
 def _statistics(probe: WeightProbe, weights: dict[str, np.ndarray], reconstruct: bool) -> Stats:
@@ -209,28 +223,31 @@ def _step(a: Analysis, probe: WeightProbe, plan: Plan, prev: dict[str, np.ndarra
         if kind == "prune":
             g = a.groups[u]
             n = kept.get(u, g.size)
-            kmax = n - _min_keep(cfg, g.size)
-            if kmax < 1:
-                continue
+            remaining = _allowed(_min_keep(cfg, g.size), n - 1, cfg.round_to)
+            grid = np.array([0] + sorted(n - remaining), int)
             mask = plan.keep.get(u, np.ones(g.size, bool))
             apply = (lambda p, k, u=u, mask=mask: p.keep.__setitem__(u, _remove_lowest(mask, scores[u], int(k))))
         else:
             layer = u
-            cin = layer.cin * a._fraction(layer.red_layout, kept)
-            cout = layer.cout * a._fraction(layer.out_layout, kept)
-            upper = min(plan.ranks.get(layer.key, 10**9), layer.max_useful_rank(int(round(cin)), int(round(cout))))
-            kmax = upper - 1 if layer.key in plan.ranks else upper
-            if kmax < 1 or upper < 1:
-                continue
-            start = upper if layer.key in plan.ranks else upper + 1
+            cin = int(round(layer.cin * a._fraction(layer.red_layout, kept)))
+            cout = int(round(layer.cout * a._fraction(layer.out_layout, kept)))
+            current = plan.ranks.get(layer.key)
+            upper = layer.max_useful_rank(cin, cout) if current is None else current - 1
+            start = upper + 1 if current is None else current
+            ranks = _allowed(1, upper, cfg.round_to)
+            grid = np.array([0] + sorted(start - ranks), int)
             apply = (lambda p, k, key=layer.key, start=start: p.ranks.__setitem__(key, int(start - k)) if k > 0 else None)
-        measured = sorted({max(1, int(round(f * kmax))) for f in cfg.fractions})
-        jobs.append((kind, u, kmax, apply, measured, affected_layers(a, u if kind == "prune" else u.key)))
+        if len(grid) < 2:
+            continue
+        grid = _thin(grid)
+        kmax = int(grid[-1])
+        measured = sorted({int(grid[np.argmin(np.abs(grid[1:] - f * kmax)) + 1]) for f in cfg.fractions})
+        jobs.append((kind, u, grid, apply, measured, affected_layers(a, u if kind == "prune" else u.key)))
 
     total = sum(len(j[4]) for j in jobs)
     done = 0
     options, curves = [], {}
-    for kind, u, kmax, apply, measured, touched in jobs:
+    for kind, u, grid, apply, measured, touched in jobs:
         dmg = []
         for k in measured:
             cand = plan.copy()
@@ -239,7 +256,6 @@ def _step(a: Analysis, probe: WeightProbe, plan: Plan, prev: dict[str, np.ndarra
             done += 1
             if progress:
                 progress(f"step {step}/{cfg.steps}: measuring", done, total)
-        grid = _grid(kmax)
         saving = np.empty(len(grid))
         for i, k in enumerate(grid):
             cand = plan.copy()

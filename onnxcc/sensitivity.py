@@ -26,6 +26,7 @@ log = logging.getLogger(__name__)
 
 SATURATING = ("Softmax", "LogSoftmax", "Sigmoid")
 ROWS_PER_UNKNOWN = 4
+MIN_REFIT_FRACTION = 0.05   # the smallest kept fraction compress allows (its min_keep)
 
 
 @dataclass
@@ -153,7 +154,8 @@ class WeightProbe:
                 continue
             stats.energy[key] = (r ** 2).mean(0)
             stats.rows[key] = len(r)
-            if key in full:
+            # a refit needs ROWS_PER_UNKNOWN rows per kept column: skip moments that can never be used
+            if key in full and len(r) >= ROWS_PER_UNKNOWN * (MIN_REFIT_FRACTION * r.shape[1] + 1):
                 orig = self._original_acts.get(name) if name in self._original_acts else None
                 stats.moments[key] = second_moments(r, None if orig is None else rows(np.asarray(orig), v.node))
         return stats

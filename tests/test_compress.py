@@ -22,7 +22,7 @@ def test_target_met_and_model_valid(name, method):
     model = GRAPHS[name](13)
     before = model.SerializeToString()
     try:
-        res = compress(model, 0.3, method=method, steps=2)
+        res = compress(model, 0.3, method=method, steps=2, round_to=1)
     except TargetUnreachableError:
         pytest.skip(f"{name} cannot lose 30% of its MACs with {method} alone")  # asserted below for cc
     check_model_full(res.model)
@@ -41,8 +41,15 @@ def test_target_met_and_model_valid(name, method):
 @pytest.mark.parametrize("name", ["tiny_resnet", "tiny_mobilenet"])
 @pytest.mark.parametrize("method", ["cc", "prune", "decompose"])
 def test_target_reached_within_two_points(name, method):
-    res = compress(GRAPHS[name](13), 0.4, steps=2, method=method)
+    res = compress(GRAPHS[name](13), 0.4, steps=2, method=method, round_to=1)
     assert abs(res.report["totals"]["mac_reduction"] - 0.4) <= 0.02
+
+
+def test_widths_and_ranks_land_on_multiples():
+    res = compress(GRAPHS["tiny_resnet"](13), 0.4, steps=1, round_to=4)
+    for gid, m in res.plan.keep.items():
+        assert m.sum() % 4 == 0 or m.sum() < 4
+    assert all(r % 4 == 0 or r < 4 for r in res.plan.ranks.values())
 
 
 def test_emulated_plan_equals_physical_rewrite():

@@ -21,7 +21,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from onnxcc.latency import ConvSpec, machine_info, chain_macs, measure_chains  # noqa: E402
+from onnxcc.latency import ConvSpec, chain_macs, machine_info, measure_chains  # noqa: E402
 
 SHAPES = ((3, 28), (1, 28), (3, 56), (1, 56))  # (kernel, hw)
 CLASSES = (32, 16, 8, 4, 2, 1)
@@ -55,16 +55,43 @@ def summary(results: dict[str, dict[int, float]]) -> dict[str, dict[int, float]]
     return table
 
 
+def block_size(machine: dict) -> int:
+    """onnxruntime's NCHWc block: 16 channels with AVX-512, 8 with AVX2."""
+    return 16 if "avx512f" in machine.get("isa", []) else 8
+
+
+def round_up(results: dict[str, dict[int, float]], block: int) -> dict[str, dict[str, float]]:
+    """Median latency of c relative to the next multiple of ``block`` (< 1: c is cheaper)."""
+    table = {}
+    for shape, lat in results.items():
+        groups: dict[str, list[float]] = {"multiple of 4": [], "not a multiple of 4": []}
+        for c, t in lat.items():
+            up = -(-c // block) * block
+            if c % block and up in lat:
+                groups["multiple of 4" if c % 4 == 0 else "not a multiple of 4"].append(t / lat[up])
+        table[shape] = {g: round(float(np.median(v)), 3) for g, v in groups.items() if v}
+    return table
+
+
 def write_markdown(path: Path, results, summ, meta) -> None:
     shapes = list(results)
     lines = [f"# Conv latency vs channel count (Cin = Cout = c), {meta['threads']} threads",
              "", f"CPU: {meta['machine'].get('cpu')}, ISA: {' '.join(meta['machine'].get('isa', []))}, "
-             f"onnxruntime {meta['machine']['onnxruntime']}; median of interleaved runs.", "",
+             f"onnxruntime {meta['machine']['onnxruntime']}. Each Conv timed inside a network "
+             f"(between two 1x1 Convs, NCHWc Reorders it forces included), interleaved over 5 rounds "
+             f"(onnxcc.latency.measure_chains); {meta['seconds']} s in all.", "",
              "## Median throughput (GMAC/s) by largest power-of-two divisor of c", "",
              "| shape | " + " | ".join(f"x{m}" for m in CLASSES) + " |",
              "|---|" + "---:|" * len(CLASSES)]
     for s in shapes:
         lines.append(f"| {s} | " + " | ".join(str(summ[s].get(m, "-")) for m in CLASSES) + " |")
+    block = block_size(meta["machine"])
+    up = round_up(results, block)
+    groups = ["multiple of 4", "not a multiple of 4"]
+    lines += ["", f"## Latency relative to the next multiple of {block} (median; > 1: rounding up is faster)",
+              "", "| shape | " + " | ".join(groups) + " |", "|---|" + "---:|" * len(groups)]
+    for s in shapes:
+        lines.append(f"| {s} | " + " | ".join(str(up[s].get(g, "-")) for g in groups) + " |")
     lines += ["", "## Latency (ms) and throughput (GMAC/s) per width", "",
               "| c | mult | " + " | ".join(f"{s} ms | {s} GMAC/s" for s in shapes) + " |",
               "|---:|---:|" + "---:|---:|" * len(shapes)]
@@ -79,7 +106,7 @@ def plot(path: Path, results, threads: int) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    colors = {32: "tab:red", 16: "tab:red", 8: "tab:orange", 4: "tab:blue", 2: "tab:gray", 1: "tab:gray"}
+    colors = {16: "tab:red", 8: "tab:orange", 4: "tab:blue", 1: "tab:gray"}
     labels = {16: "multiple of 16", 8: "multiple of 8", 4: "multiple of 4", 1: "other"}
     fig, axes = plt.subplots(2, len(results), figsize=(5 * len(results), 8), sharex=True)
     for col, (shape, lat) in enumerate(results.items()):
@@ -90,8 +117,7 @@ def plot(path: Path, results, threads: int) -> None:
             ax = axes[row, col]
             ax.plot(cs, ys, color="lightgray", lw=1, zorder=1)
             for m in (16, 8, 4, 1):
-                sel = np.array([min(largest_multiple(c), 16) == m or (m == 1 and largest_multiple(c) == 2)
-                                for c in cs])
+                sel = np.array([next(x for x in (16, 8, 4, 1) if c % x == 0) == m for c in cs])
                 ax.scatter(cs[sel], ys[sel], s=18 if m >= 8 else 10, color=colors[m], label=labels[m], zorder=2)
             for c in range(int(cs.min()) // 16 * 16, int(cs.max()) + 1, 16):
                 ax.axvline(c, color="tab:red", lw=0.5, alpha=0.3)
@@ -114,22 +140,30 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--budget", type=float, default=0.3, help="seconds of timed runs per width")
     ap.add_argument("--out", type=Path, default=ROOT / "tools" / "results")
+    ap.add_argument("--replot", action="store_true", help="redraw widths.md/png from widths.json")
     args = ap.parse_args()
 
-    counts = list(range(args.lo, args.hi + 1, args.step))
-    t0 = time.time()
-    results = measure(counts, args.threads, args.budget)
-    summ = summary(results)
-    meta = {"threads": args.threads, "budget_s": args.budget, "machine": machine_info("cpu"),
-            "seconds": round(time.time() - t0, 1)}
-    args.out.mkdir(parents=True, exist_ok=True)
-    doc = {**meta, "latency_s": {s: {str(c): t for c, t in lat.items()} for s, lat in results.items()},
-           "median_gmacs_by_multiple": summ}
-    (args.out / "widths.json").write_text(json.dumps(doc, indent=1) + "\n")
+    if args.replot:
+        doc = json.loads((args.out / "widths.json").read_text())
+        meta = {k: doc[k] for k in ("threads", "budget_s", "machine", "seconds")}
+        results = {s: {int(c): t for c, t in lat.items()} for s, lat in doc["latency_s"].items()}
+        summ = summary(results)
+    else:
+        counts = list(range(args.lo, args.hi + 1, args.step))
+        t0 = time.time()
+        results = measure(counts, args.threads, args.budget)
+        summ = summary(results)
+        meta = {"threads": args.threads, "budget_s": args.budget, "machine": machine_info("cpu"),
+                "seconds": round(time.time() - t0, 1)}
+        args.out.mkdir(parents=True, exist_ok=True)
+        doc = {**meta, "latency_s": {s: {str(c): t for c, t in lat.items()} for s, lat in results.items()},
+               "median_gmacs_by_multiple": summ}
+        (args.out / "widths.json").write_text(json.dumps(doc, indent=1) + "\n")
     write_markdown(args.out / "widths.md", results, summ, meta)
     plot(args.out / "widths.png", results, args.threads)
-    print(json.dumps(summ, indent=1))
-    print(f"wrote {args.out}/widths.json, widths.md, widths.png in {meta['seconds']}s")
+    print(json.dumps({"median_gmacs_by_multiple": summ,
+                      "relative_to_next_block": round_up(results, block_size(meta["machine"]))}, indent=1))
+    print(f"results in {args.out}/ (the measurement took {meta['seconds']} s)")
 
 
 if __name__ == "__main__":
