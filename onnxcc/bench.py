@@ -88,26 +88,11 @@ def profile_model(model: onnx.ModelProto, feeds: dict[str, np.ndarray], provider
     Reorder nodes), since that is where the time goes.
     """
     with tempfile.TemporaryDirectory(prefix="onnxcc-prof-") as tmp:
-        sess = profiling_session(model, provider, threads, str(Path(tmp) / "onnxcc"))
+        sess = make_session(model, provider, threads, profile_prefix=str(Path(tmp) / "onnxcc"))
         for _ in range(warmup + runs):
             sess.run(None, feeds)
         events = read_trace(sess)
     return aggregate_trace(split_runs(events)[warmup:], top)
-
-
-def profiling_session(model: onnx.ModelProto, provider: str, threads: int, prefix: str):
-    """runtime.make_session's settings plus the profiler, which make_session cannot switch on."""
-    ort = _ort()
-    so = ort.SessionOptions()
-    so.log_severity_level = 3
-    if threads:
-        so.intra_op_num_threads = threads
-    so.inter_op_num_threads = 1
-    so.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    so.enable_profiling = True
-    so.profile_file_prefix = prefix
-    return ort.InferenceSession(model.SerializeToString(), so, providers=providers_for(provider))
 
 
 def read_trace(sess) -> list[dict]:

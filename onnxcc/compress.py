@@ -229,8 +229,8 @@ def _step(a: Analysis, probe: WeightProbe, plan: Plan, prev: dict[str, np.ndarra
             apply = (lambda p, k, u=u, mask=mask: p.keep.__setitem__(u, _remove_lowest(mask, scores[u], int(k))))
         else:
             layer = u
-            cin = int(round(layer.cin * a._fraction(layer.red_layout, kept)))
-            cout = int(round(layer.cout * a._fraction(layer.out_layout, kept)))
+            cin = int(round(layer.cin * a.fraction(layer.red_layout, kept)))
+            cout = int(round(layer.cout * a.fraction(layer.out_layout, kept)))
             current = plan.ranks.get(layer.key)
             upper = layer.max_useful_rank(cin, cout) if current is None else current - 1
             start = upper + 1 if current is None else current
@@ -305,8 +305,8 @@ def _report(ins, a: Analysis, plan: Plan, cfg: CompressConfig, curves, verificat
     layers = []
     for l in a.layers:
         rank = plan.ranks.get(l.key)
-        cin = int(round(l.cin * a._fraction(l.red_layout, kept))) if l.red_layout is not None else l.cin
-        cout = int(round(l.cout * a._fraction(l.out_layout, kept))) if l.out_layout is not None else l.cout
+        cin = int(round(l.cin * a.fraction(l.red_layout, kept))) if l.red_layout is not None else l.cin
+        cout = int(round(l.cout * a.fraction(l.out_layout, kept))) if l.out_layout is not None else l.cout
         layers.append({
             "name": l.name, "tensor": l.key, "op": l.op, "kernel": list(l.kernel),
             "in_channels": [l.cin, cin], "out_channels": [l.cout, cout],

@@ -24,7 +24,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from .bench import profiling_session, read_trace, split_runs
+from .bench import read_trace, split_runs
 from .runtime import _ort, make_session, providers_for
 
 MULTIPLES = (1, 4, 8, 16, 32)
@@ -204,7 +204,7 @@ def measure_chains(chains: list[Chain], provider: str = "cpu", threads: int = 2,
         sessions, feeds = [], []
         for i, ch in enumerate(chains):
             model = _chain_model(ch, rng, context=_CONTEXT if in_context else 0)
-            sessions.append(profiling_session(model, provider, threads, f"{tmp}/p{i}") if in_context
+            sessions.append(make_session(model, provider, threads, profile_prefix=f"{tmp}/p{i}") if in_context
                             else make_session(model, provider, threads))
             cin = _CONTEXT if in_context else ch[1][0].cin
             feeds.append({"x": rng.standard_normal((1, cin, ch[0], ch[0])).astype(np.float32)})

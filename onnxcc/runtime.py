@@ -36,8 +36,10 @@ def providers_for(provider: str) -> list[str]:
 
 
 def make_session(model: onnx.ModelProto | bytes, provider: str = "cpu", threads: int = 0,
-                 optimize: bool = True):
-    """A session whose idle threads do not spin, so interleaved sessions do not steal cores."""
+                 optimize: bool = True, profile_prefix: str | None = None):
+    """A session whose idle threads do not spin, so interleaved sessions do not steal cores.
+
+    With ``profile_prefix`` onnxruntime's profiler writes its trace there."""
     ort = _ort()
     so = ort.SessionOptions()
     so.log_severity_level = 3
@@ -47,6 +49,9 @@ def make_session(model: onnx.ModelProto | bytes, provider: str = "cpu", threads:
     so.add_session_config_entry("session.intra_op.allow_spinning", "0")
     so.graph_optimization_level = (ort.GraphOptimizationLevel.ORT_ENABLE_ALL if optimize
                                    else ort.GraphOptimizationLevel.ORT_DISABLE_ALL)
+    if profile_prefix:
+        so.enable_profiling = True
+        so.profile_file_prefix = profile_prefix
     data = model if isinstance(model, bytes) else model.SerializeToString()
     return ort.InferenceSession(data, so, providers=providers_for(provider))
 

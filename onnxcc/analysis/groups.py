@@ -114,14 +114,14 @@ class Analysis:
         lay = self.layout(tensor)
         return None if lay is None else self.alg.mask(lay, keep)
 
-    def _fraction(self, layout: Layout | None, kept: dict[int, int]) -> float:
+    def fraction(self, layout: Layout | None, kept: dict[int, int]) -> float:
         if layout is None:
             return 1.0
         return self.alg.count(layout, kept) / self.alg.count(layout, {})
 
     def layer_macs(self, layer: Layer, kept: dict[int, int], rank: int | None = None) -> float:
         """MACs of ``layer`` when groups keep ``kept`` channels and the conv has ``rank``."""
-        out_f, red_f = self._fraction(layer.out_layout, kept), self._fraction(layer.red_layout, kept)
+        out_f, red_f = self.fraction(layer.out_layout, kept), self.fraction(layer.red_layout, kept)
         if rank is None:
             return layer.macs * out_f * red_f
         cin, cout = layer.cin * red_f, layer.cout * out_f

@@ -198,15 +198,19 @@ def elementwise(ctx: RuleContext, node: gs.Node) -> None:
         if shape is None or (a >= 0 and shape[a] != 1):
             for c in carried:
                 ctx.freeze(c, _why(node, "combined with a tensor whose channels are fixed"))
-    unified = carried[0]
-    for other in carried[1:]:
-        merged = ctx.alg.unify(unified, other)
-        if merged is None:
-            for c in carried:
-                ctx.freeze(c, _why(node, "operands' channel layouts cannot be matched"))
-            return
-        unified = merged
-    ctx.set(out, unified)
+    ctx.set(out, _unify_all(ctx, node, carried))
+
+
+def _unify_all(ctx: RuleContext, node: gs.Node, layouts: list[Layout]) -> Layout | None:
+    """Tie all layouts channel-by-channel; if any pair cannot match, freeze them all."""
+    unified = layouts[0]
+    for other in layouts[1:]:
+        unified = ctx.alg.unify(unified, other)
+        if unified is None:
+            for lay in layouts:
+                ctx.freeze(lay, _why(node, "operands' channel layouts cannot be matched"))
+            return None
+    return unified
 
 
 @channel_rule("Concat")
@@ -230,14 +234,7 @@ def concat(ctx: RuleContext, node: gs.Node) -> None:
     if len(present) < len(layouts):  # a fixed-width tensor joins along another axis
         for lay in present:
             ctx.freeze(lay, _why(node, "joined with a tensor whose channels are fixed"))
-    unified = present[0]
-    for other in present[1:]:
-        unified = ctx.alg.unify(unified, other)
-        if unified is None:
-            for lay in present:
-                ctx.freeze(lay, _why(node, "inputs' channel layouts cannot be matched"))
-            return
-    ctx.set(out, unified)
+    ctx.set(out, _unify_all(ctx, node, present))
 
 
 @channel_rule("Split", params=True)
