@@ -90,6 +90,11 @@ def cmd_compress(args: argparse.Namespace) -> int:
     if args.report and Path(args.report).exists() and not Path(args.report).is_dir():
         raise UsageError(f"--report must be a folder: {args.report}")
     model = load_model(args.model)
+    train = None
+    if args.finetune:
+        from .finetune import load_npz
+
+        train = load_npz(args.finetune)   # fail on bad data before minutes of compression
     pp = ImagePreprocess(size=tuple(args.image_size), mean=tuple(args.mean), std=tuple(args.std),
                          scale=args.scale, layout=args.layout, bgr=args.bgr)
     with _progress_bar() as bar:
@@ -101,6 +106,12 @@ def cmd_compress(args: argparse.Namespace) -> int:
         result = compress(model, args.flops, calib=args.calib, input_shape=parse_input_shapes(args.input_shape),
                           method=args.method, steps=args.steps, provider=args.provider, seed=args.seed,
                           progress=progress, preprocess=pp, round_to=args.round_to)
+        if train is not None:
+            from .finetune import finetune_verified
+
+            tuned, history = finetune_verified(result.model, model, train, epochs=args.epochs, progress=progress)
+            result.report["finetune"] = history
+            result.model = tuned
     save_model(result.model, args.output)
     report_dir = Path(args.report) if args.report else Path(str(args.output) + ".report")
     write_report(result.report, report_dir)
@@ -175,6 +186,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="keep channel counts and ranks at multiples of M (onnxruntime's blocked layouts "
                         "prefer multiples of 16 on AVX-512, see tools/results/widths.md; 1 = finest MAC targets)")
     c.add_argument("--force", action="store_true", help="allow overwriting the input model")
+    c.add_argument("--finetune", type=Path, metavar="TRAIN.npz",
+                   help="then distil the original into the result (x, optional labels y; needs torch)")
+    c.add_argument("--epochs", type=int, default=1, help="fine-tuning epochs with --finetune")
     g = c.add_argument_group("image folder preprocessing (with --calib DIR)")
     g.add_argument("--image-size", type=int, nargs=2, default=[224, 224], metavar=("H", "W"))
     g.add_argument("--mean", type=float, nargs=3, default=[0.485, 0.456, 0.406])

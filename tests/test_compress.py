@@ -157,3 +157,30 @@ def test_cli_compress_bad_input_exit_2_nothing_written(tmp_path, case):
     assert len(r.stderr.strip().splitlines()) == 1 and "Traceback" not in r.stderr
     assert not (tmp_path / "out.onnx").exists()
     assert src.read_bytes() == before
+
+
+def test_cli_compress_then_finetune(tmp_path):
+    pytest.importorskip("torch")
+    src = tmp_path / "m.onnx"
+    onnx.save(GRAPHS["tiny_resnet"](13), src)
+    rng = np.random.default_rng(0)
+    calib, train = tmp_path / "c.npy", tmp_path / "train.npz"
+    np.save(calib, rng.standard_normal((12, 3, 16, 16)).astype(np.float32))
+    np.savez(train, x=rng.standard_normal((16, 3, 16, 16)).astype(np.float32))
+    out = tmp_path / "m.cc.onnx"
+    r = _cli("compress", src, "--flops", "0.4", "--calib", calib, "-o", out, "--round-to", "1",
+             "--finetune", train, "--epochs", "1", "--report", tmp_path / "rep")
+    assert r.returncode == 0, r.stderr
+    check_model_full(onnx.load(out))
+    rep = json.loads((tmp_path / "rep" / "report.json").read_text())
+    assert len(rep["finetune"]["epochs"]) == 1
+
+
+def test_cli_compress_bad_finetune_data_fails_before_work(tmp_path):
+    src = tmp_path / "m.onnx"
+    onnx.save(GRAPHS["tiny_resnet"](13), src)
+    bad = tmp_path / "t.npz"
+    np.savez(bad, y=np.zeros(3))
+    r = _cli("compress", src, "--flops", "0.4", "-o", tmp_path / "o.onnx", "--finetune", bad)
+    assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1
+    assert not (tmp_path / "o.onnx").exists()

@@ -5,6 +5,6 @@ executor, ``OnnxModule`` and ``export_weights``) does.
 """
 from __future__ import annotations
 
-from .train import finetune, load_npz, run_finetune_cli
+from .train import finetune, finetune_verified, load_npz, run_finetune_cli
 
-__all__ = ["finetune", "load_npz", "run_finetune_cli"]
+__all__ = ["finetune", "finetune_verified", "load_npz", "run_finetune_cli"]

@@ -386,10 +386,16 @@ def run_finetune_cli(student_path: str | Path, teacher_path: str | Path, data_pa
     student, teacher = load_model(student_path), load_model(teacher_path)
     train = load_npz(data_path)
     val = load_npz(val_path) if val_path is not None else None
-    tuned, history = finetune(student, teacher, train, val, epochs=epochs, lr=lr, batch_size=batch_size,
-                              device=device, progress=progress)
-    s_in = _single_input(student, "student")
-    sample = _as_input(train["x"][:_fixed_batch(s_in) or 1], s_in, "train")
-    _verify(tuned, student, sample)
+    tuned, history = finetune_verified(student, teacher, train, val, epochs=epochs, lr=lr,
+                                       batch_size=batch_size, device=device, progress=progress)
     save_model(tuned, out)
     return {"output": str(out), "history": history}
+
+
+def finetune_verified(student: onnx.ModelProto, teacher: onnx.ModelProto, train: Mapping[str, np.ndarray],
+                      val: Mapping[str, np.ndarray] | None = None, **options: Any) -> tuple[onnx.ModelProto, dict[str, Any]]:
+    """:func:`finetune`, then the full checker and an onnxruntime run of the result."""
+    tuned, history = finetune(student, teacher, train, val, **options)
+    s_in = _single_input(student, "student")
+    _verify(tuned, student, _as_input(train["x"][:_fixed_batch(s_in) or 1], s_in, "train"))
+    return tuned, history
