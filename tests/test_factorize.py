@@ -1,5 +1,4 @@
 import numpy as np
-import onnx
 import pytest
 
 from engine_helpers import normalized_analysis

@@ -1,9 +1,7 @@
-import numpy as np
-import onnx
 import pytest
 
 from graphs import GRAPHS, cases
-from oracles import assert_same_outputs, check_model_full, random_feeds
+from oracles import assert_same_outputs, check_model_full
 
 from onnxcc.passes.normalize import (FoldBatchNormPass, FusePadIntoConvPass, LiftConstantsPass,
                                      RemoveIdentityPass, normalize)

@@ -1,5 +1,4 @@
 """Property-based: random CNNs built from every supported op family."""
-import numpy as np
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 

@@ -1,10 +1,7 @@
 """Real architectures: the onnx wheel's structure models and the fetched corpus (PyTorch,
 Paddle-style Constant weights, tf2onnx NHWC). Every check is exact, not approximate."""
-import glob
-import os
 from pathlib import Path
 
-import numpy as np
 import onnx
 import pytest
 
