@@ -7,9 +7,8 @@ from typing import Any
 import numpy as np
 import onnx
 
-from .analysis.costs import model_params
+from .analysis.costs import model_params, node_macs
 from .analysis.view import build_view
-from .analysis.costs import node_macs
 from .calib import Calibration
 from .errors import VerificationError
 from .runtime import expose_outputs, make_session
