@@ -90,8 +90,6 @@ def compress(model: onnx.ModelProto | str | Path, flops: float, calib: str | Pat
     shapes = {k: (1,) + tuple(v.shape[1:]) for k, v in data.samples.items()}
     ins = inspect_model(original, shapes, feeds=fit.take(slice(0, 1)))
     a = ins.analysis
-    if not any(l.op == "Conv" for l in a.layers):
-        raise UnsupportedModelError("the model has no Conv layer: onnxcc compresses convolutional networks")
     target = int(round(a.total_macs * (1 - flops)))
     _check_reachable(a, cfg, target)
 
@@ -113,7 +111,7 @@ def compress(model: onnx.ModelProto | str | Path, flops: float, calib: str | Pat
     pruned = PruneChannelsPass(a, plan.keep)(reweighted.model)
     fact = FactorizeConvPass(plan.ranks)(pruned.model)
     result = verify(ins.model, fact.model, held, shapes, provider)
-    report = _report(ins, a, plan, cfg, curves, result, pruned.record, fact.record, data, time.perf_counter() - t0)
+    report = _report(a, plan, cfg, curves, result, pruned.record, fact.record, data, time.perf_counter() - t0)
     achieved = report["totals"]["mac_reduction"]
     if abs(achieved - flops) > 0.01:
         log.warning("achieved MAC reduction %.3f differs from the target %.3f by more than 1 point",
@@ -211,7 +209,7 @@ def _step(a: Analysis, probe: WeightProbe, plan: Plan, prev: dict[str, np.ndarra
     weights = plan_weights(probe, plan, stats)
     base = probe.damage(weights) if (plan.keep or plan.ranks) else 0.0
     scores = channel_scores(probe, plan, weights, stats)
-    probe._svd_cache.clear()
+    probe.forget_svds()  # this step's weights and statistics differ from the last
     kept, macs_now = plan.kept(), a.macs(plan.kept(), plan.ranks)
     units: list[tuple[str, Any]] = []
     if cfg.method in ("cc", "prune"):
@@ -229,8 +227,7 @@ def _step(a: Analysis, probe: WeightProbe, plan: Plan, prev: dict[str, np.ndarra
             apply = (lambda p, k, u=u, mask=mask: p.keep.__setitem__(u, _remove_lowest(mask, scores[u], int(k))))
         else:
             layer = u
-            cin = int(round(layer.cin * a.fraction(layer.red_layout, kept)))
-            cout = int(round(layer.cout * a.fraction(layer.out_layout, kept)))
+            cin, cout = a.channels(layer, kept)
             current = plan.ranks.get(layer.key)
             upper = layer.max_useful_rank(cin, cout) if current is None else current - 1
             start = upper + 1 if current is None else current
@@ -299,14 +296,13 @@ def _drop_useless_ranks(a: Analysis, plan: Plan) -> None:
             del plan.ranks[key]
 
 
-def _report(ins, a: Analysis, plan: Plan, cfg: CompressConfig, curves, verification, prune_rec, fact_rec,
+def _report(a: Analysis, plan: Plan, cfg: CompressConfig, curves, verification, prune_rec, fact_rec,
             data: Calibration, seconds: float) -> dict[str, Any]:
     kept = plan.kept()
     layers = []
     for l in a.layers:
         rank = plan.ranks.get(l.key)
-        cin = int(round(l.cin * a.fraction(l.red_layout, kept))) if l.red_layout is not None else l.cin
-        cout = int(round(l.cout * a.fraction(l.out_layout, kept))) if l.out_layout is not None else l.cout
+        cin, cout = a.channels(l, kept)
         layers.append({
             "name": l.name, "tensor": l.key, "op": l.op, "kernel": list(l.kernel),
             "in_channels": [l.cin, cin], "out_channels": [l.cout, cout],

@@ -156,9 +156,12 @@ class WeightProbe:
             stats.rows[key] = len(r)
             # a refit needs ROWS_PER_UNKNOWN rows per kept column: skip moments that can never be used
             if key in full and len(r) >= ROWS_PER_UNKNOWN * (MIN_REFIT_FRACTION * r.shape[1] + 1):
-                orig = self._original_acts.get(name) if name in self._original_acts else None
+                orig = self._original_acts.get(name)
                 stats.moments[key] = second_moments(r, None if orig is None else rows(np.asarray(orig), v.node))
         return stats
+
+    def forget_svds(self) -> None:
+        self._svd_cache.clear()
 
     def svd(self, key: tuple, Wm: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         if key not in self._svd_cache:

@@ -119,6 +119,11 @@ class Analysis:
             return 1.0
         return self.alg.count(layout, kept) / self.alg.count(layout, {})
 
+    def channels(self, layer: Layer, kept: dict[int, int]) -> tuple[int, int]:
+        """(in, out) channels of ``layer`` when groups keep ``kept`` channels."""
+        return (int(round(layer.cin * self.fraction(layer.red_layout, kept))),
+                int(round(layer.cout * self.fraction(layer.out_layout, kept))))
+
     def layer_macs(self, layer: Layer, kept: dict[int, int], rank: int | None = None) -> float:
         """MACs of ``layer`` when groups keep ``kept`` channels and the conv has ``rank``."""
         out_f, red_f = self.fraction(layer.out_layout, kept), self.fraction(layer.red_layout, kept)
