@@ -1,9 +1,10 @@
-"""Global Compression Rate Optimization: how much each unit removes, under one MAC budget.
+"""Global Compression Rate Optimization: how much each unit removes, under one budget.
 
 Each unit (a channel group to prune, or a Conv's rank) offers options — remove k more
-channels / drop to rank r — each with a measured damage increase ΔD and an exact MAC saving ΔS.
+channels / drop to rank r — each with a measured damage increase ΔD and a saving ΔS of the
+budgeted cost (MACs from the exact cost model, or seconds from the latency model).
 With one Lagrange multiplier λ every unit independently picks ``argmin ΔD − λ·ΔS``; the joint
-plan's MACs (from the exact cost model, interactions included) fall as λ grows, so a scalar root
+plan's cost (interactions included) falls as λ grows, so a scalar root
 find on log λ (``scipy.optimize.brentq``) meets the budget. This is CC's single-multiplier
 solution of ``min Σ damage s.t. Σ saving = T``, applied to measured rather than fitted curves.
 
@@ -28,7 +29,7 @@ class Options:
     unit: str
     amounts: np.ndarray      # channels removed / rank chosen, per option
     damage: np.ndarray       # ΔD per option (look-ahead applied)
-    saving: np.ndarray       # ΔS (MACs) per option, standalone
+    saving: np.ndarray       # ΔS (MACs or seconds) per option, standalone
 
 
 def interpolate(unit: str, measured_k: list[int], measured_d: list[float], k_grid: np.ndarray,
@@ -40,7 +41,7 @@ def interpolate(unit: str, measured_k: list[int], measured_d: list[float], k_gri
     ahead_k = np.interp(k_grid, k[:-1], k[1:]) if len(k) > 1 else k_grid
     ahead = np.interp(ahead_k, k, d)
     charged = (1 - gamma) * dense + gamma * ahead
-    # A removal measured as harmless is still not free: a vanishing per-MAC charge stops
+    # A removal measured as harmless is still not free: a vanishing per-cost charge stops
     # "zero-damage" options from being taken beyond what the budget needs.
     charged = charged + 1e-9 * (saving / max(float(saving.max()), 1.0)) * max(float(d.max()), 1e-6)
     charged[0] = 0.0
@@ -51,13 +52,14 @@ def choose(options: list[Options], lam: float) -> list[int]:
     return [int(np.argmin(o.damage - lam * o.saving)) for o in options]
 
 
-def solve(options: list[Options], macs_of: Callable[[list[int]], int], target: int) -> tuple[list[int], float]:
-    """Smallest-damage choice whose joint MACs are ≤ target (λ by root finding on log λ)."""
+def solve(options: list[Options], cost_of: Callable[[list[int]], float], target: float) -> tuple[list[int], float]:
+    """Smallest-damage choice whose joint cost (MACs or seconds) is ≤ target (λ by root finding
+    on log λ)."""
     scale = max(max(float(o.damage.max()) for o in options), 1e-30) / max(
         max(float(o.saving.max()) for o in options), 1.0)
 
     def excess(log_lam: float) -> float:
-        return macs_of(choose(options, scale * np.exp(log_lam))) - target
+        return cost_of(choose(options, scale * np.exp(log_lam))) - target
 
     lo, hi = -30.0, 30.0
     if excess(hi) > 0:
@@ -65,17 +67,18 @@ def solve(options: list[Options], macs_of: Callable[[list[int]], int], target: i
     if excess(lo) <= 0:
         return choose(options, scale * np.exp(lo)), float(scale * np.exp(lo))
     # excess is a step function: bracket the last step before the budget is met
-    root = brentq(lambda x: excess(x) - 0.5, lo, hi, xtol=1e-6)
+    eps = 1e-9 * max(abs(target), 1e-30)
+    root = brentq(lambda x: excess(x) - eps, lo, hi, xtol=1e-6)
     for x in (root, root + 1e-5, root + 1e-4, root + 1e-3, root + 1e-2, hi):
         if excess(x) <= 0:
             return choose(options, scale * np.exp(x)), float(scale * np.exp(x))
     return choose(options, scale * np.exp(hi)), float(scale * np.exp(hi))
 
 
-def give_back(options: list[Options], choice: list[int], macs_of: Callable[[list[int]], int],
-              target: int, max_rounds: int = 200) -> list[int]:
-    """Undo overshoot: step units back one option while the budget still holds, cheapest
-    damage-per-MAC first (λ's last jump can remove more than the budget asks)."""
+def give_back(options: list[Options], choice: list[int], cost_of: Callable[[list[int]], float],
+              target: float, max_rounds: int = 200) -> list[int]:
+    """Undo overshoot: step units back one option while the budget still holds, most damage
+    restored first (λ's last jump can remove more than the budget asks)."""
     choice = list(choice)
     for _ in range(max_rounds):
         best, best_gain = None, 0.0
@@ -83,7 +86,7 @@ def give_back(options: list[Options], choice: list[int], macs_of: Callable[[list
             if c == 0:
                 continue
             trial = choice[:i] + [c - 1] + choice[i + 1:]
-            if macs_of(trial) > target:
+            if cost_of(trial) > target:
                 continue
             gain = float(o.damage[c] - o.damage[c - 1]) + 1e-12
             if gain > best_gain:

@@ -8,6 +8,7 @@ Profiling happens in a separate pass because the profiler's bookkeeping inflates
 from __future__ import annotations
 
 import argparse
+import bisect
 import gc
 import json
 import os
@@ -110,7 +111,8 @@ def split_runs(events: list[dict]) -> list[list[dict]]:
                   if e.get("cat") == "Session" and e.get("name") == "model_run")
     kernels = sorted((e for e in events if e.get("cat") == "Node"
                       and e.get("name", "").endswith("_kernel_time")), key=lambda e: e["ts"])
-    return [[e for e in kernels if t0 <= e["ts"] <= t1] for t0, t1 in runs]
+    starts = [e["ts"] for e in kernels]
+    return [kernels[bisect.bisect_left(starts, t0):bisect.bisect_right(starts, t1)] for t0, t1 in runs]
 
 
 def aggregate_trace(runs: list[list[dict]], top: int = 15) -> dict:

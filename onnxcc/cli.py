@@ -80,12 +80,11 @@ def cmd_info(args: argparse.Namespace) -> int:
 
 def cmd_compress(args: argparse.Namespace) -> int:
     from .calib import ImagePreprocess
-    from .compress import compress
+    from .compress import CompressConfig, compress
     from .io import check_output_path, load_model, save_model
     from .report import write_report
 
-    if not 0 < args.flops < 1:
-        raise UsageError(f"--flops must be in (0, 1), got {args.flops}")
+    CompressConfig(flops=args.flops, latency=args.latency, round_to=args.round_to).validate()
     check_output_path(args.output, [args.model], args.force)
     if args.report and Path(args.report).exists() and not Path(args.report).is_dir():
         raise UsageError(f"--report must be a folder: {args.report}")
@@ -103,9 +102,11 @@ def cmd_compress(args: argparse.Namespace) -> int:
         def progress(desc: str, done: int, total: int) -> None:
             bar.update(task, description=desc, completed=done, total=total)
 
-        result = compress(model, args.flops, calib=args.calib, input_shape=parse_input_shapes(args.input_shape),
-                          method=args.method, steps=args.steps, provider=args.provider, seed=args.seed,
-                          progress=progress, preprocess=pp, round_to=args.round_to)
+        result = compress(model, args.flops, latency=args.latency, calib=args.calib,
+                          input_shape=parse_input_shapes(args.input_shape), method=args.method,
+                          steps=args.steps, provider=args.provider, seed=args.seed, progress=progress,
+                          preprocess=pp, round_to=args.round_to, threads=args.threads,
+                          latency_aware=not args.no_latency_model)
         if train is not None:
             from .finetune import finetune_verified
 
@@ -120,7 +121,8 @@ def cmd_compress(args: argparse.Namespace) -> int:
               f"([bold]{t['mac_reduction']:.1%}[/] removed), params {fmt_count(t['params_before'])} → "
               f"{fmt_count(t['params_after'])}; held-out cosine {f['cosine_mean']}"
               + (f", top-1 agreement {f['top1_agreement']:.1%}" if "top1_agreement" in f else "")
-              + f"; report in {report_dir}/")
+              + f"; {t['latency']['speedup']:.2f}× faster here ({t['latency']['ms_before']:.2f} → "
+              f"{t['latency']['ms_after']:.2f} ms); report in {report_dir}/")
     return 0
 
 
@@ -172,7 +174,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     c = sub.add_parser("compress", help="remove a fraction of the MACs by joint pruning + low rank")
     c.add_argument("model", type=Path, help="ONNX model")
-    c.add_argument("--flops", type=float, required=True, help="fraction of MACs to remove, in (0, 1)")
+    target = c.add_mutually_exclusive_group(required=True)
+    target.add_argument("--flops", type=float, help="fraction of MACs to remove, in (0, 1)")
+    target.add_argument("--latency", type=float,
+                        help="fraction of the measured latency to remove, in (0, 1) (on --provider, --threads)")
     c.add_argument("-o", "--output", type=Path, required=True, help="compressed model path")
     c.add_argument("--calib", help=".npy (N, ...) for a single input, .npz keyed by input name, or an image folder")
     c.add_argument("--input-shape", action="append", metavar="[NAME:]DIMS", help=shape_help)
@@ -182,9 +187,14 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--report", help="report folder (default: OUTPUT.report/)")
     c.add_argument("--provider", choices=["cpu", "cuda"], default="cpu")
     c.add_argument("--seed", type=int, default=0)
-    c.add_argument("--round-to", type=int, default=16, metavar="M",
-                   help="keep channel counts and ranks at multiples of M (onnxruntime's blocked layouts "
-                        "prefer multiples of 16 on AVX-512, see tools/results/widths.md; 1 = finest MAC targets)")
+    c.add_argument("--threads", type=int, default=0,
+                   help="onnxruntime threads the model will run with (latency measurements; 0: its default)")
+    c.add_argument("--round-to", type=int, default=None, metavar="M",
+                   help="keep channel counts and ranks at multiples of M (default: the multiple this machine "
+                        "runs fastest, measured; 16 on AVX-512, see tools/results/widths.md; 1 = finest MAC targets)")
+    c.add_argument("--no-latency-model", action="store_true",
+                   help="skip the layer latency measurements (MAC budget only; factorizations not checked "
+                        "for speed)")
     c.add_argument("--force", action="store_true", help="allow overwriting the input model")
     c.add_argument("--finetune", type=Path, metavar="TRAIN.npz",
                    help="then distil the original into the result (x, optional labels y; needs torch)")

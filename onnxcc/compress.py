@@ -1,11 +1,15 @@
 """The Collaborative Compression driver: measure → allocate → (repeat) → rewrite → verify.
 
-Over ``steps`` steps the MAC budget is approached gradually; each step re-measures every unit's
+The budget is MACs (``flops``: the fraction to remove) or latency (``latency``: the fraction of
+the measured run time to remove, priced per plan by :class:`~onnxcc.latency_model.LatencyModel`).
+Over ``steps`` steps the budget is approached gradually; each step re-measures every unit's
 damage curve on the *partly compressed* model (emulated by weights fed to one onnxruntime
 session), re-scores channels with the current activations, and re-solves the global allocation
-for that step's target. The final plan is then applied physically: channel pruning through
-whole groups, then SVD factorization of the pruned weights (as CC does: a fresh SVD of the
-pruned weight keeps the r largest singular values).
+for that step's target. With the latency model (the default) a rank is only offered where the
+SVD pair runs faster than the dense Conv it replaces, at the widths of that moment, and dropped
+at the end where pruning made it slower. The final plan is then applied physically: channel
+pruning through whole groups, then SVD factorization of the pruned weights (as CC does: a fresh
+SVD of the pruned weight keeps the r largest singular values).
 """
 from __future__ import annotations
 
@@ -23,8 +27,11 @@ from .analysis.groups import Analysis
 from .analysis.view import graph_inputs
 from .calib import Calibration, ImagePreprocess, load_calibration
 from .errors import TargetUnreachableError, UnsupportedModelError, UsageError
+from .bench import benchmark
 from .inspect import inspect_model, is_quantized
 from .io import load_model
+from .latency import best_multiple, latency_table
+from .latency_model import LatencyModel
 from .passes.factorize import FactorizeConvPass
 from .passes.weights import ReplaceInitializersPass
 from .passes.prune import PruneChannelsPass
@@ -39,7 +46,8 @@ METHODS = ("cc", "prune", "decompose")
 
 @dataclass
 class CompressConfig:
-    flops: float
+    flops: float | None = None         # fraction of MACs to remove
+    latency: float | None = None       # or: fraction of the measured latency to remove
     method: str = "cc"
     steps: int = 3
     provider: str = "cpu"
@@ -50,12 +58,19 @@ class CompressConfig:
     min_keep: float = 0.05             # a group keeps at least this fraction of its channels
     reconstruct: bool = True           # least-squares refit + activation-aware SVD (beyond CC)
     stat_samples: int = 32             # calibration samples for layer-input statistics
-    round_to: int = 16                 # kept widths and ranks are multiples of this (backend speed)
+    round_to: int | None = None        # kept widths and ranks are multiples of this; None: measured
     threads: int = 0
+    latency_aware: bool = True         # measure layer latencies; never keep a slower factorization
+    speed_weight: float = 1.0          # under --flops: worth of a removal's latency share vs its MAC share
 
     def validate(self) -> None:
-        if not 0 < self.flops < 1:
-            raise UsageError(f"--flops must be in (0, 1), got {self.flops}")
+        if (self.flops is None) == (self.latency is None):
+            raise UsageError("give exactly one target: --flops R or --latency R")
+        name, r = ("--flops", self.flops) if self.flops is not None else ("--latency", self.latency)
+        if not 0 < r < 1:
+            raise UsageError(f"{name} must be in (0, 1), got {r}")
+        if self.round_to is not None and self.round_to < 1:
+            raise UsageError("--round-to must be at least 1")
         if self.method not in METHODS:
             raise UsageError(f"--method must be one of {', '.join(METHODS)}")
         if self.steps < 1:
@@ -70,16 +85,35 @@ class CompressResult:
     weights: dict[str, np.ndarray] = field(default_factory=dict)  # emulated weights made physical
 
 
-def compress(model: onnx.ModelProto | str | Path, flops: float, calib: str | Path | Calibration | None = None,
+@dataclass
+class Budget:
+    """What the target limits: MACs (``flops``) or predicted seconds (``latency``)."""
+
+    kind: str                                          # "flops" | "latency"
+    fraction: float                                    # share of ``total`` to remove
+    total: float                                       # cost of the unmodified model
+    cost: Callable[[dict[int, int], dict[str, int]], float]   # (kept, ranks) -> cost
+
+    def target(self, share: float = 1.0) -> float:
+        return self.total * (1 - self.fraction * share)
+
+    def of(self, plan: Plan) -> float:
+        return self.cost(plan.kept(), plan.ranks)
+
+
+def compress(model: onnx.ModelProto | str | Path, flops: float | None = None,
+             calib: str | Path | Calibration | None = None,
              input_shape: dict | None = None, method: str = "cc", steps: int = 3, provider: str = "cpu",
              seed: int = 0, progress: Progress | None = None, preprocess: ImagePreprocess | None = None,
-             **options: Any) -> CompressResult:
-    """Compress ``model`` so that the fraction ``flops`` of its MACs is removed.
+             latency: float | None = None, **options: Any) -> CompressResult:
+    """Compress ``model`` so that the fraction ``flops`` of its MACs (or ``latency`` of its
+    measured run time) is removed.
 
     Returns the compressed model and a report (per layer before/after, damage curves, fidelity on
-    held-back calibration samples). The input model is never modified.
+    held-back calibration samples, measured latencies). The input model is never modified.
     """
-    cfg = CompressConfig(flops=flops, method=method, steps=steps, provider=provider, seed=seed, **options)
+    cfg = CompressConfig(flops=flops, latency=latency, method=method, steps=steps, provider=provider,
+                         seed=seed, **options)
     cfg.validate()
     t0 = time.perf_counter()
     original = model if isinstance(model, onnx.ModelProto) else load_model(model)
@@ -90,19 +124,24 @@ def compress(model: onnx.ModelProto | str | Path, flops: float, calib: str | Pat
     shapes = {k: (1,) + tuple(v.shape[1:]) for k, v in data.samples.items()}
     ins = inspect_model(original, shapes, feeds=fit.take(slice(0, 1)))
     a = ins.analysis
-    target = int(round(a.total_macs * (1 - flops)))
-    _check_reachable(a, cfg, target)
+    if cfg.round_to is None:
+        cfg.round_to = best_multiple(provider, cfg.threads) if cfg.latency_aware else 16
+    lat = _latency_model(a, ins.model, cfg, shapes, progress) if cfg.latency_aware or cfg.latency else None
+    budget = _budget(a, lat, cfg)
+    _check_reachable(a, cfg, budget)
+    # Slow factorizations are refused where something else can take their share of the budget;
+    # the decompose ablation under a MAC budget has nothing else, so it keeps them.
+    speed = lat if cfg.latency is not None or cfg.method == "cc" else None
 
     sens, stat = _sample_split(fit, cfg)
     probe = WeightProbe(a, ins.model, sens, provider, cfg.threads, batched=_dynamic_batch(original),
                         stat_feeds=stat)
     plan, curves, weights = Plan(), [], {}
     for step in range(1, cfg.steps + 1):
-        step_target = int(round(a.total_macs * (1 - flops * step / cfg.steps)))
-        plan, step_curves = _step(a, probe, plan, weights, cfg, step_target, step, progress)
+        plan, step_curves = _step(a, probe, plan, weights, cfg, budget, speed, step, progress)
         curves.append(step_curves)
         weights = plan_weights(probe, plan, _statistics(probe, weights, cfg.reconstruct))
-    _drop_useless_ranks(a, plan)
+    _drop_useless_ranks(a, plan, speed)
     # Refit once more with statistics of the final plan, then make it physical: the emulated
     # weights go into the graph, pruning slices them, and a plain SVD at rank r recovers the
     # (already rank-r) factors exactly.
@@ -111,12 +150,52 @@ def compress(model: onnx.ModelProto | str | Path, flops: float, calib: str | Pat
     pruned = PruneChannelsPass(a, plan.keep)(reweighted.model)
     fact = FactorizeConvPass(plan.ranks)(pruned.model)
     result = verify(ins.model, fact.model, held, shapes, provider)
-    report = _report(a, plan, cfg, curves, result, pruned.record, fact.record, data, time.perf_counter() - t0)
-    achieved = report["totals"]["mac_reduction"]
-    if abs(achieved - flops) > 0.01:
-        log.warning("achieved MAC reduction %.3f differs from the target %.3f by more than 1 point",
-                    achieved, flops)
+    timing = _measure(original, fact.model, shapes, cfg, progress)
+    report = _report(a, plan, cfg, curves, result, pruned.record, fact.record, data, lat, timing,
+                     time.perf_counter() - t0)
+    _warn_off_target(cfg, report)
     return CompressResult(fact.model, report, plan, weights)
+
+
+def _latency_model(a: Analysis, model: onnx.ModelProto, cfg: CompressConfig, shapes: dict,
+                   progress: Progress | None) -> LatencyModel:
+    lat = LatencyModel(a, latency_table(cfg.provider, cfg.threads), cfg.round_to, progress)
+    runs = benchmark([model], cfg.provider, cfg.threads, runs=30, warmup=3, input_shapes=shapes)
+    # a low percentile: other processes only ever add time, and the table holds quiet numbers
+    lat.calibrate(float(np.percentile(runs["models"][0]["latencies_ms"], 20)) / 1e3)
+    return lat
+
+
+def _budget(a: Analysis, lat: LatencyModel | None, cfg: CompressConfig) -> Budget:
+    if cfg.latency is not None:
+        return Budget("latency", cfg.latency, lat.seconds(), lat.seconds)
+    return Budget("flops", cfg.flops, a.total_macs, a.macs)
+
+
+def _measure(original: onnx.ModelProto, compressed: onnx.ModelProto, shapes: dict, cfg: CompressConfig,
+             progress: Progress | None) -> dict[str, float]:
+    """Interleaved latency of the original and the compressed model (what users compress for)."""
+    if progress:
+        progress("timing original vs compressed", 0, 1)
+    b = benchmark([original, compressed], cfg.provider, cfg.threads, runs=40, warmup=3, input_shapes=shapes)
+    if progress:
+        progress("timing original vs compressed", 1, 1)
+    before, after = (m["p50_ms"] for m in b["models"])
+    return {"ms_before": round(before, 4), "ms_after": round(after, 4),
+            "speedup": round(before / after, 4) if after > 0 else 0.0}
+
+
+def _warn_off_target(cfg: CompressConfig, report: dict[str, Any]) -> None:
+    t = report["totals"]
+    if cfg.flops is not None and abs(t["mac_reduction"] - cfg.flops) > 0.01:
+        log.warning("achieved MAC reduction %.3f differs from the target %.3f by more than 1 point",
+                    t["mac_reduction"], cfg.flops)
+    if cfg.latency is not None:
+        achieved = 1 - 1 / t["latency"]["speedup"] if t["latency"]["speedup"] > 0 else 0.0
+        if achieved < cfg.latency - 0.05:
+            log.warning("measured latency reduction %.3f falls short of the target %.3f (predicted %.3f): "
+                        "timing noise or a latency table measured under other load", achieved, cfg.latency,
+                        t["latency"]["predicted_reduction"])
 
 
 def _sample_split(fit: Calibration, cfg: CompressConfig) -> tuple[dict, dict]:
@@ -156,21 +235,23 @@ def _extreme_plan(a: Analysis, cfg: CompressConfig) -> Plan:
         for gid, g in a.groups.items():
             if g.prunable:
                 m = np.zeros(g.size, bool)
-                m[:_min_keep(cfg, g.size)] = True
+                m[:min(g.size, _allowed(_min_keep(cfg, g.size), g.size, cfg.round_to, g.size)[0])] = True
                 plan.keep[gid] = m
     if cfg.method in ("cc", "decompose"):
-        plan.ranks = {l.key: 1 for l in a.layers if l.factorizable}
+        plan.ranks = {l.key: int(_allowed(1, l.max_useful_rank(), cfg.round_to, l.max_useful_rank())[0])
+                      for l in a.layers if l.factorizable}
     return plan
 
 
-def _check_reachable(a: Analysis, cfg: CompressConfig, target: int) -> None:
+def _check_reachable(a: Analysis, cfg: CompressConfig, budget: Budget) -> None:
     extreme = _extreme_plan(a, cfg)
-    best = a.macs(extreme.kept(), extreme.ranks)
-    if best > target:
-        reach = 1 - best / a.total_macs
+    best = min(budget.of(extreme), budget.of(Plan(extreme.keep)))  # rank-1 pairs may be slow
+    if best > budget.target():
+        reach = 1 - best / budget.total
+        what = "MACs" if budget.kind == "flops" else "predicted latency"
         raise TargetUnreachableError(
-            f"--flops {cfg.flops} is out of reach for this model with --method {cfg.method}: "
-            f"at most {reach:.3f} of its MACs can be removed")
+            f"--{budget.kind} {budget.fraction} is out of reach for this model with --method {cfg.method}: "
+            f"at most {reach:.3f} of its {what} can be removed")
 
 
 def _remove_lowest(mask: np.ndarray, scores: np.ndarray, k: int) -> np.ndarray:
@@ -181,11 +262,13 @@ def _remove_lowest(mask: np.ndarray, scores: np.ndarray, k: int) -> np.ndarray:
     return m
 
 
-def _allowed(lo: int, hi: int, multiple: int) -> np.ndarray:
-    """Counts in [lo, hi] the backend runs well: multiples of ``multiple`` once there is room."""
+def _allowed(lo: int, hi: int, multiple: int, size: int) -> np.ndarray:
+    """Counts in [lo, hi] the backend runs well: multiples of ``multiple``, except for a channel
+    group or rank range (of ``size``) that never reached one: below a block, a width costs
+    nearly as much as the whole block and runs unblocked."""
     if hi < lo:
         return np.zeros(0, int)
-    if hi < multiple:
+    if size <= multiple:
         return np.arange(lo, hi + 1)
     return np.arange(max(lo + (-lo) % multiple, multiple), hi + 1, multiple)
 
@@ -204,13 +287,19 @@ def _statistics(probe: WeightProbe, weights: dict[str, np.ndarray], reconstruct:
 
 
 def _step(a: Analysis, probe: WeightProbe, plan: Plan, prev: dict[str, np.ndarray], cfg: CompressConfig,
-          target: int, step: int, progress: Progress | None) -> tuple[Plan, dict]:
+          budget: Budget, lat: LatencyModel | None, step: int, progress: Progress | None) -> tuple[Plan, dict]:
+    target = budget.target(step / cfg.steps)
     stats = _statistics(probe, prev, cfg.reconstruct)
     weights = plan_weights(probe, plan, stats)
     base = probe.damage(weights) if (plan.keep or plan.ranks) else 0.0
     scores = channel_scores(probe, plan, weights, stats)
     probe.forget_svds()  # this step's weights and statistics differ from the last
-    kept, macs_now = plan.kept(), a.macs(plan.kept(), plan.ranks)
+    kept, cost_now = plan.kept(), budget.of(plan)
+    # Under a MAC budget the latency model still steers *which* MACs go: an option is worth its
+    # share of the MACs plus its share of the run time, so of two removals equally harmless the
+    # one that buys more speed wins; the budget itself stays exact MACs.
+    blend = budget.kind == "flops" and lat is not None
+    seconds_now, seconds_total = (lat.seconds(kept, plan.ranks), lat.seconds()) if blend else (0.0, 1.0)
     units: list[tuple[str, Any]] = []
     if cfg.method in ("cc", "prune"):
         units += [("prune", gid) for gid, g in a.groups.items() if g.prunable]
@@ -221,7 +310,7 @@ def _step(a: Analysis, probe: WeightProbe, plan: Plan, prev: dict[str, np.ndarra
         if kind == "prune":
             g = a.groups[u]
             n = kept.get(u, g.size)
-            remaining = _allowed(_min_keep(cfg, g.size), n - 1, cfg.round_to)
+            remaining = _allowed(_min_keep(cfg, g.size), n - 1, cfg.round_to, g.size)
             grid = np.array([0] + sorted(n - remaining), int)
             mask = plan.keep.get(u, np.ones(g.size, bool))
             apply = (lambda p, k, u=u, mask=mask: p.keep.__setitem__(u, _remove_lowest(mask, scores[u], int(k))))
@@ -231,7 +320,9 @@ def _step(a: Analysis, probe: WeightProbe, plan: Plan, prev: dict[str, np.ndarra
             current = plan.ranks.get(layer.key)
             upper = layer.max_useful_rank(cin, cout) if current is None else current - 1
             start = upper + 1 if current is None else current
-            ranks = _allowed(1, upper, cfg.round_to)
+            ranks = _allowed(1, upper, cfg.round_to, layer.max_useful_rank())
+            if lat is not None:
+                ranks = ranks[[_pays(lat, layer, kept, int(r)) for r in ranks]]
             grid = np.array([0] + sorted(start - ranks), int)
             apply = (lambda p, k, key=layer.key, start=start: p.ranks.__setitem__(key, int(start - k)) if k > 0 else None)
         if len(grid) < 2:
@@ -253,16 +344,18 @@ def _step(a: Analysis, probe: WeightProbe, plan: Plan, prev: dict[str, np.ndarra
             done += 1
             if progress:
                 progress(f"step {step}/{cfg.steps}: measuring", done, total)
-        saving = np.empty(len(grid))
+        saving, worth = np.empty(len(grid)), np.empty(len(grid))
         for i, k in enumerate(grid):
             cand = plan.copy()
             apply(cand, k)
-            saving[i] = macs_now - a.macs(cand.kept(), cand.ranks)
+            saving[i] = cost_now - budget.of(cand)
+            worth[i] = saving[i] / budget.total + (cfg.speed_weight * (
+                seconds_now - lat.seconds(cand.kept(), cand.ranks)) / seconds_total if blend else 0.0)
         name = f"group:{u}" if kind == "prune" else f"rank:{u.key}"
-        options.append(interpolate(name, measured, dmg, grid, saving, cfg.gamma))
+        options.append(interpolate(name, measured, dmg, grid, worth, cfg.gamma))
         curves[name] = {"removed": [int(k) for k in measured], "damage": [float(d) for d in dmg],
-                        "macs_saved": [float(np.interp(k, grid, saving)) for k in measured],
-                        "fit_p1_p2": fit_exponential(np.interp(measured, grid, saving) / max(a.total_macs, 1), dmg)}
+                        "saved_fraction": [float(np.interp(k, grid, saving)) / budget.total for k in measured],
+                        "fit_p1_p2": fit_exponential(np.interp(measured, grid, saving) / budget.total, dmg)}
 
     appliers = [j[3] for j in jobs]
 
@@ -271,33 +364,41 @@ def _step(a: Analysis, probe: WeightProbe, plan: Plan, prev: dict[str, np.ndarra
         for apply, opt, c in zip(appliers, options, choice):
             if c:
                 apply(p, opt.amounts[c])
-        _drop_useless_ranks(a, p)  # a rank chosen alongside pruning may no longer pay
+        _drop_useless_ranks(a, p, lat)  # a rank chosen alongside pruning may no longer pay
         return p
 
-    def macs_of(choice: list[int]) -> int:
-        p = build(choice)
-        return a.macs(p.kept(), p.ranks)
+    def cost_of(choice: list[int]) -> float:
+        return budget.of(build(choice))
 
     if not options:
         return plan, curves
-    choice, lam = solve(options, macs_of, target)
-    choice = give_back(options, choice, macs_of, target)
+    choice, lam = solve(options, cost_of, target)
+    choice = give_back(options, choice, cost_of, target)
     new = build(choice)
-    log.info("step %d: MACs %d -> %d (target %d), lambda %.3g", step, macs_now, macs_of(choice), target, lam)
+    log.info("step %d: %s cost %.4g -> %.4g (target %.4g), lambda %.3g", step, budget.kind, cost_now,
+             cost_of(choice), target, lam)
     return new, curves
 
 
-def _drop_useless_ranks(a: Analysis, plan: Plan) -> None:
-    """A rank that no longer saves MACs on the pruned layer would only add a conv: drop it."""
+def _pays(lat: LatencyModel, layer, kept: dict[int, int], rank: int) -> bool:
+    """Is the SVD pair at ``rank`` faster than the dense layer at these widths?"""
+    return lat.layer_seconds(layer, kept, rank) < lat.layer_seconds(layer, kept)
+
+
+def _drop_useless_ranks(a: Analysis, plan: Plan, lat: LatencyModel | None = None) -> None:
+    """A rank that no longer saves MACs on the pruned layer — or, with the latency model, runs
+    slower than the dense layer — would only add a conv: drop it."""
     kept = plan.kept()
     for key in list(plan.ranks):
         layer = a.layer(key)
-        if a.layer_macs(layer, kept, plan.ranks[key]) >= a.layer_macs(layer, kept):
+        slower = lat is not None and not _pays(lat, layer, kept, plan.ranks[key])
+        if slower or a.layer_macs(layer, kept, plan.ranks[key]) >= a.layer_macs(layer, kept):
             del plan.ranks[key]
 
 
 def _report(a: Analysis, plan: Plan, cfg: CompressConfig, curves, verification, prune_rec, fact_rec,
-            data: Calibration, seconds: float) -> dict[str, Any]:
+            data: Calibration, lat: LatencyModel | None, timing: dict[str, float],
+            seconds: float) -> dict[str, Any]:
     kept = plan.kept()
     layers = []
     for l in a.layers:
@@ -309,6 +410,9 @@ def _report(a: Analysis, plan: Plan, cfg: CompressConfig, curves, verification, 
             "rank": [min(l.cout, l.cin * l.kk) if l.op == "Conv" else None, rank],
             "macs": [int(l.macs), int(round(a.layer_macs(l, kept, rank)))],
         })
+        if lat is not None:
+            layers[-1]["predicted_ms"] = [round(lat.layer_seconds(l, {}) * 1e3, 5),
+                                          round(lat.layer_seconds(l, kept, rank) * 1e3, 5)]
     groups = {str(gid): {"channels": [a.groups[gid].size, int(m.sum())],
                          "removed": [int(i) for i in np.flatnonzero(~m)]}
               for gid, m in plan.keep.items() if not m.all()}
@@ -322,8 +426,17 @@ def _report(a: Analysis, plan: Plan, cfg: CompressConfig, curves, verification, 
             "planned_macs_after": int(a.macs(kept, plan.ranks)),
             "params_before": verification["params_before"], "params_after": verification["params_after"],
             "channels_removed": int(prune_rec.channels_removed), "layers_factorized": len(fact_rec.layers),
+            "latency": {**timing, **_predicted(lat, plan)},
             "seconds": round(seconds, 1),
         },
         "fidelity": verification["fidelity"],
         "layers": layers, "groups": groups, "sensitivity": curves,
     }
+
+
+def _predicted(lat: LatencyModel | None, plan: Plan) -> dict[str, float]:
+    if lat is None:
+        return {}
+    before, after = lat.seconds(), lat.seconds(plan.kept(), plan.ranks)
+    return {"predicted_ms_before": round(before * 1e3, 4), "predicted_ms_after": round(after * 1e3, 4),
+            "predicted_reduction": round(1 - after / before, 4)}

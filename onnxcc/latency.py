@@ -28,25 +28,40 @@ from .bench import read_trace, split_runs
 from .runtime import _ort, make_session, providers_for
 
 MULTIPLES = (1, 4, 8, 16, 32)
-_CACHE_VERSION = 1  # bump whenever the measurement method changes: old numbers are not comparable
+_CACHE_VERSION = 2  # bump whenever the measurement method changes: old numbers are not comparable
 _CONTEXT = 16  # channels of the context Convs: a multiple of every NCHWc block size
 
 
+Pair = int | tuple[int, int]
+
+
 class ConvSpec(NamedTuple):
+    """One Conv of a chain; ``k`` and ``stride`` are an int (square) or (height, width)."""
+
     cin: int
     cout: int
-    k: int
-    stride: int = 1
+    k: Pair
+    stride: Pair = 1
     group: int = 1
 
 
-# A measurable request: input height (= width) and the Conv layers applied in sequence.
-Chain = tuple[int, tuple[ConvSpec, ...]]
+# A measurable request: input size (an int for square inputs, else (height, width)) and the Conv
+# layers applied in sequence.
+Chain = tuple[Pair, tuple[ConvSpec, ...]]
+
+
+def _pair(v: Pair) -> tuple[int, int]:
+    return (int(v), int(v)) if isinstance(v, (int, np.integer)) else (int(v[0]), int(v[1]))
+
+
+def _fmt(v: Pair) -> str:
+    h, w = _pair(v)
+    return str(h) if h == w else f"{h}x{w}"
 
 
 def chain_key(chain: Chain) -> str:
     hw, layers = chain
-    return f"hw{hw}:" + ";".join(f"{c.cin}-{c.cout}k{c.k}s{c.stride}g{c.group}" for c in layers)
+    return f"hw{_fmt(hw)}:" + ";".join(f"{c.cin}-{c.cout}k{_fmt(c.k)}s{_fmt(c.stride)}g{c.group}" for c in layers)
 
 
 def chain_macs(chain: Chain) -> int:
@@ -54,7 +69,8 @@ def chain_macs(chain: Chain) -> int:
     total = 0
     for c in layers:
         hw = _out_size(hw, c.k, c.stride)
-        total += c.cout * (c.cin // c.group) * c.k * c.k * hw * hw
+        kh, kw = _pair(c.k)
+        total += c.cout * (c.cin // c.group) * kh * kw * hw[0] * hw[1]
     return total
 
 
@@ -78,7 +94,7 @@ class LatencyTable:
     """Measured latencies (seconds) backed by one cache file; measures only what is missing."""
 
     def __init__(self, provider: str = "cpu", threads: int = 2, path: Path | None = None,
-                 budget_s: float = 0.12):
+                 budget_s: float = 0.06):
         providers_for(provider)  # refuse cuda without CUDA before any measurement
         self.provider, self.threads, self.budget_s = provider, threads, budget_s
         self.path = path or cache_path(provider, threads)
@@ -186,10 +202,10 @@ def best_multiple(provider: str = "cpu", threads: int = 2, tolerance: float = 0.
 
 
 def measure_chains(chains: list[Chain], provider: str = "cpu", threads: int = 2,
-                   budget_s: float = 0.12, rounds: int = 5) -> list[float]:
+                   budget_s: float = 0.06, rounds: int = 8) -> list[float]:
     """Seconds per chain, uncached. Each chain gets about ``budget_s`` of timed runs, spread
     over ``rounds`` rounds that visit every chain in turn, so drift hits all alike; the result
-    is the median over rounds of a low percentile within each (see :func:`_robust_median`).
+    is a low percentile over rounds of a low percentile within each (see :func:`_robust_median`).
 
     On CPU a chain is timed as it costs inside a network: it runs between two fixed 1x1 Convs
     and its time is the sum of the profiled kernels between them, i.e. its Convs plus the NCHWc
@@ -207,12 +223,12 @@ def measure_chains(chains: list[Chain], provider: str = "cpu", threads: int = 2,
             sessions.append(make_session(model, provider, threads, profile_prefix=f"{tmp}/p{i}") if in_context
                             else make_session(model, provider, threads))
             cin = _CONTEXT if in_context else ch[1][0].cin
-            feeds.append({"x": rng.standard_normal((1, cin, ch[0], ch[0])).astype(np.float32)})
+            feeds.append({"x": rng.standard_normal((1, cin, *_pair(ch[0]))).astype(np.float32)})
         per_round = []
         for sess, f in zip(sessions, feeds):
             sess.run(None, f)  # first run allocates and pre-packs weights
             est = min(_timed(sess, f) for _ in range(2))
-            per_round.append(int(np.clip(budget_s / rounds / max(est, 1e-6), 1, 200)))
+            per_round.append(int(np.clip(budget_s / rounds / max(est, 1e-6), 1, 40)))
         samples: list[list[float]] = [[] for _ in chains]
         for _ in range(rounds):
             for sess, f, n, s in zip(sessions, feeds, per_round, samples):
@@ -225,12 +241,13 @@ def measure_chains(chains: list[Chain], provider: str = "cpu", threads: int = 2,
 
 
 def _robust_median(samples: list[float], per_round: int) -> float:
-    """Median over rounds of each round's 20th percentile. Other processes only ever add time,
-    in bursts (and a non-spinning worker thread that finds no free core turns a run into a
-    one-thread run, twice as slow): the low percentile drops the runs a burst hit within a
-    round, the median drops a round that a long burst covered entirely."""
+    """25th percentile over rounds of each round's 20th percentile. Other processes only ever
+    add time, in bursts (and a non-spinning worker thread that finds no free core turns a run
+    into a one-thread run, twice as slow): the low percentile drops the runs a burst hit within
+    a round, the one across rounds drops rounds that a long burst covered entirely — one chain
+    can be the reference of a whole site in the latency model, so a median is not enough."""
     rounds = [samples[i:i + per_round] for i in range(0, len(samples), per_round)]
-    return float(np.median([np.percentile(r, 20) for r in rounds]))
+    return float(np.percentile([np.percentile(r, 20) for r in rounds], 25))
 
 
 def _between_context(run: list[dict]) -> float:
@@ -245,32 +262,34 @@ def _timed(sess, feeds: dict[str, np.ndarray]) -> float:
     return time.perf_counter() - t0
 
 
-def _out_size(hw: int, k: int, stride: int) -> int:
-    return (hw + 2 * (k // 2) - k) // stride + 1
+def _out_size(hw: Pair, k: Pair, stride: Pair) -> tuple[int, int]:
+    return tuple((n + 2 * (kk // 2) - kk) // s + 1 for n, kk, s in zip(_pair(hw), _pair(k), _pair(stride)))
 
 
 def _chain_model(chain: Chain, rng: np.random.Generator, context: int = 0) -> onnx.ModelProto:
     """The chain's Convs (bias, pads k//2); with ``context`` > 0 between a 1x1 Conv from and a
     1x1 Conv to ``context`` channels."""
-    hw, layers = chain
+    hw, layers = _pair(chain[0]), chain[1]
     if context:
         layers = ((ConvSpec(context, layers[0].cin, 1),) + tuple(layers)
                   + (ConvSpec(layers[-1].cout, context, 1),))
     nodes, inits, x = [], [], "x"
     for i, c in enumerate(layers):
+        k = _pair(c.k)
         # N(0, 1/fan_in) weights keep activations O(1): no denormals to slow the kernels down
-        w = (rng.standard_normal((c.cout, c.cin // c.group, c.k, c.k))
-             / np.sqrt(c.cin // c.group * c.k * c.k)).astype(np.float32)
+        w = (rng.standard_normal((c.cout, c.cin // c.group) + k)
+             / np.sqrt(c.cin // c.group * k[0] * k[1])).astype(np.float32)
         inits += [numpy_helper.from_array(w, f"w{i}"),
                   numpy_helper.from_array(np.zeros(c.cout, np.float32), f"b{i}")]
         y = f"y{i}"
-        nodes.append(helper.make_node("Conv", [x, f"w{i}", f"b{i}"], [y], kernel_shape=[c.k, c.k],
-                                      strides=[c.stride] * 2, pads=[c.k // 2] * 4, group=c.group))
+        pads = [k[0] // 2, k[1] // 2] * 2
+        nodes.append(helper.make_node("Conv", [x, f"w{i}", f"b{i}"], [y], kernel_shape=list(k),
+                                      strides=list(_pair(c.stride)), pads=pads, group=c.group))
         x, hw = y, _out_size(hw, c.k, c.stride)
     graph = helper.make_graph(
         nodes, "latency_probe",
-        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, layers[0].cin, chain[0], chain[0]])],
-        [helper.make_tensor_value_info(x, TensorProto.FLOAT, [1, layers[-1].cout, hw, hw])], inits)
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, layers[0].cin, *_pair(chain[0])])],
+        [helper.make_tensor_value_info(x, TensorProto.FLOAT, [1, layers[-1].cout, *hw])], inits)
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
 
 

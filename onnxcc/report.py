@@ -32,8 +32,10 @@ def to_markdown(r: dict[str, Any]) -> str:
     t, f, c = r["totals"], r["fidelity"], r["config"]
     lines = [
         "# onnxcc compression report", "",
-        f"- method **{c['method']}**, target {c['flops']:.0%} fewer MACs in {c['steps']} step(s)",
+        f"- method **{c['method']}**, target " + (f"{c['flops']:.0%} fewer MACs" if c.get("flops") is not None
+                                                   else f"{c['latency']:.0%} less latency") + f" in {c['steps']} step(s)",
         f"- MACs {t['macs_before']:,} → {t['macs_after']:,} (**{t['mac_reduction']:.1%} removed**)",
+        _latency_line(t.get("latency", {})),
         f"- params {t['params_before']:,} → {t['params_after']:,}",
         f"- {t['channels_removed']} channels removed, {t['layers_factorized']} convs factorized, {t['seconds']} s",
         f"- calibration: {r['calibration']['source']} ({r['calibration']['samples']} samples"
@@ -49,6 +51,15 @@ def to_markdown(r: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _latency_line(lat: dict[str, Any]) -> str:
+    if not lat:
+        return "- latency: not measured"
+    line = f"- latency (measured, interleaved): {lat['ms_before']} → {lat['ms_after']} ms (**{lat['speedup']}×**)"
+    if "predicted_ms_before" in lat:
+        line += f"; latency model: {lat['predicted_ms_before']} → {lat['predicted_ms_after']} ms"
+    return line
+
+
 def _plots(r: dict[str, Any], folder: Path) -> list[Path]:
     try:
         import matplotlib
@@ -60,9 +71,9 @@ def _plots(r: dict[str, Any], folder: Path) -> list[Path]:
     out = []
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for name, cv in (r["sensitivity"][0] if r["sensitivity"] else {}).items():
-        x = [m / r["totals"]["macs_before"] for m in cv["macs_saved"]]
-        ax.plot(x, cv["damage"], "-", lw=0.8, color="tab:blue" if name.startswith("group") else "tab:orange", alpha=0.6)
-    ax.set_xlabel("fraction of network MACs removed by this unit alone")
+        ax.plot(cv["saved_fraction"], cv["damage"], "-", lw=0.8, color="tab:blue" if name.startswith("group") else "tab:orange", alpha=0.6)
+    ax.set_xlabel("fraction of the network's " + ("MACs" if r["config"].get("flops") is not None else "latency")
+                  + " removed by this unit alone")
     ax.set_ylabel("output damage (relative squared error)")
     ax.set_yscale("symlog", linthresh=1e-4)
     ax.set_title("sensitivity (step 1): blue = channel groups, orange = conv ranks")

@@ -21,3 +21,16 @@ def require_data(name: str | None = None) -> None:
     if os.environ.get("ONNXCC_REQUIRE_DATA") == "1":
         pytest.fail(msg)
     pytest.skip(msg)
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _latency_cache(tmp_path_factory):
+    """Latency tables measured by the tests stay in the session (a user's cache holds numbers
+    measured under their own load, not under a parallel test run's)."""
+    old = os.environ.get("ONNXCC_CACHE")
+    os.environ["ONNXCC_CACHE"] = str(tmp_path_factory.mktemp("onnxcc-cache"))
+    yield
+    if old is None:
+        os.environ.pop("ONNXCC_CACHE", None)
+    else:
+        os.environ["ONNXCC_CACHE"] = old

@@ -62,6 +62,8 @@ class Layer:
     red_layout: Layout | None
     hw_in: int = 1
     hw_out: int = 1
+    in_size: tuple[int, ...] = ()      # spatial input size (Conv)
+    strides: tuple[int, ...] = ()
     out_groups: tuple[int, ...] = ()
     in_groups: tuple[int, ...] = ()
     prunable: bool = False
@@ -207,6 +209,8 @@ def _layer(ctx: RuleContext, node: gs.Node) -> Layer:
         group=int(group), macs=node_macs(view, node), params=node_params(node),
         out_layout=out_layout, red_layout=red,
         hw_in=int(np.prod(xs[2:])) if len(xs) > 2 else 1, hw_out=int(np.prod(ys[2:])) if len(ys) > 2 else 1,
+        in_size=tuple(int(d) for d in xs[2:]) if node.op in ("Conv", "ConvTranspose") else (),
+        strides=tuple(node.attrs.get("strides", [1] * len(kernel))) if node.op in ("Conv", "ConvTranspose") else (),
         out_groups=groups_of(out_layout), in_groups=groups_of(red))
     if node.op == "Conv" and red is None and group > 1:
         layer.in_groups = ()

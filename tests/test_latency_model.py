@@ -1,0 +1,124 @@
+"""The latency model prices plans from measured Conv timings; compress uses it to refuse slow
+factorizations and to meet --latency budgets."""
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from graphs import GRAPHS, GraphBuilder
+
+from onnxcc import latency
+from onnxcc.compress import compress
+from onnxcc.errors import TargetUnreachableError
+from onnxcc.latency_model import LatencyModel, axis_grid, _site
+from engine_helpers import normalized_analysis
+
+
+def _speed(cin: int, cout: int) -> float:
+    """A separable per-MAC cost: narrow layers run slower per MAC."""
+    return (1 + 8 / cin) * (1 + 4 / cout)
+
+
+def _fake(launch: float = 0.0):
+    """Each Conv costs MACs × _speed × 1e-11 s plus a fixed ``launch`` cost: with a launch cost
+    above any dense Conv of the test nets, an SVD pair (two Convs) never pays."""
+    def measure(chains, *a, **k):
+        return [sum(latency.chain_macs((hw, (c,))) * 1e-11 * _speed(c.cin, c.cout) + launch for c in convs)
+                for hw, convs in chains]
+    return measure
+
+
+@pytest.fixture
+def fake_table(monkeypatch, tmp_path):
+    monkeypatch.setenv("ONNXCC_CACHE", str(tmp_path))
+    monkeypatch.setattr(latency, "measure_chains", _fake())
+    return latency.LatencyTable("cpu", 1, tmp_path / "t.json")
+
+
+def test_axis_grid():
+    assert axis_grid(16, 100) == [16, 32, 64, 100]
+    assert axis_grid(3, 3) == [3]
+    assert axis_grid(16, 16) == [16]
+    assert axis_grid(1, 8) == [1, 2, 4, 8]
+
+
+def test_model_reproduces_a_separable_table(fake_table):
+    _, a = normalized_analysis(GRAPHS["tiny_resnet"](13))
+    lm = LatencyModel(a, fake_table, round_to=4)
+    dense = [l for l in a.layers if _site(l) is not None and not _site(l).depthwise]
+    assert dense
+    for l in dense:
+        expect = l.macs * 1e-11 * _speed(l.cin, l.cout)
+        assert lm.layer_seconds(l, {}) == pytest.approx(expect, rel=1e-9)
+    # pruned widths on the grid are exact too; halving a group never makes a layer slower
+    gid = next(g for g, grp in a.groups.items() if grp.prunable)
+    half = {gid: a.groups[gid].size // 2}
+    for l in dense:
+        assert lm.layer_seconds(l, half) <= lm.layer_seconds(l, {}) + 1e-18
+    assert lm.seconds(half) < lm.seconds()
+
+
+def test_calibrate_splits_overhead_and_scale(fake_table):
+    _, a = normalized_analysis(GRAPHS["tiny_resnet"](13))
+    lm = LatencyModel(a, fake_table, round_to=4)
+    convs = lm.seconds()
+    lm.calibrate(convs * 1.5)
+    assert lm.overhead == pytest.approx(convs * 0.5) and lm.scale == 1.0
+    assert lm.seconds() == pytest.approx(convs * 1.5)
+    lm.calibrate(convs * 0.5)
+    assert lm.overhead == 0.0 and lm.seconds() == pytest.approx(convs * 0.5)
+
+
+def test_slow_factorizations_are_never_kept(monkeypatch, tmp_path):
+    monkeypatch.setenv("ONNXCC_CACHE", str(tmp_path))
+    monkeypatch.setattr(latency, "measure_chains", _fake(launch=1.0))
+    res = compress(GRAPHS["tiny_resnet"](13), 0.4, steps=2, round_to=1)
+    assert res.plan.ranks == {}
+    assert abs(res.report["totals"]["mac_reduction"] - 0.4) <= 0.02
+
+
+def test_latency_budget_prices_factorizations(monkeypatch, tmp_path):
+    """decompose under --latency: takes SVD pairs the table says are fast, refuses the target
+    when the table says every pair is slower than its dense conv."""
+    monkeypatch.setenv("ONNXCC_CACHE", str(tmp_path / "fast"))
+    monkeypatch.setattr(latency, "measure_chains", _fake())
+    res = compress(GRAPHS["tiny_resnet"](13), latency=0.3, method="decompose", steps=1, round_to=1)
+    assert res.plan.ranks and res.report["totals"]["latency"]["predicted_reduction"] >= 0.3 - 1e-6
+    monkeypatch.setenv("ONNXCC_CACHE", str(tmp_path / "slow"))
+    monkeypatch.setattr(latency, "measure_chains", _fake(launch=1.0))
+    with pytest.raises(TargetUnreachableError, match="latency"):
+        compress(GRAPHS["tiny_resnet"](13), latency=0.3, method="decompose", steps=1, round_to=1)
+
+
+def _wide_chain():
+    """Convs wide enough that their time, not per-op overhead, dominates a run (~1 ms)."""
+    g = GraphBuilder(13, 0, "wide_chain")
+    y = g.input((1, 16, 32, 32))
+    for _ in range(3):
+        y = g.relu(g.conv(y, 64, 3, bias=True))
+    return g.build(g.conv(y, 16, 1, bias=True))
+
+
+def test_latency_budget_is_met_by_the_model():
+    model = _wide_chain()
+    res = compress(model, latency=0.3, steps=2)
+    lat = res.report["totals"]["latency"]
+    assert lat["predicted_reduction"] >= 0.3 - 1e-6
+    assert lat["ms_before"] > 0 and lat["ms_after"] > 0 and lat["speedup"] > 0
+    assert res.report["config"]["latency"] == 0.3 and res.report["config"]["flops"] is None
+
+
+def _cli(*args):
+    return subprocess.run([sys.executable, "-m", "onnxcc", *args], capture_output=True, text=True)
+
+
+@pytest.mark.parametrize("target", [["--flops", "0.3", "--latency", "0.3"], [], ["--latency", "1.5"]])
+def test_cli_needs_exactly_one_valid_target(tmp_path, target):
+    src = tmp_path / "m.onnx"
+    import onnx
+    onnx.save(GRAPHS["tiny_resnet"](13), src)
+    out = tmp_path / "o.onnx"
+    p = _cli("compress", str(src), *target, "-o", str(out))
+    assert p.returncode == 2 and not out.exists()
+    assert "Traceback" not in p.stderr and len(p.stderr.strip().splitlines()) <= 3
