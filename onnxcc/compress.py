@@ -141,7 +141,7 @@ def compress(model: onnx.ModelProto | str | Path, flops: float | None = None,
         plan, step_curves = _step(a, probe, plan, weights, cfg, budget, speed, step, progress)
         curves.append(step_curves)
         weights = plan_weights(probe, plan, _statistics(probe, weights, cfg.reconstruct))
-    _drop_useless_ranks(a, plan, speed)
+    _drop_useless_ranks(a, plan, speed, strict=budget.kind == "flops")
     # Refit once more with statistics of the final plan, then make it physical: the emulated
     # weights go into the graph, pruning slices them, and a plain SVD at rank r recovers the
     # (already rank-r) factors exactly.
@@ -322,7 +322,7 @@ def _step(a: Analysis, probe: WeightProbe, plan: Plan, prev: dict[str, np.ndarra
             start = upper + 1 if current is None else current
             ranks = _allowed(1, upper, cfg.round_to, layer.max_useful_rank())
             if lat is not None:
-                ranks = ranks[[_pays(lat, layer, kept, int(r)) for r in ranks]]
+                ranks = ranks[[_pays(a, lat, layer, kept, int(r), budget.kind == "flops") for r in ranks]]
             grid = np.array([0] + sorted(start - ranks), int)
             apply = (lambda p, k, key=layer.key, start=start: p.ranks.__setitem__(key, int(start - k)) if k > 0 else None)
         if len(grid) < 2:
@@ -364,7 +364,7 @@ def _step(a: Analysis, probe: WeightProbe, plan: Plan, prev: dict[str, np.ndarra
         for apply, opt, c in zip(appliers, options, choice):
             if c:
                 apply(p, opt.amounts[c])
-        _drop_useless_ranks(a, p, lat)  # a rank chosen alongside pruning may no longer pay
+        _drop_useless_ranks(a, p, lat, budget.kind == "flops")  # pruning may have made a rank useless
         return p
 
     def cost_of(choice: list[int]) -> float:
@@ -380,18 +380,24 @@ def _step(a: Analysis, probe: WeightProbe, plan: Plan, prev: dict[str, np.ndarra
     return new, curves
 
 
-def _pays(lat: LatencyModel, layer, kept: dict[int, int], rank: int) -> bool:
-    """Is the SVD pair at ``rank`` faster than the dense layer at these widths?"""
-    return lat.layer_seconds(layer, kept, rank) < lat.layer_seconds(layer, kept)
+def _pays(a: Analysis, lat: LatencyModel, layer, kept: dict[int, int], rank: int, strict: bool) -> bool:
+    """Is the SVD pair at ``rank`` faster than the dense layer at these widths? ``strict`` (MAC
+    budgets): faster than the dense layer would be with the pair's MACs, i.e. at least as fast
+    per MAC — otherwise pruning the same MACs elsewhere buys more speed, and under a MAC budget
+    that is the alternative."""
+    dense = lat.layer_seconds(layer, kept)
+    if strict:
+        dense *= a.layer_macs(layer, kept, rank) / max(a.layer_macs(layer, kept), 1.0)
+    return lat.layer_seconds(layer, kept, rank) < dense
 
 
-def _drop_useless_ranks(a: Analysis, plan: Plan, lat: LatencyModel | None = None) -> None:
+def _drop_useless_ranks(a: Analysis, plan: Plan, lat: LatencyModel | None = None, strict: bool = False) -> None:
     """A rank that no longer saves MACs on the pruned layer — or, with the latency model, runs
     slower than the dense layer — would only add a conv: drop it."""
     kept = plan.kept()
     for key in list(plan.ranks):
         layer = a.layer(key)
-        slower = lat is not None and not _pays(lat, layer, kept, plan.ranks[key])
+        slower = lat is not None and not _pays(a, lat, layer, kept, plan.ranks[key], strict)
         if slower or a.layer_macs(layer, kept, plan.ranks[key]) >= a.layer_macs(layer, kept):
             del plan.ranks[key]
 

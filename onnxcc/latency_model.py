@@ -7,7 +7,8 @@ interpolated bilinearly in log-width. Per-MAC speed varies smoothly along the mu
 backend's block size, which is all a plan keeps (``round_to``), so a few points per site price
 every candidate; the grid and the cache make the table cost seconds once per machine.
 
-An SVD pair costs its k×k Cin→r Conv at the site plus the 1×1 r→Cout Conv at the output size.
+An SVD pair costs its k×k Cin→r Conv at the site plus the 1×1 r→Cout Conv at the output size,
+times a correction measured on the real pair at the layer's own widths for a few ranks.
 Gemm/MatMul, ConvTranspose, grouped and non-2-D Convs are priced at the median per-MAC speed of
 the measured Convs (they are a small share of a CNN's time); ops without MACs are a constant
 that :func:`calibrate` estimates from one measurement of the whole model.
@@ -75,6 +76,8 @@ class LatencyModel:
         self.sites: dict[str, Site] = {}
         axes: dict[Site, tuple[set[int], set[int]]] = {}
 
+        pairs: dict[str, list[tuple[int, Chain]]] = {}   # layer key -> (rank, SVD pair chain)
+
         def want(site: Site, cins: list[int], couts: list[int]) -> None:
             a = axes.setdefault(site, (set(), set()))
             a[0].update(cins)
@@ -92,6 +95,8 @@ class LatencyModel:
                 ranks = axis_grid(min(round_to, layer.max_useful_rank()), layer.max_useful_rank())
                 want(site, [], ranks)
                 want(site.out(), ranks, axis_grid(lo_out, layer.cout))
+                pairs[layer.key] = [(r, (site.size, (ConvSpec(layer.cin, r, site.kernel, site.stride),
+                                                     ConvSpec(r, layer.cout, 1, 1)))) for r in ranks]
         lines = {site: (sorted(cins), sorted(couts)) for site, (cins, couts) in axes.items()}
         requests = list(dict.fromkeys(
             (site, ci, co) for site, (cins, couts) in lines.items()
@@ -99,7 +104,9 @@ class LatencyModel:
                            [(c, couts[-1]) for c in cins] + [(cins[-1], c) for c in couts])))
         if progress:
             progress("measuring layer latencies", 0, 1)
-        times = table.measure([s.chain(ci, co) for s, ci, co in requests])
+        pair_chains = [ch for rs in pairs.values() for _, ch in rs]
+        measured = table.measure([s.chain(ci, co) for s, ci, co in requests] + pair_chains)
+        times, pair_times = measured[:len(requests)], iter(measured[len(requests):])
         if progress:
             progress("measuring layer latencies", 1, 1)
         per_mac = {(s, ci, co): t / max(chain_macs(s.chain(ci, co)), 1) for (s, ci, co), t in zip(requests, times)}
@@ -112,6 +119,13 @@ class LatencyModel:
                 self.surfaces[site] = _Surface(cins, [per_mac[(site, c, couts[-1])] for c in cins],
                                                couts, [per_mac[(site, cins[-1], c)] for c in couts])
         self.fallback = float(np.median(list(per_mac.values()))) if per_mac else 0.0
+        # An SVD pair in a network costs more than its two Convs timed apart (the rank-r tensor
+        # between them, two kernel launches): a measured correction per layer and rank.
+        self.pair_fix: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+        for key, rs in pairs.items():
+            layer = analysis.layer(key)
+            ratio = [next(pair_times) / self._composed(layer, layer.cin, layer.cout, r) for r, _ in rs]
+            self.pair_fix[key] = (np.log2([r for r, _ in rs]), np.asarray(ratio))
         self.overhead = 0.0   # seconds of the ops without MACs; see calibrate()
         self.scale = 1.0
 
@@ -127,6 +141,12 @@ class LatencyModel:
         cin, cout = max(cin, 1), max(cout, 1)
         if rank is None:
             return self._conv(site, cin, cout, a.layer_macs(layer, kept))
+        x, fix = self.pair_fix[layer.key]
+        return self._composed(layer, cin, cout, rank) * float(np.interp(np.log2(rank), x, fix))
+
+    def _composed(self, layer: Layer, cin: int, cout: int, rank: int) -> float:
+        """An SVD pair priced as its k×k Cin→r Conv plus its 1×1 r→Cout Conv."""
+        site = self.sites[layer.key]
         first = layer.hw_out * rank * cin * layer.kk
         return self._conv(site, cin, rank, first) + self._conv(site.out(), rank, cout, layer.hw_out * rank * cout)
 

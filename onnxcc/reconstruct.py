@@ -10,7 +10,10 @@ input second moments ``S = E[z zᵀ]`` over ``z = [p; 1]``:
 - **Activation-aware low rank.** With ``S_KK = L Lᵀ``, the best rank-r weight in the data's
   metric is ``U_r U_rᵀ W`` where ``W L = U Σ Vᵀ`` (``whitener`` gives L; the probe applies it).
 
-A small ridge (relative to the trace) keeps the solves stable when calibration rows are few.
+A small ridge (relative to the trace) keeps the solves stable when calibration rows are few. It
+pulls the solution towards the *original* weights, not towards zero: where the data leaves a
+direction undetermined (a channel ReLU6 holds at 6, a dead one) the layer keeps what it had, and
+a layer whose input did not change is left exactly as it was.
 """
 from __future__ import annotations
 
@@ -22,20 +25,27 @@ MAX_ROWS = 16384
 RIDGE = 1e-3
 
 
+def _patches(x: np.ndarray, node: gs.Node) -> np.ndarray | None:
+    """A 2-D Conv's input windows (N, C, Ho, Wo, kh, kw); None when not a plain 2-D Conv."""
+    if x.ndim != 4 or node.attrs.get("auto_pad", "NOTSET") != "NOTSET":
+        return None
+    W = node.inputs[1].shape
+    kh, kw = W[2], W[3]
+    sh, sw = node.attrs.get("strides", [1, 1])
+    dh, dw = node.attrs.get("dilations", [1, 1])
+    pt, pl, pb, pr = node.attrs.get("pads", [0, 0, 0, 0])
+    xp = np.pad(x, ((0, 0), (0, 0), (pt, pb), (pl, pr)))
+    win = sliding_window_view(xp, ((kh - 1) * dh + 1, (kw - 1) * dw + 1), axis=(2, 3))
+    return win[:, :, ::sh, ::sw, ::dh, ::dw]
+
+
 def rows(x: np.ndarray, node: gs.Node, seed: int = 0) -> np.ndarray | None:
     """The layer's input as regression rows (patches for a 2-D Conv), subsampled; None if n/a."""
     if node.op == "Conv":
-        if x.ndim != 4 or node.attrs.get("group", 1) != 1 or node.attrs.get("auto_pad", "NOTSET") != "NOTSET":
+        win = _patches(x, node) if node.attrs.get("group", 1) == 1 else None
+        if win is None:
             return None
-        W = node.inputs[1].shape
-        kh, kw = W[2], W[3]
-        sh, sw = node.attrs.get("strides", [1, 1])
-        dh, dw = node.attrs.get("dilations", [1, 1])
-        pt, pl, pb, pr = node.attrs.get("pads", [0, 0, 0, 0])
-        xp = np.pad(x, ((0, 0), (0, 0), (pt, pb), (pl, pr)))
-        win = sliding_window_view(xp, ((kh - 1) * dh + 1, (kw - 1) * dw + 1), axis=(2, 3))
-        win = win[:, :, ::sh, ::sw, ::dh, ::dw]                    # N, C, Ho, Wo, kh, kw
-        r = win.transpose(0, 2, 3, 1, 4, 5).reshape(-1, x.shape[1] * kh * kw)
+        r = win.transpose(0, 2, 3, 1, 4, 5).reshape(-1, x.shape[1] * win.shape[-2] * win.shape[-1])
     elif node.op == "Gemm" and not node.attrs.get("transA", 0):
         r = x.reshape(len(x), -1)
     elif node.op == "MatMul":
@@ -58,7 +68,11 @@ def second_moments(r: np.ndarray, target: np.ndarray | None = None) -> tuple[np.
 
 
 def _ridge(S: np.ndarray) -> np.ndarray:
-    return S + RIDGE * np.trace(S) / len(S) * np.eye(len(S))
+    return S + _eps(S) * np.eye(len(S))
+
+
+def _eps(S: np.ndarray) -> float:
+    return RIDGE * float(np.trace(S)) / len(S)
 
 
 def refit(Wm: np.ndarray, b: np.ndarray | None, S: np.ndarray, C: np.ndarray,
@@ -68,8 +82,10 @@ def refit(Wm: np.ndarray, b: np.ndarray | None, S: np.ndarray, C: np.ndarray,
     S = E[z zᵀ] of the current input, C = E[t zᵀ] with t the original model's input."""
     full = np.concatenate([Wm, (b if b is not None else np.zeros(len(Wm)))[:, None]], 1)
     kp = np.append(keep, b is not None)
-    # minimise E‖full·t − X·z_K⁺‖²  ⇒  X = full · C[:, K⁺] · S[K⁺, K⁺]⁻¹
-    sol = np.linalg.solve(_ridge(S[np.ix_(kp, kp)]), (full @ C[:, kp]).T).T
+    # minimise E‖full·t − X·z_K⁺‖² + ε‖X − full_K⁺‖²  ⇒  X = (full·C[:, K⁺] + ε·full_K⁺)·(S[K⁺, K⁺] + ε)⁻¹
+    S_kk = S[np.ix_(kp, kp)]
+    eps = _eps(S_kk)
+    sol = np.linalg.solve(S_kk + eps * np.eye(len(S_kk)), (full @ C[:, kp] + eps * full[:, kp]).T).T
     out = np.zeros_like(Wm)
     out[:, keep] = sol[:, : keep.sum()]
     return out, (sol[:, -1] if b is not None else None)

@@ -3,7 +3,6 @@ factorizations and to meet --latency budgets."""
 import subprocess
 import sys
 
-import numpy as np
 import pytest
 
 from graphs import GRAPHS, GraphBuilder
@@ -20,11 +19,14 @@ def _speed(cin: int, cout: int) -> float:
     return (1 + 8 / cin) * (1 + 4 / cout)
 
 
+SECONDS_PER_MAC = 1e-9   # slow enough that the fake Convs, not real per-op overhead, dominate
+
+
 def _fake(launch: float = 0.0):
-    """Each Conv costs MACs × _speed × 1e-11 s plus a fixed ``launch`` cost: with a launch cost
+    """Each Conv costs MACs × _speed × SECONDS_PER_MAC plus a fixed ``launch`` cost: with a launch cost
     above any dense Conv of the test nets, an SVD pair (two Convs) never pays."""
     def measure(chains, *a, **k):
-        return [sum(latency.chain_macs((hw, (c,))) * 1e-11 * _speed(c.cin, c.cout) + launch for c in convs)
+        return [sum(latency.chain_macs((hw, (c,))) * SECONDS_PER_MAC * _speed(c.cin, c.cout) + launch for c in convs)
                 for hw, convs in chains]
     return measure
 
@@ -49,7 +51,7 @@ def test_model_reproduces_a_separable_table(fake_table):
     dense = [l for l in a.layers if _site(l) is not None and not _site(l).depthwise]
     assert dense
     for l in dense:
-        expect = l.macs * 1e-11 * _speed(l.cin, l.cout)
+        expect = l.macs * SECONDS_PER_MAC * _speed(l.cin, l.cout)
         assert lm.layer_seconds(l, {}) == pytest.approx(expect, rel=1e-9)
     # pruned widths on the grid are exact too; halving a group never makes a layer slower
     gid = next(g for g, grp in a.groups.items() if grp.prunable)

@@ -58,3 +58,4 @@ def test_scores_mark_removed_channels_and_order_the_rest():
     assert np.isinf(s[gid][0])
     live = np.sort(s[gid][1:])
     np.testing.assert_array_equal(live, np.arange(len(live)))   # a strict removal order
+
