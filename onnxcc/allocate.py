@@ -97,6 +97,32 @@ def give_back(options: list[Options], choice: list[int], cost_of: Callable[[list
     return choice
 
 
+def land_near(options: list[Options], choice: list[int], cost_of: Callable[[list[int]], float],
+              target: float, slack: float, max_moves: int = 20) -> list[int]:
+    """Move single units one option back or forward while that lands closer to the target, never
+    more than ``slack`` above it: where one option of a narrow layer is worth several points of
+    the total, the budget-meeting choice can sit far below the target and a plan within the
+    tolerance just above it."""
+    best, miss = list(choice), abs(cost_of(choice) - target)
+    for _ in range(max_moves):
+        moved = False
+        for i, c in enumerate(list(best)):
+            for d in (-1, 1):
+                if not 0 <= c + d < len(options[i].amounts):
+                    continue
+                trial = best[:i] + [c + d] + best[i + 1:]
+                cost = cost_of(trial)
+                m = abs(cost - target)
+                if cost <= target + slack and m < miss - 1e-9 * max(abs(target), 1.0):
+                    best, miss, moved = trial, m, True
+                    break
+            if moved:
+                break
+        if not moved:
+            return best
+    return best
+
+
 def fit_exponential(x: np.ndarray, y: np.ndarray) -> tuple[float, float] | None:
     """CC's curve: ln(y) = ln p1 + p2·x by least squares with √y weights (y normalised to max 1)."""
     x, y = np.asarray(x, float), np.asarray(y, float)

@@ -16,7 +16,8 @@ from rich.table import Table
 
 from .errors import InputShapeError, OnnxccError, UsageError
 
-out = Console()
+# Piped or redirected output keeps wide tables on one line per row instead of 80 columns.
+out = Console(width=None if sys.stdout.isatty() else 160)
 err = Console(stderr=True)
 
 
@@ -55,10 +56,10 @@ def fmt_count(n: float) -> str:
 
 
 def cmd_info(args: argparse.Namespace) -> int:
-    from .inspect import inspect_model
+    from .inspect import inspect_model, is_quantized
 
     ins = inspect_model(args.model, parse_input_shapes(args.input_shape))
-    d = {"model": str(args.model), **ins.to_dict()}
+    d = {"model": str(args.model), **ins.to_dict(), "quantized": is_quantized(ins.model)}
     if args.json:
         sys.stdout.write(json.dumps(d) + "\n")
         return 0
@@ -75,6 +76,9 @@ def cmd_info(args: argparse.Namespace) -> int:
     out.print(f"[bold]MACs[/] {fmt_count(d['macs'])} ({d['macs']:,})   [bold]params[/] {fmt_count(d['params'])}   "
               f"[bold]compressible[/] {fmt_count(d['compressible_macs'])} ({d['compressible_fraction']:.1%})   "
               f"[bold]channel groups[/] {len(d['groups'])} ({prunable} prunable)")
+    if d["quantized"]:
+        out.print("[yellow]quantized model[/]: its integer ops (QLinearConv, ConvInteger, ...) carry no counted MACs "
+                  "and onnxcc does not compress it; compress the float model, then quantize")
     return 0
 
 

@@ -22,7 +22,7 @@ from typing import Any, Callable
 import numpy as np
 import onnx
 
-from .allocate import fit_exponential, give_back, interpolate, solve
+from .allocate import fit_exponential, give_back, interpolate, land_near, solve
 from .analysis.groups import Analysis
 from .analysis.view import graph_inputs
 from .calib import Calibration, ImagePreprocess, load_calibration
@@ -153,7 +153,7 @@ def compress(model: onnx.ModelProto | str | Path, flops: float | None = None,
     timing = _measure(original, fact.model, shapes, cfg, progress)
     report = _report(a, plan, cfg, curves, result, pruned.record, fact.record, data, lat, timing,
                      time.perf_counter() - t0)
-    _warn_off_target(cfg, report)
+    _warn_results(cfg, report)
     return CompressResult(fact.model, report, plan, weights)
 
 
@@ -185,8 +185,17 @@ def _measure(original: onnx.ModelProto, compressed: onnx.ModelProto, shapes: dic
             "speedup": round(before / after, 4) if after > 0 else 0.0}
 
 
-def _warn_off_target(cfg: CompressConfig, report: dict[str, Any]) -> None:
+LOW_FIDELITY = 0.9   # held-out cosine below which the user is told the result is poor
+
+
+def _warn_results(cfg: CompressConfig, report: dict[str, Any]) -> None:
     t = report["totals"]
+    f = report["fidelity"]
+    for out in f.get("outputs", [f]):
+        if out["cosine_mean"] < LOW_FIDELITY:
+            log.warning("held-out fidelity is low%s: cosine %.3f; a smaller target, more real calibration "
+                        "samples or fine-tuning (--finetune) would help",
+                        f" on output {out['output']}" if "output" in out else "", out["cosine_mean"])
     if cfg.flops is not None and abs(t["mac_reduction"] - cfg.flops) > 0.01:
         log.warning("achieved MAC reduction %.3f differs from the target %.3f by more than 1 point",
                     t["mac_reduction"], cfg.flops)
@@ -286,6 +295,53 @@ def _statistics(probe: WeightProbe, weights: dict[str, np.ndarray], reconstruct:
     return probe.statistics(weights, set(probe.views) if reconstruct else set())
 
 
+TARGET_TOLERANCE = 0.004   # share of the total a step may miss its target by before its grids get finer
+
+
+@dataclass
+class _Unit:
+    """One compression unit of a step: a channel group to prune or a Conv's rank."""
+
+    kind: str                         # "prune" | "rank"
+    unit: Any                         # group id | Layer
+    touched: set[str]                 # layer keys whose emulated weights depend on it
+    measured: list[int] = field(default_factory=list)   # amounts removed where damage was measured
+    damage: list[float] = field(default_factory=list)
+
+    @property
+    def name(self) -> str:
+        return f"group:{self.unit}" if self.kind == "prune" else f"rank:{self.unit.key}"
+
+
+def _grid(a: Analysis, plan: Plan, cfg: CompressConfig, budget: Budget, lat: LatencyModel | None,
+          scores: dict[int, np.ndarray], unit: _Unit, multiple: int) -> tuple[np.ndarray, Callable[[Plan, int], None]]:
+    """The amounts ``unit`` may remove at this step (0 first), keeping widths or ranks at
+    multiples of ``multiple``, and how to apply an amount to a plan."""
+    kept = plan.kept()
+    if unit.kind == "prune":
+        gid, g = unit.unit, a.groups[unit.unit]
+        n = kept.get(gid, g.size)
+        mask = plan.keep.get(gid, np.ones(g.size, bool))
+        remaining = _allowed(_min_keep(cfg, g.size), n - 1, multiple, g.size)
+
+        def prune(p: Plan, k: int) -> None:
+            p.keep[gid] = _remove_lowest(mask, scores[gid], int(k))
+        return _thin(np.array([0] + sorted(n - remaining), int)), prune
+    layer = unit.unit
+    cin, cout = a.channels(layer, kept)
+    current = plan.ranks.get(layer.key)
+    upper = layer.max_useful_rank(cin, cout) if current is None else current - 1
+    start = upper + 1 if current is None else current
+    ranks = _allowed(1, upper, multiple, layer.max_useful_rank())
+    if lat is not None:
+        ranks = ranks[[_pays(a, lat, layer, kept, int(r), budget.kind == "flops") for r in ranks]]
+
+    def factorize(p: Plan, k: int) -> None:
+        if k > 0:
+            p.ranks[layer.key] = int(start - k)
+    return _thin(np.array([0] + sorted(start - ranks), int)), factorize
+
+
 def _step(a: Analysis, probe: WeightProbe, plan: Plan, prev: dict[str, np.ndarray], cfg: CompressConfig,
           budget: Budget, lat: LatencyModel | None, step: int, progress: Progress | None) -> tuple[Plan, dict]:
     target = budget.target(step / cfg.steps)
@@ -294,56 +350,65 @@ def _step(a: Analysis, probe: WeightProbe, plan: Plan, prev: dict[str, np.ndarra
     base = probe.damage(weights) if (plan.keep or plan.ranks) else 0.0
     scores = channel_scores(probe, plan, weights, stats)
     probe.forget_svds()  # this step's weights and statistics differ from the last
+    units = []
+    if cfg.method in ("cc", "prune"):
+        units += [_Unit("prune", gid, affected_layers(a, gid)) for gid, g in a.groups.items() if g.prunable]
+    if cfg.method in ("cc", "decompose"):
+        units += [_Unit("rank", l, affected_layers(a, l.key)) for l in a.layers if l.factorizable]
+    units = [u for u in units if len(_grid(a, plan, cfg, budget, lat, scores, u, cfg.round_to)[0]) > 1]
+    for u in units:
+        grid, _ = _grid(a, plan, cfg, budget, lat, scores, u, cfg.round_to)
+        kmax = int(grid[-1])
+        u.measured = sorted({int(grid[np.argmin(np.abs(grid[1:] - f * kmax)) + 1]) for f in cfg.fractions})
+
+    total, done = sum(len(u.measured) for u in units), 0
+    for u in units:
+        _, apply = _grid(a, plan, cfg, budget, lat, scores, u, cfg.round_to)
+        for k in u.measured:
+            cand = plan.copy()
+            apply(cand, k)
+            u.damage.append(probe.damage({**weights, **plan_weights(probe, cand, stats, u.touched)}) - base)
+            done += 1
+            if progress:
+                progress(f"step {step}/{cfg.steps}: measuring", done, total)
+    if not units:
+        return plan, {}
+
+    # The budget is met on the backend-friendly grid when it can be; where its steps are too
+    # coarse to land near the target (narrow layers, small models), the same measurements are
+    # interpolated on finer grids, down to single channels.
+    best = None
+    for multiple in _finer(cfg.round_to):
+        new, curves = _allocate(a, plan, cfg, budget, lat, scores, units, multiple, target, step)
+        miss = abs(budget.of(new) - target)
+        if best is None or miss < best[0]:
+            best = (miss, new, curves)
+        if miss <= TARGET_TOLERANCE * budget.total:
+            break
+    return best[1], best[2]
+
+
+def _finer(multiple: int) -> list[int]:
+    """``multiple``, then ever finer multiples down to 1."""
+    out = [multiple]
+    while out[-1] > 1:
+        out.append(max(1, out[-1] // 2))
+    return out
+
+
+def _allocate(a: Analysis, plan: Plan, cfg: CompressConfig, budget: Budget, lat: LatencyModel | None,
+              scores: dict[int, np.ndarray], units: list[_Unit], multiple: int, target: float,
+              step: int) -> tuple[Plan, dict]:
+    """The smallest-damage plan of this step's options on the grid of ``multiple``."""
     kept, cost_now = plan.kept(), budget.of(plan)
     # Under a MAC budget the latency model still steers *which* MACs go: an option is worth its
     # share of the MACs plus its share of the run time, so of two removals equally harmless the
     # one that buys more speed wins; the budget itself stays exact MACs.
     blend = budget.kind == "flops" and lat is not None
     seconds_now, seconds_total = (lat.seconds(kept, plan.ranks), lat.seconds()) if blend else (0.0, 1.0)
-    units: list[tuple[str, Any]] = []
-    if cfg.method in ("cc", "prune"):
-        units += [("prune", gid) for gid, g in a.groups.items() if g.prunable]
-    if cfg.method in ("cc", "decompose"):
-        units += [("rank", l) for l in a.layers if l.factorizable]
-    jobs = []
-    for kind, u in units:
-        if kind == "prune":
-            g = a.groups[u]
-            n = kept.get(u, g.size)
-            remaining = _allowed(_min_keep(cfg, g.size), n - 1, cfg.round_to, g.size)
-            grid = np.array([0] + sorted(n - remaining), int)
-            mask = plan.keep.get(u, np.ones(g.size, bool))
-            apply = (lambda p, k, u=u, mask=mask: p.keep.__setitem__(u, _remove_lowest(mask, scores[u], int(k))))
-        else:
-            layer = u
-            cin, cout = a.channels(layer, kept)
-            current = plan.ranks.get(layer.key)
-            upper = layer.max_useful_rank(cin, cout) if current is None else current - 1
-            start = upper + 1 if current is None else current
-            ranks = _allowed(1, upper, cfg.round_to, layer.max_useful_rank())
-            if lat is not None:
-                ranks = ranks[[_pays(a, lat, layer, kept, int(r), budget.kind == "flops") for r in ranks]]
-            grid = np.array([0] + sorted(start - ranks), int)
-            apply = (lambda p, k, key=layer.key, start=start: p.ranks.__setitem__(key, int(start - k)) if k > 0 else None)
-        if len(grid) < 2:
-            continue
-        grid = _thin(grid)
-        kmax = int(grid[-1])
-        measured = sorted({int(grid[np.argmin(np.abs(grid[1:] - f * kmax)) + 1]) for f in cfg.fractions})
-        jobs.append((kind, u, grid, apply, measured, affected_layers(a, u if kind == "prune" else u.key)))
-
-    total = sum(len(j[4]) for j in jobs)
-    done = 0
-    options, curves = [], {}
-    for kind, u, grid, apply, measured, touched in jobs:
-        dmg = []
-        for k in measured:
-            cand = plan.copy()
-            apply(cand, k)
-            dmg.append(probe.damage({**weights, **plan_weights(probe, cand, stats, touched)}) - base)
-            done += 1
-            if progress:
-                progress(f"step {step}/{cfg.steps}: measuring", done, total)
+    options, appliers, curves = [], [], {}
+    for u in units:
+        grid, apply = _grid(a, plan, cfg, budget, lat, scores, u, multiple)
         saving, worth = np.empty(len(grid)), np.empty(len(grid))
         for i, k in enumerate(grid):
             cand = plan.copy()
@@ -351,13 +416,11 @@ def _step(a: Analysis, probe: WeightProbe, plan: Plan, prev: dict[str, np.ndarra
             saving[i] = cost_now - budget.of(cand)
             worth[i] = saving[i] / budget.total + (cfg.speed_weight * (
                 seconds_now - lat.seconds(cand.kept(), cand.ranks)) / seconds_total if blend else 0.0)
-        name = f"group:{u}" if kind == "prune" else f"rank:{u.key}"
-        options.append(interpolate(name, measured, dmg, grid, worth, cfg.gamma))
-        curves[name] = {"removed": [int(k) for k in measured], "damage": [float(d) for d in dmg],
-                        "saved_fraction": [float(np.interp(k, grid, saving)) / budget.total for k in measured],
-                        "fit_p1_p2": fit_exponential(np.interp(measured, grid, saving) / budget.total, dmg)}
-
-    appliers = [j[3] for j in jobs]
+        options.append(interpolate(u.name, u.measured, u.damage, grid, worth, cfg.gamma))
+        appliers.append(apply)
+        at = np.interp(u.measured, grid, saving) / budget.total
+        curves[u.name] = {"removed": [int(k) for k in u.measured], "damage": [float(d) for d in u.damage],
+                          "saved_fraction": [float(x) for x in at], "fit_p1_p2": fit_exponential(at, u.damage)}
 
     def build(choice: list[int]) -> Plan:
         p = plan.copy()
@@ -370,14 +433,12 @@ def _step(a: Analysis, probe: WeightProbe, plan: Plan, prev: dict[str, np.ndarra
     def cost_of(choice: list[int]) -> float:
         return budget.of(build(choice))
 
-    if not options:
-        return plan, curves
     choice, lam = solve(options, cost_of, target)
-    choice = give_back(options, choice, cost_of, target)
-    new = build(choice)
-    log.info("step %d: %s cost %.4g -> %.4g (target %.4g), lambda %.3g", step, budget.kind, cost_now,
-             cost_of(choice), target, lam)
-    return new, curves
+    choice = land_near(options, give_back(options, choice, cost_of, target), cost_of, target,
+                       TARGET_TOLERANCE * budget.total)
+    log.info("step %d (multiples of %d): %s cost %.4g -> %.4g (target %.4g), lambda %.3g", step, multiple,
+             budget.kind, cost_now, cost_of(choice), target, lam)
+    return build(choice), curves
 
 
 def _pays(a: Analysis, lat: LatencyModel, layer, kept: dict[int, int], rank: int, strict: bool) -> bool:

