@@ -54,17 +54,22 @@ def rows(x: np.ndarray, node: gs.Node, seed: int = 0) -> np.ndarray | None:
         return None
     if len(r) > MAX_ROWS:
         r = r[np.random.default_rng(seed).choice(len(r), MAX_ROWS, replace=False)]
-    return r.astype(np.float64)
+    return np.ascontiguousarray(r, np.float32)
 
 
 def second_moments(r: np.ndarray, target: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
     """(E[z zᵀ], E[t zᵀ]) for z = [row; 1] and t = [target row; 1] (t = z when no target).
 
     ``target`` holds the same rows as seen by the *original* model: refitting towards them
-    also undoes the error that upstream removals already put into this layer's input."""
-    z = np.concatenate([r, np.ones((len(r), 1))], 1)
-    t = z if target is None else np.concatenate([target, np.ones((len(target), 1))], 1)
-    return z.T @ z / len(z), t.T @ z / len(z)
+    also undoes the error that upstream removals already put into this layer's input.
+    The products run in float32 (the Gram of a 3×3 Conv over 512 channels is 4609² from 16k
+    rows: twice as fast as float64, and far below the ridge in error); the moments are
+    returned in float64 for the solves."""
+    one = np.ones((len(r), 1), np.float32)
+    z = np.concatenate([r, one], 1, dtype=np.float32)
+    t = z if target is None else np.concatenate([target, one], 1, dtype=np.float32)
+    S = (z.T @ z).astype(np.float64) / len(z)
+    return S, (S if target is None else (t.T @ z).astype(np.float64) / len(z))
 
 
 def _ridge(S: np.ndarray) -> np.ndarray:

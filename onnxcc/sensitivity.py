@@ -143,7 +143,7 @@ class WeightProbe:
             r = rows(np.asarray(acts[name]), v.node)
             if r is None:
                 continue
-            stats.energy[key] = (r ** 2).mean(0)
+            stats.energy[key] = (r.astype(np.float64) ** 2).mean(0)
             stats.rows[key] = len(r)
             # a refit needs ROWS_PER_UNKNOWN rows per kept column: skip moments that can never be used
             if key in full and len(r) >= ROWS_PER_UNKNOWN * (MIN_REFIT_FRACTION * r.shape[1] + 1):
