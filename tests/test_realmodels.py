@@ -1,5 +1,7 @@
 """Real architectures: the onnx wheel's structure models and the fetched corpus (PyTorch,
 Paddle-style Constant weights, tf2onnx NHWC). Every check is exact, not approximate."""
+import subprocess
+import sys
 from pathlib import Path
 
 import onnx
@@ -79,3 +81,24 @@ def test_open_nsfw_nhwc_is_fully_prunable():
     assert a.total_macs == 1_068_550_144
     # every conv of the residual network reads or writes a prunable group
     assert all(l.prunable for l in a.layers if l.op == "Conv")
+
+
+@pytest.mark.slow
+@pytest.mark.realmodel
+@pytest.mark.parametrize("name", ["yolo_like", "dbnet_like", "tf_style_mobilenet", "paddle_style_resnet",
+                                  "paddle_style_dbnet"])
+def test_cli_compress_corpus_model_lands_on_target(name, tmp_path):
+    """As a user would: `onnxcc compress --flops 0.3 --calib X.npy` on each export style gives a
+    valid model within one point of the target (MACs counted from onnxruntime's shapes)."""
+    require_data(name)
+    import models
+
+    out = tmp_path / "out.onnx"
+    r = subprocess.run([sys.executable, "-m", "onnxcc", "compress", str(models.model_path(name)), "--flops", "0.3",
+                        "--calib", str(models.calib_path(name)), "-o", str(out), "--threads", "2"],
+                       capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-2000:]
+    original, compressed = onnx.load(str(models.model_path(name))), onnx.load(str(out))
+    check_model_full(compressed)
+    feeds = random_feeds(original)
+    assert abs(1 - runtime_macs(compressed, feeds) / runtime_macs(original, feeds) - 0.3) <= 0.01
