@@ -74,6 +74,15 @@ THREADS = 2
 console = Console()
 
 
+def sgd_step(loss: torch.Tensor, opt: torch.optim.Optimizer, sched) -> float:
+    """One optimisation step of ``loss``; returns its value."""
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    opt.step()
+    sched.step()
+    return float(loss.detach())
+
+
 # ===================================================================================== data
 def image_keys(images: np.ndarray) -> list[str]:
     return [hashlib.sha1(np.ascontiguousarray(im).tobytes()).hexdigest() for im in images]
@@ -224,11 +233,7 @@ def train_baseline(data: dict, epochs: int, lr: float, batch: int) -> tuple[torc
             for i in range(0, len(xtr), batch):
                 idx = order[i:i + batch]
                 loss = F.cross_entropy(model(augment(xtr[idx], gen)), ytr[idx])
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
-                sched.step()
-                total += float(loss.detach()) * len(idx)
+                total += sgd_step(loss, opt, sched) * len(idx)
                 bar.update(task, advance=1, description=f"baseline epoch {epoch}/{epochs}")
             model.eval()
             val = torch_accuracy(model, *data["val"])
@@ -329,11 +334,7 @@ def finetune_torch(model: torch.nn.Module, teacher: onnx.ModelProto, data: dict,
                 kd = F.kl_div(F.log_softmax(out / temperature, 1), F.log_softmax(soft[idx] / temperature, 1),
                               reduction="batchmean", log_target=True) * temperature ** 2
                 loss = alpha * kd + (1 - alpha) * F.cross_entropy(out, y[idx])
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
-                sched.step()
-                total += float(loss.detach()) * len(idx)
+                total += sgd_step(loss, opt, sched) * len(idx)
                 bar.update(task, advance=1, description=f"{label}: epoch {epoch}/{epochs}")
             val = torch_accuracy(model.eval(), xva, yva)
             history["epochs"].append({"epoch": epoch, "train_loss": total / len(xtr), "val_acc": val})
