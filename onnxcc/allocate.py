@@ -103,23 +103,23 @@ def land_near(options: list[Options], choice: list[int], cost_of: Callable[[list
     more than ``slack`` above it: where one option of a narrow layer is worth several points of
     the total, the budget-meeting choice can sit far below the target and a plan within the
     tolerance just above it."""
-    best, miss = list(choice), abs(cost_of(choice) - target)
-    for _ in range(max_moves):
-        moved = False
-        for i, c in enumerate(list(best)):
+    def moves(ch: list[int]):
+        for i, c in enumerate(ch):
             for d in (-1, 1):
-                if not 0 <= c + d < len(options[i].amounts):
-                    continue
-                trial = best[:i] + [c + d] + best[i + 1:]
-                cost = cost_of(trial)
-                m = abs(cost - target)
-                if cost <= target + slack and m < miss - 1e-9 * max(abs(target), 1.0):
-                    best, miss, moved = trial, m, True
-                    break
-            if moved:
-                break
-        if not moved:
-            return best
+                if 0 <= c + d < len(options[i].amounts):
+                    yield ch[:i] + [c + d] + ch[i + 1:]
+
+    def closer(trial: list[int], miss: float) -> bool:
+        cost = cost_of(trial)
+        return cost <= target + slack and abs(cost - target) < miss - 1e-9 * max(abs(target), 1.0)
+
+    best = list(choice)
+    for _ in range(max_moves):
+        miss = abs(cost_of(best) - target)
+        step = next((t for t in moves(best) if closer(t, miss)), None)
+        if step is None:
+            break
+        best = step
     return best
 
 

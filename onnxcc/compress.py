@@ -355,15 +355,15 @@ def _step(a: Analysis, probe: WeightProbe, plan: Plan, prev: dict[str, np.ndarra
         units += [_Unit("prune", gid, affected_layers(a, gid)) for gid, g in a.groups.items() if g.prunable]
     if cfg.method in ("cc", "decompose"):
         units += [_Unit("rank", l, affected_layers(a, l.key)) for l in a.layers if l.factorizable]
-    units = [u for u in units if len(_grid(a, plan, cfg, budget, lat, scores, u, cfg.round_to)[0]) > 1]
-    for u in units:
-        grid, _ = _grid(a, plan, cfg, budget, lat, scores, u, cfg.round_to)
+    coarse = [(u, *_grid(a, plan, cfg, budget, lat, scores, u, cfg.round_to)) for u in units]
+    coarse = [(u, grid, apply) for u, grid, apply in coarse if len(grid) > 1]
+    units = [u for u, _, _ in coarse]
+    for u, grid, _ in coarse:
         kmax = int(grid[-1])
         u.measured = sorted({int(grid[np.argmin(np.abs(grid[1:] - f * kmax)) + 1]) for f in cfg.fractions})
 
     total, done = sum(len(u.measured) for u in units), 0
-    for u in units:
-        _, apply = _grid(a, plan, cfg, budget, lat, scores, u, cfg.round_to)
+    for u, _, apply in coarse:
         for k in u.measured:
             cand = plan.copy()
             apply(cand, k)

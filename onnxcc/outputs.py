@@ -1,7 +1,8 @@
 """What a model's outputs are judged by, and how an original and a compressed output compare.
 
 A graph output that is a Softmax/Sigmoid (or an ArgMax index), possibly reshaped after, is
-judged on the tensor feeding it: saturated probabilities hide damage, and integer class indices cannot be compared at all.
+judged on the tensor feeding it: saturated probabilities hide damage, and integer class indices
+cannot be compared at all.
 Dense-prediction outputs — (N, C, A) detector heads, (N, C, H, W) maps — mix channels of very
 different scales (box coordinates in pixels beside 0–1 scores), so each channel is standardised
 with the original's mean and spread before errors are summed: otherwise the largest-valued
@@ -54,8 +55,8 @@ def channel_axis(shape: tuple[int, ...]) -> int | None:
 
 
 class Standardizer:
-    """Per-channel centring and scaling by the original output's statistics (identity for
-    outputs without a channel axis)."""
+    """Per-channel centring and scaling by an original output's statistics (identity for
+    outputs without a channel axis); keeps that output, standardised, to compare against."""
 
     def __init__(self, reference: np.ndarray):
         ref = np.asarray(reference, np.float64)
@@ -66,21 +67,21 @@ class Standardizer:
             other = tuple(i for i in range(ref.ndim) if i != ax)
             self.mu = ref.mean(other, keepdims=True)
             self.sd = ref.std(other, keepdims=True) + 1e-12
+        self.reference = self(ref)
+        self._energy = float(np.sum(self.reference ** 2))
 
     def __call__(self, x: np.ndarray) -> np.ndarray:
         return (np.asarray(x, np.float64) - self.mu) / self.sd
 
-
-def relative_error(out: np.ndarray, ref: np.ndarray, std: Standardizer) -> float:
-    """‖out − ref‖² / ‖ref‖² in the standardised space."""
-    o, r = std(out), std(ref)
-    return float(np.sum((o - r) ** 2) / (np.sum(r ** 2) + 1e-30))
+    def relative_error(self, out: np.ndarray) -> float:
+        """‖out − reference‖² / ‖reference‖² in the standardised space."""
+        return float(np.sum((self(out) - self.reference) ** 2) / (self._energy + 1e-30))
 
 
 def compare(ref: np.ndarray, out: np.ndarray, target: Target) -> dict[str, Any]:
     """Per-sample cosine and relative L2 (standardised), top-1 agreement for classifiers."""
     std = Standardizer(ref)
-    r, o = std(ref), std(out)
+    r, o = std.reference, std(out)
     r2, o2 = r.reshape(len(r), -1), o.reshape(len(o), -1)
     cos = (r2 * o2).sum(1) / (np.linalg.norm(r2, axis=1) * np.linalg.norm(o2, axis=1) + 1e-30)
     res: dict[str, Any] = {

@@ -19,7 +19,7 @@ import onnx
 import onnx_graphsurgeon as gs
 
 from .analysis.groups import Analysis, Layer
-from .outputs import Standardizer, relative_error
+from .outputs import Standardizer
 from .outputs import targets as output_targets
 from .reconstruct import _ridge, refit, rows, second_moments, whitener
 from .runtime import expose_outputs, make_session
@@ -108,8 +108,8 @@ class WeightProbe:
         self.batched = batched
         self._svd_cache: dict[tuple, tuple[np.ndarray, np.ndarray, np.ndarray]] = {}
         self._original_acts: dict[str, np.ndarray] | None = None
-        self.reference = self._run(self.original, self.targets)
-        self.standardizers = [Standardizer(r) for r in self.reference]
+        # the original outputs, each kept (standardised) by the comparison it serves
+        self.standardizers = [Standardizer(r) for r in self._run(self.original, self.targets)]
 
     def _run(self, weights: dict[str, np.ndarray], outputs: list[str],
              feeds: dict[str, np.ndarray] | None = None) -> list[np.ndarray]:
@@ -124,8 +124,7 @@ class WeightProbe:
         return self._run({**self.original, **weights}, self.targets)
 
     def damage(self, weights: dict[str, np.ndarray]) -> float:
-        return float(np.mean([relative_error(o, r, std) for o, r, std in
-                              zip(self.outputs(weights), self.reference, self.standardizers)]))
+        return float(np.mean([std.relative_error(o) for o, std in zip(self.outputs(weights), self.standardizers)]))
 
     def statistics(self, weights: dict[str, np.ndarray], full: set[str]) -> "Stats":
         """Per layer: E[p²] of every input column; the full second-moment matrix for ``full``."""
@@ -143,7 +142,7 @@ class WeightProbe:
             r = rows(np.asarray(acts[name]), v.node)
             if r is None:
                 continue
-            stats.energy[key] = (r.astype(np.float64) ** 2).mean(0)
+            stats.energy[key] = np.square(r).mean(0, dtype=np.float64)
             stats.rows[key] = len(r)
             # a refit needs ROWS_PER_UNKNOWN rows per kept column: skip moments that can never be used
             if key in full and len(r) >= ROWS_PER_UNKNOWN * (MIN_REFIT_FRACTION * r.shape[1] + 1):

@@ -30,8 +30,7 @@ def verify(original: onnx.ModelProto, compressed: onnx.ModelProto, held: Calibra
             "fidelity": fidelity(original, compressed, held, provider)}
 
 
-def _outputs(model: onnx.ModelProto, held: Calibration, provider: str) -> list[np.ndarray]:
-    names = [t.tensor for t in targets(model)]
+def _outputs(model: onnx.ModelProto, names: list[str], held: Calibration, provider: str) -> list[np.ndarray]:
     sess = make_session(expose_outputs(model, names), provider)
     rows = [sess.run(names, held.take(slice(i, i + 1))) for i in range(len(held))]
     return [np.concatenate([r[j] for r in rows]).astype(np.float64) for j in range(len(names))]
@@ -41,7 +40,9 @@ def fidelity(original: onnx.ModelProto, compressed: onnx.ModelProto, held: Calib
              provider: str = "cpu") -> dict[str, Any]:
     """Per output (see :mod:`onnxcc.outputs`): cosine similarity and relative L2 per sample,
     top-1 agreement for classifiers. The first output's figures head the record."""
-    per = [compare(o, c, t) for o, c, t in zip(_outputs(original, held, provider),
-                                                 _outputs(compressed, held, provider), targets(original))]
+    ts = targets(original)
+    names = [t.tensor for t in ts]
+    per = [compare(o, c, t) for o, c, t in zip(_outputs(original, names, held, provider),
+                                                 _outputs(compressed, names, held, provider), ts)]
     head = {k: v for k, v in per[0].items() if k != "output"}
     return {"samples": len(held), **head, **({"outputs": per} if len(per) > 1 else {})}
