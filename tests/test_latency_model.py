@@ -8,7 +8,7 @@ import pytest
 from graphs import GRAPHS, GraphBuilder
 
 from onnxcc import latency
-from onnxcc.compress import compress
+from onnxcc.compress import TARGET_TOLERANCE, compress
 from onnxcc.errors import TargetUnreachableError
 from onnxcc.latency_model import LatencyModel, axis_grid, _site
 from engine_helpers import normalized_analysis
@@ -86,7 +86,7 @@ def test_latency_budget_prices_factorizations(monkeypatch, tmp_path):
     monkeypatch.setenv("ONNXCC_CACHE", str(tmp_path / "fast"))
     monkeypatch.setattr(latency, "measure_chains", _fake())
     res = compress(GRAPHS["tiny_resnet"](13), latency=0.3, method="decompose", steps=1, round_to=1)
-    assert res.plan.ranks and res.report["totals"]["latency"]["predicted_reduction"] >= 0.3 - 1e-6
+    assert res.plan.ranks and res.report["totals"]["latency"]["predicted_reduction"] >= 0.3 - TARGET_TOLERANCE
     monkeypatch.setenv("ONNXCC_CACHE", str(tmp_path / "slow"))
     monkeypatch.setattr(latency, "measure_chains", _fake(launch=1.0))
     with pytest.raises(TargetUnreachableError, match="latency"):
@@ -106,7 +106,9 @@ def test_latency_budget_is_met_by_the_model():
     model = _wide_chain()
     res = compress(model, latency=0.3, steps=2)
     lat = res.report["totals"]["latency"]
-    assert lat["predicted_reduction"] >= 0.3 - 1e-6
+    # The promise is the target within one point, on either side (land_near may stop just short:
+    # 0.2999 is on target); which widths get there depends on the measured timings.
+    assert abs(lat["predicted_reduction"] - 0.3) <= 0.01
     assert lat["ms_before"] > 0 and lat["ms_after"] > 0 and lat["speedup"] > 0
     assert res.report["config"]["latency"] == 0.3 and res.report["config"]["flops"] is None
 
