@@ -126,3 +126,48 @@ def test_cli_needs_exactly_one_valid_target(tmp_path, target):
     p = _cli("compress", str(src), *target, "-o", str(out))
     assert p.returncode == 2 and not out.exists()
     assert "Traceback" not in p.stderr and len(p.stderr.strip().splitlines()) <= 3
+
+
+def test_model_recovers_a_per_call_cost(monkeypatch, tmp_path):
+    """A fixed cost per Conv is invisible to two per-MAC lines; the narrow corner reveals it,
+    and Convs narrow on both sides are then priced as measured."""
+    monkeypatch.setenv("ONNXCC_CACHE", str(tmp_path))
+    launch = 3e-6
+    monkeypatch.setattr(latency, "measure_chains", _fake(launch=launch))
+    _, a = normalized_analysis(_wide_chain())
+    lm = LatencyModel(a, latency.LatencyTable("cpu", 1, tmp_path / "t.json"), round_to=16)
+    assert lm.launch and all(d == pytest.approx(launch, rel=1e-3) for d in lm.launch.values())
+    narrow = {g: 16 for g, grp in a.groups.items() if grp.prunable}
+    assert narrow
+    for l in a.layers:
+        cin, cout = a.channels(l, narrow)
+        expect = a.layer_macs(l, narrow) * SECONDS_PER_MAC * _speed(cin, cout) + launch
+        assert lm.layer_seconds(l, narrow) == pytest.approx(expect, rel=1e-6)
+
+
+def test_place_prices_each_conv_as_profiled_in_the_network(fake_table):
+    _, a = normalized_analysis(GRAPHS["tiny_resnet"](13))
+    lm = LatencyModel(a, fake_table, round_to=4)
+    dense = [l for l in a.layers if _site(l) is not None]
+    alone = {l.key: lm.layer_seconds(l, {}) for l in dense}
+
+    def key(l):
+        return (1, l.cin, *_site(l).size), (l.cout, l.cin // l.group, *_site(l).kernel)
+    lm.place([(key(l), 1.25 * alone[l.key]) for l in dense] + [(((1, 7, 5, 5), (7, 7, 1, 1)), 1.0)])
+    gid = next(g for g, grp in a.groups.items() if grp.prunable)
+    half = {gid: a.groups[gid].size // 2}
+    for l in dense:
+        assert lm.layer_seconds(l, {}) == pytest.approx(1.25 * alone[l.key])
+        # the factor carries over to pruned widths: a plan's saving in place is 1.25x the alone one
+        assert lm.layer_seconds(l, half) == pytest.approx(1.25 * lm._alone(l, half))
+
+
+def test_conv_kernel_seconds_reports_every_conv_by_shape():
+    from onnxcc.analysis.view import random_feeds, resolve_input_shapes
+    from onnxcc.bench import conv_kernel_seconds
+
+    model = _wide_chain()
+    kernels = conv_kernel_seconds(model, random_feeds(model, resolve_input_shapes(model)), runs=3)
+    weights = {tuple(i.dims) for i in model.graph.initializer if len(i.dims) == 4}
+    assert len(kernels) == sum(n.op_type == "Conv" for n in model.graph.node)
+    assert all(w in weights and x[:2] == (1, w[1]) and t > 0 for (x, w), t in kernels)
