@@ -607,7 +607,9 @@ def markdown(res: dict) -> str:
                   f"{s['onnxcc_minus_torch_pruning_points']:+.2f} points.")
     md.append(f"\nBaseline row: the fine-tuned network itself (no compression). Test split: "
               f"{d['split']['test']} images, so one image is {100 / d['split']['test']:.2f} points. "
-              f"Wall time {res['wall_seconds']['total'] / 60:.1f} min on {res['machine']['cpu']}.")
+              f"Wall time of this run {res['wall_seconds']['total'] / 60:.1f} min on {res['machine']['cpu']} "
+              "(stages found in the cache are loaded, not recomputed; `--fresh` recomputes all of them, about "
+              "30 min on 2 cores).")
     return "\n".join(md) + "\n"
 
 
