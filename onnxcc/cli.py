@@ -221,7 +221,8 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--lr", type=float, default=1e-4)
     f.add_argument("--batch-size", type=int, default=32)
     f.add_argument("--val", type=Path, help="validation .npz (same format); picks the best epoch")
-    f.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    f.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",
+                   help="where torch trains (auto: the GPU when torch sees one)")
     f.set_defaults(func=cmd_finetune)
 
     b = sub.add_parser("bench", help="time models against each other: interleaved runs, p50/p90, speedup")

@@ -571,3 +571,15 @@ def test_load_npz_rejects_bad_files(tmp_path):
     np.save(tmp_path / "plain.npy", np.ones((2, 3), F32))
     with pytest.raises(CalibrationError, match="plain array"):
         load_npz(tmp_path / "plain.npy")
+
+
+def test_auto_device_trains_on_the_cpu_when_torch_sees_no_gpu(monkeypatch):
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    teacher = GRAPHS["tiny_resnet"](13)
+    x = np.random.default_rng(0).standard_normal((4, 3, 16, 16)).astype(F32)
+    _, history = finetune(teacher, teacher, {"x": x}, epochs=1, batch_size=2, device="auto")
+    assert len(history["epochs"]) == 1
+    with pytest.raises(UsageError, match="sees no CUDA GPU"):
+        finetune(teacher, teacher, {"x": x}, epochs=1, batch_size=2, device="cuda")

@@ -279,8 +279,8 @@ def _check_args(epochs: int, lr: float, batch_size: int, device: str, optimizer:
         raise UsageError(f"epochs and batch size must be >= 1, got {epochs} and {batch_size}")
     if not lr > 0 or not temperature > 0 or not 0 <= alpha <= 1:
         raise UsageError(f"need lr > 0, temperature > 0 and alpha in [0, 1]; got {lr}, {temperature}, {alpha}")
-    if device not in ("cpu", "cuda"):
-        raise UsageError(f"unknown device {device!r}; use cpu or cuda")
+    if device not in ("auto", "cpu", "cuda"):
+        raise UsageError(f"unknown device {device!r}; use auto, cpu or cuda")
     if optimizer not in _OPTIMIZERS:
         raise UsageError(f"unknown optimizer {optimizer!r}; use {' or '.join(_OPTIMIZERS)}")
 
@@ -297,7 +297,7 @@ def _teacher_provider(device: str) -> str:
 
 def finetune(student: onnx.ModelProto, teacher: onnx.ModelProto, train: Mapping[str, np.ndarray],
              val: Mapping[str, np.ndarray] | None = None, *, epochs: int = 1, lr: float = 1e-4,
-             batch_size: int = 32, device: str = "cpu", temperature: float = 4.0, alpha: float = 0.5,
+             batch_size: int = 32, device: str = "auto", temperature: float = 4.0, alpha: float = 0.5,
              optimizer: str = "adam", progress: Progress | None = None,
              seed: int = 0) -> tuple[onnx.ModelProto, dict[str, Any]]:
     """Distil ``teacher`` into ``student``; returns the tuned student and the training history.
@@ -313,6 +313,8 @@ def finetune(student: onnx.ModelProto, teacher: onnx.ModelProto, train: Mapping[
     from .executor import OnnxModule, export_weights
 
     _check_args(epochs, lr, batch_size, device, optimizer, alpha, temperature)
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
     if device == "cuda" and not torch.cuda.is_available():
         raise UsageError("--device cuda: torch sees no CUDA GPU (install a CUDA build of torch)")
     s_in, t_in = _single_input(student, "student"), _single_input(teacher, "teacher")
@@ -379,7 +381,7 @@ def _verify(tuned: onnx.ModelProto, student: onnx.ModelProto, sample: np.ndarray
 
 def run_finetune_cli(student_path: str | Path, teacher_path: str | Path, data_path: str | Path,
                      out_path: str | Path, epochs: int = 1, lr: float = 1e-4, batch_size: int = 32,
-                     val_path: str | Path | None = None, device: str = "cpu",
+                     val_path: str | Path | None = None, device: str = "auto",
                      progress: Progress | None = None) -> dict[str, Any]:
     """Everything ``onnxcc finetune`` does: load, fine-tune, verify, save atomically."""
     out = check_output_path(out_path, [student_path, teacher_path], force=False)
