@@ -33,21 +33,17 @@ class Options:
 
 
 def interpolate(unit: str, measured_k: list[int], measured_d: list[float], k_grid: np.ndarray,
-                saving: np.ndarray, gamma: float, spent: np.ndarray | None = None) -> Options:
-    """Dense options from a few measurements: damage made monotone, linearly interpolated.
-    ``spent``: what an option uses of the budget, where ``saving`` is worth more than that
-    (MACs that also buy speed); by default the saving itself."""
+                saving: np.ndarray, gamma: float) -> Options:
+    """Dense options from a few measurements: damage made monotone, linearly interpolated."""
     k = np.asarray([0] + list(measured_k), float)
     d = np.maximum.accumulate(np.maximum(np.asarray([0.0] + list(measured_d)), 0.0))
     dense = np.interp(k_grid, k, d)
     ahead_k = np.interp(k_grid, k[:-1], k[1:]) if len(k) > 1 else k_grid
     ahead = np.interp(ahead_k, k, d)
     charged = (1 - gamma) * dense + gamma * ahead
-    # A removal measured as harmless is still not free: a vanishing charge per unit of budget
-    # stops "zero-damage" options from being taken beyond what the budget needs, and among them
-    # the ones worth most per unit of budget (most speed per MAC) go first.
-    spent = saving if spent is None else spent
-    charged = charged + 1e-9 * (spent / max(float(spent.max()), 1.0)) * max(float(d.max()), 1e-6)
+    # A removal measured as harmless is still not free: a vanishing per-cost charge stops
+    # "zero-damage" options from being taken beyond what the budget needs.
+    charged = charged + 1e-9 * (saving / max(float(saving.max()), 1.0)) * max(float(d.max()), 1e-6)
     charged[0] = 0.0
     return Options(unit, k_grid, charged, saving)
 

@@ -96,33 +96,6 @@ def profile_model(model: onnx.ModelProto, feeds: dict[str, np.ndarray], provider
     return aggregate_trace(split_runs(events)[warmup:], top)
 
 
-ConvKey = tuple[tuple[int, ...], tuple[int, ...]]   # (input shape, weight shape)
-
-
-def conv_kernel_seconds(model: onnx.ModelProto, feeds: dict[str, np.ndarray], provider: str = "cpu",
-                        threads: int = 2, runs: int = 20, warmup: int = 3) -> list[tuple[ConvKey, float]]:
-    """Median seconds of every Conv kernel of one run, in execution order, keyed by its input and
-    weight shapes (what onnxruntime's trace reports; names of fused nodes are not the model's).
-    Empty where the provider's trace has no per-kernel Conv events (CUDA runs kernels async)."""
-    if provider != "cpu":
-        return []
-    with tempfile.TemporaryDirectory(prefix="onnxcc-prof-") as tmp:
-        sess = make_session(model, provider, threads, profile_prefix=str(Path(tmp) / "onnxcc"))
-        for _ in range(warmup + runs):
-            sess.run(None, feeds)
-        runs_ = split_runs(read_trace(sess))[warmup:]
-    convs = [[e for e in run if e.get("args", {}).get("op_name") == "Conv"] for run in runs_]
-    convs = [c for c in convs if len(c) == len(convs[0])]
-    if not convs or not convs[0]:
-        return []
-    keys = []
-    for e in convs[0]:
-        shapes = [next(iter(d.values())) for d in e["args"].get("input_type_shape", [])]
-        keys.append((tuple(shapes[0]), tuple(shapes[1])) if len(shapes) >= 2 else ((), ()))
-    seconds = np.median([[e["dur"] for e in c] for c in convs], axis=0) / 1e6
-    return list(zip(keys, (float(t) for t in seconds)))
-
-
 def read_trace(sess) -> list[dict]:
     """Stop the session's profiler and return its Chrome-trace events."""
     with open(sess.end_profiling()) as fh:

@@ -24,10 +24,10 @@ import onnx
 
 from .allocate import fit_exponential, give_back, interpolate, land_near, solve
 from .analysis.groups import Analysis
-from .analysis.view import graph_inputs, random_feeds
+from .analysis.view import graph_inputs
 from .calib import Calibration, ImagePreprocess, load_calibration
 from .errors import TargetUnreachableError, UnsupportedModelError, UsageError
-from .bench import benchmark, conv_kernel_seconds
+from .bench import benchmark
 from .inspect import inspect_model, is_quantized
 from .io import load_model
 from .latency import best_multiple, latency_table
@@ -160,7 +160,6 @@ def compress(model: onnx.ModelProto | str | Path, flops: float | None = None,
 def _latency_model(a: Analysis, model: onnx.ModelProto, cfg: CompressConfig, shapes: dict,
                    progress: Progress | None) -> LatencyModel:
     lat = LatencyModel(a, latency_table(cfg.provider, cfg.threads), cfg.round_to, progress)
-    lat.place(conv_kernel_seconds(model, random_feeds(model, shapes), cfg.provider, cfg.threads))
     runs = benchmark([model], cfg.provider, cfg.threads, runs=30, warmup=3, input_shapes=shapes)
     # a low percentile: other processes only ever add time, and the table holds quiet numbers
     lat.calibrate(float(np.percentile(runs["models"][0]["latencies_ms"], 20)) / 1e3)
@@ -403,12 +402,10 @@ def _allocate(a: Analysis, plan: Plan, cfg: CompressConfig, budget: Budget, lat:
     """The smallest-damage plan of this step's options on the grid of ``multiple``."""
     kept, cost_now = plan.kept(), budget.of(plan)
     # Under a MAC budget the latency model still steers *which* MACs go: an option is worth its
-    # share of the MACs plus its share of the MAC layers' time, so of two removals equally harmless
-    # the one that buys more speed wins; the budget itself stays exact MACs. Shares of the layers'
-    # time, not of the calibrated run time: the calibration run is timed under whatever load the
-    # machine has, and the plan should not change with it.
+    # share of the MACs plus its share of the run time, so of two removals equally harmless the
+    # one that buys more speed wins; the budget itself stays exact MACs.
     blend = budget.kind == "flops" and lat is not None
-    seconds_now, seconds_total = (lat.layers_seconds(kept, plan.ranks), lat.layers_seconds()) if blend else (0.0, 1.0)
+    seconds_now, seconds_total = (lat.seconds(kept, plan.ranks), lat.seconds()) if blend else (0.0, 1.0)
     options, appliers, curves = [], [], {}
     for u in units:
         grid, apply = _grid(a, plan, cfg, budget, lat, scores, u, multiple)
@@ -418,8 +415,8 @@ def _allocate(a: Analysis, plan: Plan, cfg: CompressConfig, budget: Budget, lat:
             apply(cand, k)
             saving[i] = cost_now - budget.of(cand)
             worth[i] = saving[i] / budget.total + (cfg.speed_weight * (
-                seconds_now - lat.layers_seconds(cand.kept(), cand.ranks)) / seconds_total if blend else 0.0)
-        options.append(interpolate(u.name, u.measured, u.damage, grid, worth, cfg.gamma, saving / budget.total))
+                seconds_now - lat.seconds(cand.kept(), cand.ranks)) / seconds_total if blend else 0.0)
+        options.append(interpolate(u.name, u.measured, u.damage, grid, worth, cfg.gamma))
         appliers.append(apply)
         at = np.interp(u.measured, grid, saving) / budget.total
         curves[u.name] = {"removed": [int(k) for k in u.measured], "damage": [float(d) for d in u.damage],

@@ -5,10 +5,7 @@ input size, depthwise or dense) and widths, measured with :mod:`onnxcc.latency` 
 widths — the layer's own and the powers of two down to the narrowest a plan can reach — and
 interpolated bilinearly in log-width. Per-MAC speed varies smoothly along the multiples of the
 backend's block size, which is all a plan keeps (``round_to``), so a few points per site price
-every candidate; the grid and the cache make the table cost seconds once per machine. A per-call
-cost per site, fitted to one extra point (narrow on both sides), keeps thin Convs from looking
-nearly free, and :meth:`LatencyModel.place` scales every Conv to its profiled time inside the
-network (weights out of cache, fused residual Adds).
+every candidate; the grid and the cache make the table cost seconds once per machine.
 
 An SVD pair costs its k×k Cin→r Conv at the site plus the 1×1 r→Cout Conv at the output size,
 times a correction measured on the real pair at the layer's own widths for a few ranks.
@@ -22,14 +19,11 @@ from dataclasses import dataclass
 from typing import Callable
 
 import numpy as np
-from scipy.optimize import brentq
 
 from .analysis.groups import Analysis, Layer
-from .bench import ConvKey
 from .latency import Chain, ConvSpec, LatencyTable, chain_macs
 
 Progress = Callable[[str, int, int], None]
-CONTEXT_LIMIT = 3.0   # an in-network / alone ratio beyond this is a mismatched kernel, not a cost
 
 
 @dataclass(frozen=True)
@@ -104,12 +98,10 @@ class LatencyModel:
                 pairs[layer.key] = [(r, (site.size, (ConvSpec(layer.cin, r, site.kernel, site.stride),
                                                      ConvSpec(r, layer.cout, 1, 1)))) for r in ranks]
         lines = {site: (sorted(cins), sorted(couts)) for site, (cins, couts) in axes.items()}
-        # the narrowest corner of each dense site prices the per-call cost the lines cannot show
         requests = list(dict.fromkeys(
             (site, ci, co) for site, (cins, couts) in lines.items()
             for ci, co in ([(c, c) for c in cins] if site.depthwise else
-                           [(c, couts[-1]) for c in cins] + [(cins[-1], c) for c in couts]
-                           + [(cins[0], couts[0])])))
+                           [(c, couts[-1]) for c in cins] + [(cins[-1], c) for c in couts])))
         if progress:
             progress("measuring layer latencies", 0, 1)
         pair_chains = [ch for rs in pairs.values() for _, ch in rs]
@@ -117,21 +109,16 @@ class LatencyModel:
         times, pair_times = measured[:len(requests)], iter(measured[len(requests):])
         if progress:
             progress("measuring layer latencies", 1, 1)
-        seconds = {(s, ci, co): (t, max(chain_macs(s.chain(ci, co)), 1)) for (s, ci, co), t in zip(requests, times)}
+        per_mac = {(s, ci, co): t / max(chain_macs(s.chain(ci, co)), 1) for (s, ci, co), t in zip(requests, times)}
         self.surfaces: dict[Site, _Surface] = {}
-        self.launch: dict[Site, float] = {}
         for site, (cins, couts) in lines.items():
             if site.depthwise:
-                line = [seconds[(site, c, c)][0] / seconds[(site, c, c)][1] for c in cins]
+                line = [per_mac[(site, c, c)] for c in cins]
                 self.surfaces[site] = _Surface(cins, line, [cins[-1]], [line[-1]])
-                continue
-            along_in = [seconds[(site, c, couts[-1])] for c in cins]
-            along_out = [seconds[(site, cins[-1], c)] for c in couts]
-            d = _launch(along_in[0], along_out[0], along_in[-1], seconds[(site, cins[0], couts[0])])
-            self.launch[site] = d
-            self.surfaces[site] = _Surface(cins, [(t - d) / m for t, m in along_in],
-                                           couts, [(t - d) / m for t, m in along_out])
-        self.fallback = float(np.median([t / m for t, m in seconds.values()])) if seconds else 0.0
+            else:
+                self.surfaces[site] = _Surface(cins, [per_mac[(site, c, couts[-1])] for c in cins],
+                                               couts, [per_mac[(site, cins[-1], c)] for c in couts])
+        self.fallback = float(np.median(list(per_mac.values()))) if per_mac else 0.0
         # An SVD pair in a network costs more than its two Convs timed apart (the rank-r tensor
         # between them, two kernel launches): a measured correction per layer and rank.
         self.pair_fix: dict[str, tuple[np.ndarray, np.ndarray]] = {}
@@ -141,15 +128,11 @@ class LatencyModel:
             self.pair_fix[key] = (np.log2([r for r, _ in rs]), np.asarray(ratio))
         self.overhead = 0.0   # seconds of the ops without MACs; see calibrate()
         self.scale = 1.0
-        self.context: dict[str, float] = {}   # layer key -> in-network / alone; see place()
 
     def _conv(self, site: Site, cin: float, cout: float, macs: float) -> float:
-        return self.launch.get(site, 0.0) + macs * self.surfaces[site](cin, cin if site.depthwise else cout)
+        return macs * self.surfaces[site](cin, cin if site.depthwise else cout)
 
     def layer_seconds(self, layer: Layer, kept: dict[int, int], rank: int | None = None) -> float:
-        return self._alone(layer, kept, rank) * self.context.get(layer.key, 1.0)
-
-    def _alone(self, layer: Layer, kept: dict[int, int], rank: int | None = None) -> float:
         a = self.analysis
         site = self.sites.get(layer.key)
         if site is None:
@@ -161,72 +144,24 @@ class LatencyModel:
         x, fix = self.pair_fix[layer.key]
         return self._composed(layer, cin, cout, rank) * float(np.interp(np.log2(rank), x, fix))
 
-    def place(self, kernels: list[tuple[ConvKey, float]]) -> None:
-        """Scale each Conv to what it costs inside this network, from the profiled kernels of one
-        unpruned run (:func:`~onnxcc.bench.conv_kernel_seconds`). Timed alone a Conv finds its
-        weights in cache; in the network they were evicted by the layers before it, and a Conv
-        fused with the residual Add also reads the skip tensor: the deep, weight-heavy Convs of a
-        ResNet measured 10–35% slower in place than alone, which made pruning them look less
-        worth it than it is. Convs are matched by input and weight shape, in execution order."""
-        by_key: dict[ConvKey, list[float]] = {}
-        for key, t in kernels:
-            by_key.setdefault(key, []).append(t)
-        layers: dict[ConvKey, list[Layer]] = {}
-        for layer in self.analysis.layers:
-            site = self.sites.get(layer.key)
-            if site is not None:
-                weight = (layer.cout, layer.cin // layer.group, *site.kernel)
-                layers.setdefault(((1, layer.cin, *site.size), weight), []).append(layer)
-        for key, ls in layers.items():
-            times = by_key.get(key)
-            if not times:
-                continue
-            if len(times) != len(ls):  # fused or reordered beyond pairing: their mean for each
-                times = [float(np.mean(times))] * len(ls)
-            for layer, t in zip(ls, times):
-                alone = self._alone(layer, {})
-                if alone > 0:
-                    self.context[layer.key] = float(np.clip(t / alone, 1 / CONTEXT_LIMIT, CONTEXT_LIMIT))
-
     def _composed(self, layer: Layer, cin: int, cout: int, rank: int) -> float:
         """An SVD pair priced as its k×k Cin→r Conv plus its 1×1 r→Cout Conv."""
         site = self.sites[layer.key]
         first = layer.hw_out * rank * cin * layer.kk
         return self._conv(site, cin, rank, first) + self._conv(site.out(), rank, cout, layer.hw_out * rank * cout)
 
-    def layers_seconds(self, kept: dict[int, int] | None = None, ranks: dict[str, int] | None = None) -> float:
-        """Seconds of the MAC layers alone, as the table prices them (no calibration)."""
-        kept, ranks = kept or {}, ranks or {}
-        return sum(self.layer_seconds(l, kept, ranks.get(l.key)) for l in self.analysis.layers)
-
     def seconds(self, kept: dict[int, int] | None = None, ranks: dict[str, int] | None = None) -> float:
         """Predicted seconds of one run: the MAC layers, scaled, plus the constant overhead."""
-        return self.overhead + self.scale * self.layers_seconds(kept, ranks)
+        kept, ranks = kept or {}, ranks or {}
+        convs = sum(self.layer_seconds(l, kept, ranks.get(l.key)) for l in self.analysis.layers)
+        return self.overhead + self.scale * convs
 
     def calibrate(self, measured: float) -> None:
         """Match the unpruned prediction to one measured run of the whole model: what the layers
         do not explain is overhead (ops without MACs); if they explain more, they are scaled down."""
-        predicted = self.layers_seconds()
+        predicted = sum(self.layer_seconds(l, {}) for l in self.analysis.layers)
         self.scale = min(1.0, measured / predicted) if predicted > 0 else 1.0
         self.overhead = max(measured - predicted, 0.0)
-
-
-def _launch(narrow_in: tuple[float, float], narrow_out: tuple[float, float], full: tuple[float, float],
-            corner: tuple[float, float]) -> float:
-    """Per-call seconds d of a site, from its (seconds, MACs) at the narrow end of each line, at
-    full width and at the narrow corner: the d for which the separable per-MAC surface of
-    ``t − d`` predicts the corner. A Conv narrow on both sides is mostly fixed cost (thread
-    dispatch, the Reorders around it), which a product of two per-MAC lines misses: it priced
-    16→64 1×1 Convs at half their measured time, so plans emptied layers for speed they never
-    gave."""
-    def excess(d: float) -> float:
-        g_in, g_out, g_full = ((t - d) / m for t, m in (narrow_in, narrow_out, full))
-        return d + corner[1] * g_in * g_out / g_full - corner[0]
-
-    top = 0.9 * min(narrow_in[0], narrow_out[0], full[0], corner[0])
-    if excess(0.0) >= 0 or excess(top) <= 0:
-        return 0.0 if excess(0.0) >= 0 else top
-    return float(brentq(excess, 0.0, top, xtol=1e-9))
 
 
 def _site(layer: Layer) -> Site | None:
