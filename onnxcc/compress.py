@@ -379,7 +379,9 @@ def _step(a: Analysis, probe: WeightProbe, plan: Plan, prev: dict[str, np.ndarra
     # interpolated on finer grids, down to single channels.
     best = None
     for multiple in _finer(cfg.round_to):
-        new, curves = _allocate(a, plan, cfg, budget, lat, scores, units, multiple, target, step)
+        grids = ([(grid, apply) for _, grid, apply in coarse] if multiple == cfg.round_to
+                 else [_grid(a, plan, cfg, budget, lat, scores, u, multiple) for u in units])
+        new, curves = _allocate(a, plan, cfg, budget, lat, units, grids, multiple, target, step)
         miss = abs(budget.of(new) - target)
         if best is None or miss < best[0]:
             best = (miss, new, curves)
@@ -397,9 +399,10 @@ def _finer(multiple: int) -> list[int]:
 
 
 def _allocate(a: Analysis, plan: Plan, cfg: CompressConfig, budget: Budget, lat: LatencyModel | None,
-              scores: dict[int, np.ndarray], units: list[_Unit], multiple: int, target: float,
-              step: int) -> tuple[Plan, dict]:
-    """The smallest-damage plan of this step's options on the grid of ``multiple``."""
+              units: list[_Unit], grids: list[tuple[np.ndarray, Callable[[Plan, int], None]]], multiple: int,
+              target: float, step: int) -> tuple[Plan, dict]:
+    """The smallest-damage plan of this step's options on ``grids`` (each unit's amounts at
+    multiples of ``multiple``, see :func:`_grid`)."""
     kept, cost_now = plan.kept(), budget.of(plan)
     # Under a MAC budget the latency model still steers *which* MACs go: an option is worth its
     # share of the MACs plus its share of the run time, so of two removals equally harmless the
@@ -407,8 +410,7 @@ def _allocate(a: Analysis, plan: Plan, cfg: CompressConfig, budget: Budget, lat:
     blend = budget.kind == "flops" and lat is not None
     seconds_now, seconds_total = (lat.seconds(kept, plan.ranks), lat.seconds()) if blend else (0.0, 1.0)
     options, appliers, curves = [], [], {}
-    for u in units:
-        grid, apply = _grid(a, plan, cfg, budget, lat, scores, u, multiple)
+    for u, (grid, apply) in zip(units, grids):
         saving, worth = np.empty(len(grid)), np.empty(len(grid))
         for i, k in enumerate(grid):
             cand = plan.copy()
