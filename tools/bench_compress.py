@@ -1,14 +1,16 @@
 #!/usr/bin/env python
 """Benchmark onnxcc compress on MobileNetV2 (real ImageNet weights) without fine-tuning.
 
-    python tools/bench_compress.py [--flops 0.3] [--steps 3]
+    python tools/bench_compress.py [--flops 0.3] [--steps 3] [--curve 0.1 0.2]
 
 Calibrates on the first 50 of the ai-benchmark wheel's 100 real photos and evaluates on the other
 50 (never seen by the compressor): top-1 agreement with the original, top-1-in-top-5, logit cosine,
 MAC reduction (counted from onnxruntime's runtime shapes, independently of onnxcc's cost model)
 and latency ratio (onnxruntime CPU, 2 threads, batch 1, interleaved rounds). Rows: --method cc /
-prune / decompose, and cc without weight reconstruction (the paper's plain removal).
-Writes tools/results/compress_mobilenetv2.{json,md}. Needs `python tools/fetch_data.py` first.
+prune / decompose, and cc without weight reconstruction (the paper's plain removal); then cc at
+smaller targets (``--curve``), the trade-off a user picks a target from, plotted with the
+--flops row. Writes tools/results/compress_mobilenetv2.{json,md,png}. Needs
+`python tools/fetch_data.py` first.
 """
 from __future__ import annotations
 
@@ -82,35 +84,40 @@ def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--flops", type=float, default=0.3)
     p.add_argument("--steps", type=int, default=3)
+    p.add_argument("--curve", type=float, nargs="*", default=[0.1, 0.2], help="smaller cc targets to plot")
     args = p.parse_args()
     photos = load_photos(models.data_dir() / "photos")
     calib, held = photos[:50], photos[50:]
     orig = onnx.load(str(models.model_path("mobilenetv2")))
     ref = logits(orig, held)
     macs0 = runtime_macs(orig, held)
-    rows = []
-    for label, kw in (("cc", dict(method="cc")), ("prune", dict(method="prune")),
-                      ("decompose", dict(method="decompose")),
-                      ("cc, no reconstruction", dict(method="cc", reconstruct=False))):
+
+    def row(label: str, flops: float, **kw) -> dict:
         t0 = time.perf_counter()
-        res = compress(orig, args.flops, calib=_calibration(orig, calib), steps=args.steps, **kw)
+        res = compress(orig, flops, calib=_calibration(orig, calib), steps=args.steps, **kw)
         secs = time.perf_counter() - t0
         out = logits(res.model, held)
         cos = (ref * out).sum(1) / (np.linalg.norm(ref, axis=1) * np.linalg.norm(out, axis=1))
         top5 = np.argsort(-out, 1)[:, :5]
-        row = {
-            "method": label, "seconds": round(secs, 1),
+        r = {
+            "method": label, "flops": flops, "seconds": round(secs, 1),
             "mac_reduction": round(1 - runtime_macs(res.model, held) / macs0, 4),
             "top1_agreement": round(float((ref.argmax(1) == out.argmax(1)).mean()), 3),
             "top1_in_top5": round(float(np.mean([ref[i].argmax() in top5[i] for i in range(len(ref))])), 3),
             "cosine_mean": round(float(cos.mean()), 4),
             "speedup": round(latency_ratio(orig, res.model, held), 3),
         }
-        print(json.dumps(row), flush=True)
-        rows.append(row)
+        print(json.dumps(r), flush=True)
+        return r
+
+    rows = [row(label, args.flops, **kw) for label, kw in (
+        ("cc", dict(method="cc")), ("prune", dict(method="prune")), ("decompose", dict(method="decompose")),
+        ("cc, no reconstruction", dict(method="cc", reconstruct=False)))]
+    curve = [row("cc", f) for f in sorted(args.curve)] + [rows[0]]
     result = {"model": "mobilenetv2 (ImageNet weights)", "flops": args.flops, "steps": args.steps,
               "calibration": "50 real photos", "evaluation": "50 other real photos",
-              "machine": f"{platform.processor() or platform.machine()}, {platform.node()}", "rows": rows}
+              "machine": f"{platform.processor() or platform.machine()}, {platform.node()}", "rows": rows,
+              "curve": curve}
     out_dir = REPO / "tools" / "results"
     out_dir.mkdir(exist_ok=True)
     (out_dir / "compress_mobilenetv2.json").write_text(json.dumps(result, indent=1))
@@ -121,7 +128,33 @@ def main() -> None:
           "|---|---|---|---|---|---|---|"]
     md += [f"| {r['method']} | {r['mac_reduction']:.1%} | {r['top1_agreement']:.0%} | {r['top1_in_top5']:.0%} | "
            f"{r['cosine_mean']} | {r['speedup']}× | {r['seconds']} |" for r in rows]
+    md += ["", "## cc at other targets", "", "![trade-off](compress_mobilenetv2.png)", "",
+           "| --flops | MACs removed | top-1 agreement | top-1 in top-5 | logit cosine | speedup |",
+           "|---|---|---|---|---|---|"]
+    md += [f"| {r['flops']} | {r['mac_reduction']:.1%} | {r['top1_agreement']:.0%} | {r['top1_in_top5']:.0%} | "
+           f"{r['cosine_mean']} | {r['speedup']}× |" for r in curve]
     (out_dir / "compress_mobilenetv2.md").write_text("\n".join(md) + "\n")
+    plot_curve(curve, out_dir / "compress_mobilenetv2.png")
+
+
+def plot_curve(curve: list[dict], path: Path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    x = [100 * r["mac_reduction"] for r in curve]
+    fig, ax = plt.subplots(figsize=(5, 3.2), dpi=120)
+    for key, label in (("top1_agreement", "top-1 agreement"), ("top1_in_top5", "top-1 in top-5"),
+                       ("cosine_mean", "logit cosine")):
+        ax.plot(x, [r[key] for r in curve], marker="o", label=label)
+    ax.set_xlabel("MACs removed (%)")
+    ax.set_ylim(0, 1.02)
+    ax.set_title("MobileNetV2, onnxcc cc, no fine-tuning (50 held-out photos)", fontsize=9)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
 
 
 def _calibration(model: onnx.ModelProto, x: np.ndarray):
