@@ -42,8 +42,8 @@ from photos import load_photos, load_photos_open_nsfw  # noqa: E402
 from onnxcc.bench import benchmark  # noqa: E402
 from onnxcc.compress import compress  # noqa: E402
 from onnxcc.inspect import inspect_model  # noqa: E402
-from onnxcc.passes.prune import PruneChannelsPass  # noqa: E402
 from onnxcc.latency import machine_info  # noqa: E402
+from onnxcc.passes.prune import PruneChannelsPass  # noqa: E402
 
 
 def pre_softmax(model: onnx.ModelProto) -> onnx.ModelProto:
