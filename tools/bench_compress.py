@@ -65,6 +65,13 @@ def runtime_macs(model: onnx.ModelProto, x: np.ndarray) -> int:
     return total
 
 
+def fidelity(ref: np.ndarray, out: np.ndarray) -> dict:
+    """Top-1 agreement and mean logit cosine of ``out`` against the original's ``ref``."""
+    cos = (ref * out).sum(1) / (np.linalg.norm(ref, axis=1) * np.linalg.norm(out, axis=1) + 1e-30)
+    return {"top1_agreement": round(float((ref.argmax(1) == out.argmax(1)).mean()), 3),
+            "cosine_mean": round(float(cos.mean()), 4)}
+
+
 def latency_ratio(a: onnx.ModelProto, b: onnx.ModelProto, x: np.ndarray, rounds: int = 20, per: int = 10) -> float:
     sa, sb = session(a), session(b)
     feed = {sa.get_inputs()[0].name: x[:1]}
@@ -97,14 +104,12 @@ def main() -> None:
         res = compress(orig, flops, calib=_calibration(orig, calib), steps=args.steps, **kw)
         secs = time.perf_counter() - t0
         out = logits(res.model, held)
-        cos = (ref * out).sum(1) / (np.linalg.norm(ref, axis=1) * np.linalg.norm(out, axis=1))
         top5 = np.argsort(-out, 1)[:, :5]
         r = {
             "method": label, "flops": flops, "seconds": round(secs, 1),
             "mac_reduction": round(1 - runtime_macs(res.model, held) / macs0, 4),
-            "top1_agreement": round(float((ref.argmax(1) == out.argmax(1)).mean()), 3),
+            **fidelity(ref, out),
             "top1_in_top5": round(float(np.mean([ref[i].argmax() in top5[i] for i in range(len(ref))])), 3),
-            "cosine_mean": round(float(cos.mean()), 4),
             "speedup": round(latency_ratio(orig, res.model, held), 3),
         }
         print(json.dumps(r), flush=True)

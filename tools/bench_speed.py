@@ -36,7 +36,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(REPO), str(REPO / "tools")]
 
 import models  # noqa: E402
-from bench_compress import _calibration, logits, runtime_macs  # noqa: E402
+from bench_compress import _calibration, fidelity, logits, runtime_macs  # noqa: E402
 from photos import load_photos, load_photos_open_nsfw  # noqa: E402
 
 from onnxcc.bench import benchmark  # noqa: E402
@@ -57,12 +57,6 @@ def pre_softmax(model: onnx.ModelProto) -> onnx.ModelProto:
     del m.graph.output[:]
     m.graph.output.append(onnx.helper.make_empty_tensor_value_info(producer.input[0]))
     return m
-
-
-def fidelity(ref: np.ndarray, out: np.ndarray) -> dict:
-    cos = (ref * out).sum(1) / (np.linalg.norm(ref, axis=1) * np.linalg.norm(out, axis=1) + 1e-30)
-    return {"top1_agreement": round(float((ref.argmax(1) == out.argmax(1)).mean()), 3),
-            "cosine_mean": round(float(cos.mean()), 4)}
 
 
 def onnxcc_rows(orig: onnx.ModelProto, calib: np.ndarray, held: np.ndarray, ref: np.ndarray,
