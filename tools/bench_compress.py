@@ -118,7 +118,7 @@ def main() -> None:
     rows = [row(label, args.flops, **kw) for label, kw in (
         ("cc", dict(method="cc")), ("prune", dict(method="prune")), ("decompose", dict(method="decompose")),
         ("cc, no reconstruction", dict(method="cc", reconstruct=False)))]
-    curve = [row("cc", f) for f in sorted(args.curve)] + [rows[0]]
+    curve = sorted([row("cc", f) for f in set(args.curve) - {args.flops}] + [rows[0]], key=lambda r: r["flops"])
     result = {"model": "mobilenetv2 (ImageNet weights)", "flops": args.flops, "steps": args.steps,
               "calibration": "50 real photos", "evaluation": "50 other real photos",
               "machine": f"{platform.processor() or platform.machine()}, {platform.node()}", "rows": rows,
