@@ -192,3 +192,12 @@ def test_coarse_multiples_fall_back_to_finer_ones_near_the_target(name):
     allocation then refines its grid instead of overshooting the target."""
     res = compress(GRAPHS[name](13), 0.3, steps=1, round_to=16)
     assert abs(res.report["totals"]["mac_reduction"] - 0.3) <= 0.01
+
+
+def test_report_depthwise_inputs_follow_pruned_outputs():
+    model = GRAPHS["tiny_mobilenet"](13)
+    depthwise = {l.name for l in normalized_analysis(model)[1].layers if l.group > 1}
+    res = compress(model, 0.4, steps=1, round_to=1)
+    dw = [l for l in res.report["layers"] if l["name"] in depthwise]
+    assert dw and any(l["out_channels"][1] < l["out_channels"][0] for l in dw)
+    assert all(l["in_channels"][1] == l["out_channels"][1] for l in dw)

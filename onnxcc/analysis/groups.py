@@ -123,8 +123,10 @@ class Analysis:
 
     def channels(self, layer: Layer, kept: dict[int, int]) -> tuple[int, int]:
         """(in, out) channels of ``layer`` when groups keep ``kept`` channels."""
-        return (int(round(layer.cin * self.fraction(layer.red_layout, kept))),
-                int(round(layer.cout * self.fraction(layer.out_layout, kept))))
+        out_f = self.fraction(layer.out_layout, kept)
+        # a grouped conv reduces within its groups only: its inputs go with its outputs
+        in_f = out_f if layer.group > 1 and layer.red_layout is None else self.fraction(layer.red_layout, kept)
+        return int(round(layer.cin * in_f)), int(round(layer.cout * out_f))
 
     def layer_macs(self, layer: Layer, kept: dict[int, int], rank: int | None = None) -> float:
         """MACs of ``layer`` when groups keep ``kept`` channels and the conv has ``rank``."""
