@@ -16,6 +16,7 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any, Callable
 
@@ -362,15 +363,21 @@ def _step(a: Analysis, probe: WeightProbe, plan: Plan, prev: dict[str, np.ndarra
         kmax = int(grid[-1])
         u.measured = sorted({int(grid[np.argmin(np.abs(grid[1:] - f * kmax)) + 1]) for f in cfg.fractions})
 
-    total, done = sum(len(u.measured) for u in units), 0
-    for u, _, apply in coarse:
-        for k in u.measured:
-            cand = plan.copy()
-            apply(cand, k)
-            u.damage.append(probe.damage({**weights, **plan_weights(probe, cand, stats, u.touched)}) - base)
-            done += 1
-            if progress:
-                progress(f"step {step}/{cfg.steps}: measuring", done, total)
+    jobs = [(u, apply, k) for u, _, apply in coarse for k in u.measured]
+
+    def candidate(u: _Unit, apply: Callable[[Plan, int], None], k: int) -> dict[str, np.ndarray]:
+        cand = plan.copy()
+        apply(cand, k)
+        return plan_weights(probe, cand, stats, u.touched)
+
+    done = iter(range(1, len(jobs) + 1))
+
+    def tick() -> None:
+        if progress:
+            progress(f"step {step}/{cfg.steps}: measuring", next(done), len(jobs))
+    damages = probe.damages(weights, [(u.touched, partial(candidate, u, apply, k)) for u, apply, k in jobs], tick)
+    for (u, _, _), d in zip(jobs, damages):
+        u.damage.append(d - base)
     if not units:
         return plan, {}
 

@@ -36,19 +36,23 @@ def providers_for(provider: str) -> list[str]:
 
 
 def make_session(model: onnx.ModelProto | bytes, provider: str = "cpu", threads: int = 0,
-                 optimize: bool = True, profile_prefix: str | None = None):
+                 optimize: str = "all", profile_prefix: str | None = None, arena: bool = True):
     """A session whose idle threads do not spin, so interleaved sessions do not steal cores.
 
-    With ``profile_prefix`` onnxruntime's profiler writes its trace there."""
+    ``optimize``: onnxruntime's graph optimisation level, "all", "extended" or "none". With
+    ``profile_prefix`` onnxruntime's profiler writes its trace there. Without ``arena`` memory
+    goes back after each run instead of staying with the session (for many live sessions)."""
     ort = _ort()
     so = ort.SessionOptions()
     so.log_severity_level = 3
     if threads:
         so.intra_op_num_threads = threads
     so.inter_op_num_threads = 1
+    so.enable_cpu_mem_arena = arena
     so.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    so.graph_optimization_level = (ort.GraphOptimizationLevel.ORT_ENABLE_ALL if optimize
-                                   else ort.GraphOptimizationLevel.ORT_DISABLE_ALL)
+    so.graph_optimization_level = {"all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
+                                   "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
+                                   "none": ort.GraphOptimizationLevel.ORT_DISABLE_ALL}[optimize]
     if profile_prefix:
         so.enable_profiling = True
         so.profile_file_prefix = profile_prefix

@@ -7,12 +7,14 @@ tests) — and, where calibration statistics are known, refits the kept ones by 
 low-rank candidate feeds the activation-aware rank-r weight. Damage is the relative squared
 error of the outputs, judged as :mod:`onnxcc.outputs` says (logits, channels standardised).
 
-Each measurement is an independent job (a feed dict in, a number out), so the loop can fan out.
+Each measurement is an independent job (a feed dict in, a number out), so the loop can fan out;
+candidates run from cached activations of the nodes they cannot change (:mod:`onnxcc.suffix`).
 """
 from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
+from typing import Callable
 
 import numpy as np
 import onnx
@@ -23,11 +25,13 @@ from .outputs import Standardizer
 from .outputs import targets as output_targets
 from .reconstruct import _ridge, refit, rows, second_moments, whitener
 from .runtime import expose_outputs, make_session
+from .suffix import SuffixRunner
 
 log = logging.getLogger(__name__)
 
 ROWS_PER_UNKNOWN = 4
 MIN_REFIT_FRACTION = 0.05   # the smallest kept fraction compress allows (its min_keep)
+RUN_BATCH = 8               # samples per onnxruntime run where the model's batch is dynamic
 
 
 @dataclass
@@ -105,7 +109,11 @@ class WeightProbe:
         self.session = make_session(self.model, provider, threads)
         self.feeds = feeds
         self.stat_feeds = stat_feeds if stat_feeds is not None else feeds
-        self.batched = batched
+        self.batch = RUN_BATCH if batched else 1
+        shapes = analysis.view.shapes   # one sample's; float32 is close enough to size the cache
+        self.suffixes = SuffixRunner(self.model, feeds, self.targets,
+                                     lambda t: 4 * int(np.prod(shapes.get(t, (1,)))), provider, threads,
+                                     self.batch)
         self._svd_cache: dict[tuple, tuple[np.ndarray, np.ndarray, np.ndarray]] = {}
         self._original_acts: dict[str, np.ndarray] | None = None
         # the original outputs, each kept (standardised) by the comparison it serves
@@ -115,16 +123,33 @@ class WeightProbe:
              feeds: dict[str, np.ndarray] | None = None) -> list[np.ndarray]:
         feeds = self.feeds if feeds is None else feeds
         n = len(next(iter(feeds.values())))
-        step = 8 if self.batched else 1
-        parts = [self.session.run(outputs, {**{k: v[i:i + step] for k, v in feeds.items()}, **weights})
-                 for i in range(0, n, step)]
+        parts = [self.session.run(outputs, {**{k: v[i:i + self.batch] for k, v in feeds.items()}, **weights})
+                 for i in range(0, n, self.batch)]
         return [np.concatenate([p[j] for p in parts]) for j in range(len(outputs))]
 
     def outputs(self, weights: dict[str, np.ndarray]) -> list[np.ndarray]:
         return self._run({**self.original, **weights}, self.targets)
 
     def damage(self, weights: dict[str, np.ndarray]) -> float:
-        return float(np.mean([std.relative_error(o) for o, std in zip(self.outputs(weights), self.standardizers)]))
+        return self._damage_of(self.outputs(weights))
+
+    def _damage_of(self, outputs: list[np.ndarray]) -> float:
+        return float(np.mean([std.relative_error(o) for o, std in zip(outputs, self.standardizers)]))
+
+    def damages(self, base: dict[str, np.ndarray], changes: list[tuple[set[str], Callable[[], dict]]],
+                done: Callable[[], None] | None = None) -> list[float]:
+        """Damage of ``{**base, **build()}`` for each (layer keys, build) in ``changes``; only the
+        nodes from the first changed layer on are run, from cached activations under ``base``."""
+        views = [[self.views[k] for k in keys if k in self.views] for keys, _ in changes]
+        names = [[w for v in vs for w in (v.weight, v.bias) if w] for vs in views]
+        out = [0.0] * len(changes)
+        runs = self.suffixes.outputs({**self.original, **base}, [(n, b) for n, (_, b) in zip(names, changes)],
+                                     self._run)
+        for i, outputs in runs:
+            out[i] = self._damage_of(outputs)
+            if done:
+                done()
+        return out
 
     def statistics(self, weights: dict[str, np.ndarray], full: set[str]) -> "Stats":
         """Per layer: E[p²] of every input column; the full second-moment matrix for ``full``."""

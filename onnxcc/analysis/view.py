@@ -133,7 +133,7 @@ def build_view(model: onnx.ModelProto, input_shapes: dict[str, tuple[int, ...]],
     feeds = feeds if feeds is not None else random_feeds(model, input_shapes)
     names = [t.name for n in graph.nodes for t in n.outputs if t.name]
     try:
-        sess = make_session(expose_outputs(model, names), optimize=False)
+        sess = make_session(expose_outputs(model, names), optimize="none")
         outs = sess.run(None, feeds)
     except Exception as e:  # noqa: BLE001 - onnxruntime raises its own exception types
         raise UnsupportedModelError(f"onnxruntime cannot run the model at input shapes "

@@ -1,0 +1,144 @@
+"""Re-run only the part of a graph that changed weights can reach.
+
+A sensitivity candidate changes the weights of a few layers; every node before the first of them
+computes exactly what it computed under the step's base weights. The tensors that cross such a
+cut are cached from one run of the nodes before it (one run serves as many cuts as the cache
+holds) and a session of the nodes from the cut on computes the outputs: measuring open-nsfw's
+candidates takes about half the time of whole runs.
+
+Models whose ops carry subgraphs (If/Loop/Scan read outer-scope tensors that the cut analysis
+does not see) are always run whole.
+"""
+from __future__ import annotations
+
+from typing import Callable, Iterator, Sequence
+
+import numpy as np
+import onnx
+
+from .runtime import make_session
+
+CACHE_BYTES = 768 << 20     # cut tensors held at once (every calibration sample)
+Weights = dict[str, np.ndarray]
+RunWhole = Callable[[Weights, list[str]], list[np.ndarray]]   # (weights, outputs) -> outputs over all samples
+
+
+class SuffixRunner:
+    """Target outputs of weight changes, each computed from the first node its weights feed."""
+
+    def __init__(self, model: onnx.ModelProto, feeds: dict[str, np.ndarray], targets: list[str],
+                 sample_bytes: Callable[[str], int], provider: str = "cpu", threads: int = 0,
+                 batch: int = 8) -> None:
+        g = model.graph
+        self.model, self.feeds, self.targets = model, feeds, targets
+        self.provider, self.threads, self.batch = provider, threads, batch
+        self.nodes = list(g.node)
+        self.enabled = not any(a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS)
+                               for n in self.nodes for a in n.attribute)
+        self.initializers = {i.name: i for i in g.initializer}
+        self.graph_inputs = {i.name: i for i in g.input}
+        self.produced = {name: -1 for name in feeds}          # tensor -> index of its node (-1: fed)
+        self.first_use: dict[str, int] = {}
+        self.last_use: dict[str, int] = {}
+        for i, n in enumerate(self.nodes):
+            for t in n.input:
+                if t:
+                    self.first_use.setdefault(t, i)
+                    self.last_use[t] = i
+            for t in n.output:
+                self.produced[t] = i
+        self.sample_bytes = sample_bytes
+        self._sessions: dict[tuple, tuple[object, list[str], list[str]]] = {}
+
+    def cut(self, changed: Sequence[str]) -> int:
+        """Index of the first node that reads any of the ``changed`` inputs."""
+        return min((self.first_use[n] for n in changed if n in self.first_use), default=0)
+
+    def boundary(self, cut: int) -> list[str]:
+        """Tensors computed before ``cut`` that nodes from ``cut`` on, or the outputs, need."""
+        crossing = [t for t, p in self.produced.items() if p < cut and self.last_use.get(t, -1) >= cut]
+        done = [t for t in self.targets if self.produced.get(t, cut) < cut and t not in crossing]
+        return crossing + done
+
+    def outputs(self, base: Weights, changes: list[tuple[Sequence[str], Callable[[], Weights]]],
+                run_whole: RunWhole) -> Iterator[tuple[int, list[np.ndarray]]]:
+        """(index into ``changes``, target outputs) for every change, in the order of their cuts.
+
+        A change is (names of the inputs it changes, a function building its weights); its
+        outputs are those of ``{**base, **weights}``. Changes of the first node are run whole."""
+        cuts = [self.cut(names) if self.enabled else 0 for names, _ in changes]
+        order = sorted(range(len(changes)), key=lambda i: cuts[i])
+        for chunk in self._chunks(sorted({c for c in cuts if c > 0})):
+            cache = self._crossing(chunk, base)
+            for c in chunk:
+                for i in (i for i in order if cuts[i] == c):
+                    yield i, self._outputs_from(c, cache, {**base, **changes[i][1]()})
+        for i in (i for i in order if cuts[i] == 0):
+            yield i, run_whole({**base, **changes[i][1]()}, self.targets)
+
+    def _chunks(self, cuts: list[int]) -> Iterator[list[int]]:
+        """Consecutive cuts whose crossing tensors (all samples) fit in the cache together."""
+        n = len(next(iter(self.feeds.values())))
+        chunk, held = [], set()
+        for c in cuts:
+            more = held | set(self.boundary(c))
+            if chunk and sum(self.sample_bytes(t) for t in more) * n > CACHE_BYTES:
+                yield chunk
+                chunk, more = [], set(self.boundary(c))
+            chunk.append(c)
+            held = more
+        if chunk:
+            yield chunk
+
+    def _crossing(self, chunk: list[int], base: Weights) -> list[dict[str, np.ndarray]]:
+        """Per batch of samples: the tensors crossing the chunk's cuts under ``base``, from the
+        nodes before its last cut. Kept per batch: shape tensors and scalars have no batch axis."""
+        names = list(dict.fromkeys(t for c in chunk for t in self.boundary(c)))
+        wanted = [t for t in names if t not in self.feeds]
+        return [{**feeds, **dict(zip(wanted, self._run(0, max(chunk), wanted, base, feeds)))}
+                for feeds in self._batches()]
+
+    def _outputs_from(self, cut: int, cache: list[dict[str, np.ndarray]], weights: Weights) -> list[np.ndarray]:
+        outs = [t for t in self.targets if self.produced.get(t, -1) >= cut]
+        parts = [dict(zip(outs, self._run(cut, len(self.nodes), outs, weights, values))) for values in cache]
+        return [np.concatenate([p[t] if t in p else values[t] for p, values in zip(parts, cache)])
+                for t in self.targets]
+
+    def _batches(self) -> list[dict[str, np.ndarray]]:
+        n = len(next(iter(self.feeds.values())))
+        return [{k: v[i:i + self.batch] for k, v in self.feeds.items()} for i in range(0, n, self.batch)]
+
+    def _run(self, start: int, stop: int, outs: list[str], weights: Weights,
+             values: dict[str, np.ndarray]) -> list[np.ndarray]:
+        """``outs`` of the nodes [start, stop) for one batch; what they read from before
+        ``start`` comes from ``values``, weights from ``weights``."""
+        session, crossing, fixed = self._session(start, stop, tuple(outs), values)
+        return session.run(list(outs), {**{k: weights[k] for k in fixed}, **{k: values[k] for k in crossing}})
+
+    def _session(self, start: int, stop: int, outs: tuple[str, ...],
+                 values: dict[str, np.ndarray]) -> tuple[object, list[str], list[str]]:
+        key = (start, stop, outs)
+        if key not in self._sessions:
+            nodes = self.nodes[start:stop]
+            used = list(dict.fromkeys(t for n in nodes for t in n.input if t))
+            crossing = [t for t in used if t in self.produced and self.produced[t] < start]
+            fixed = [t for t in used if t in self.graph_inputs and t not in self.produced]
+            inputs = [_value_info(t, values[t]) for t in crossing]
+            inputs += [self.graph_inputs[t] for t in fixed]
+            graph = onnx.helper.make_graph(nodes, f"nodes_{start}_{stop}", inputs,
+                                           [onnx.helper.make_empty_tensor_value_info(t) for t in outs],
+                                           [self.initializers[t] for t in used if t in self.initializers])
+            sub = onnx.helper.make_model(graph, opset_imports=self.model.opset_import,
+                                         ir_version=self.model.ir_version)
+            sub.functions.extend(self.model.functions)
+            # Level "all" drops a Conv output that is also a graph output when the Conv's weight
+            # is an input (onnxruntime 1.32), and cut tensors are such outputs. Many of these
+            # sessions live at once: none keeps an arena at its peak.
+            session = make_session(sub, self.provider, self.threads, optimize="extended", arena=False)
+            self._sessions[key] = (session, crossing, fixed)
+        return self._sessions[key]
+
+
+def _value_info(name: str, value: np.ndarray) -> onnx.ValueInfoProto:
+    # no shape: the last batch may be smaller, and shape tensors have no batch axis
+    return onnx.helper.make_tensor_value_info(name, onnx.helper.np_dtype_to_tensor_dtype(value.dtype), None)
