@@ -138,6 +138,11 @@ class LatencyModel:
         if site is None:
             return a.layer_macs(layer, kept, rank) * self.fallback
         cin, cout = a.channels(layer, kept)
+        if site.depthwise:
+            # Priced per MAC at the unpruned width. At its pruned width a narrow depthwise conv
+            # looks dear, which bought no speed on MobileNetV2 (1.36x vs 1.37x at --flops 0.3)
+            # and steered cuts to where they hurt more (top-1 agreement 0.80 vs 0.90 at 0.2).
+            cin = layer.cin
         cin, cout = max(cin, 1), max(cout, 1)
         if rank is None:
             return self._conv(site, cin, cout, a.layer_macs(layer, kept))
