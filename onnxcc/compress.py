@@ -141,12 +141,12 @@ def compress(model: onnx.ModelProto | str | Path, flops: float | None = None,
     for step in range(1, cfg.steps + 1):
         plan, step_curves = _step(a, probe, plan, weights, cfg, budget, speed, step, progress)
         curves.append(step_curves)
-        weights = plan_weights(probe, plan, _statistics(probe, weights, cfg.reconstruct))
+        weights = _emulate(probe, plan, weights, cfg.reconstruct)[0]
     _drop_useless_ranks(a, plan, speed, strict=budget.kind == "flops")
     # Refit once more with statistics of the final plan, then make it physical: the emulated
     # weights go into the graph, pruning slices them, and a plain SVD at rank r recovers the
     # (already rank-r) factors exactly.
-    weights = plan_weights(probe, plan, _statistics(probe, weights, cfg.reconstruct))
+    weights = _emulate(probe, plan, weights, cfg.reconstruct)[0]
     reweighted = ReplaceInitializersPass(weights)(ins.model)
     pruned = PruneChannelsPass(a, plan.keep)(reweighted.model)
     fact = FactorizeConvPass(plan.ranks)(pruned.model)
@@ -291,9 +291,26 @@ def _thin(grid: np.ndarray, most: int = 65) -> np.ndarray:
     return grid[np.unique(np.round(np.linspace(0, len(grid) - 1, most)).astype(int))]
 
 
-def _statistics(probe: WeightProbe, weights: dict[str, np.ndarray], reconstruct: bool) -> Stats:
-    """Layer-input statistics under ``weights``; full second moments when reconstructing."""
-    return probe.statistics(weights, set(probe.views) if reconstruct else set())
+def _emulate(probe: WeightProbe, plan: Plan, prev: dict[str, np.ndarray],
+             reconstruct: bool) -> tuple[dict[str, np.ndarray], Stats]:
+    """The plan's weights, refit from layer-input statistics under ``prev``, and the statistics.
+
+    Refits that make the outputs worse than plain removal are dropped: a tiny network's few
+    calibration rows can make the least-squares problem ill-posed (weights 10x the original's,
+    outputs off by orders of magnitude). They are judged on the sensitivity samples, which the
+    refits never see."""
+    stats = probe.statistics(prev, set(probe.views) if reconstruct else set())
+    weights = plan_weights(probe, plan, stats)
+    if not stats.moments or not (plan.keep or plan.ranks):
+        return weights, stats
+    plain_stats = Stats(stats.energy, {}, stats.rows)
+    plain = plan_weights(probe, plan, plain_stats)
+    refit_damage, plain_damage = probe.damage(weights), probe.damage(plain)
+    if plain_damage < refit_damage:
+        log.info("least-squares refits dropped: output error %.4g with them, %.4g without",
+                 refit_damage, plain_damage)
+        return plain, plain_stats
+    return weights, stats
 
 
 TARGET_TOLERANCE = 0.004   # share of the total a step may miss its target by before its grids get finer
@@ -346,8 +363,7 @@ def _grid(a: Analysis, plan: Plan, cfg: CompressConfig, budget: Budget, lat: Lat
 def _step(a: Analysis, probe: WeightProbe, plan: Plan, prev: dict[str, np.ndarray], cfg: CompressConfig,
           budget: Budget, lat: LatencyModel | None, step: int, progress: Progress | None) -> tuple[Plan, dict]:
     target = budget.target(step / cfg.steps)
-    stats = _statistics(probe, prev, cfg.reconstruct)
-    weights = plan_weights(probe, plan, stats)
+    weights, stats = _emulate(probe, plan, prev, cfg.reconstruct)
     base = probe.damage(weights) if (plan.keep or plan.ranks) else 0.0
     scores = channel_scores(probe, plan, weights, stats)
     probe.forget_svds()  # this step's weights and statistics differ from the last

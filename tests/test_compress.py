@@ -201,3 +201,24 @@ def test_report_depthwise_inputs_follow_pruned_outputs():
     dw = [l for l in res.report["layers"] if l["name"] in depthwise]
     assert dw and any(l["out_channels"][1] < l["out_channels"][0] for l in dw)
     assert all(l["in_channels"][1] == l["out_channels"][1] for l in dw)
+
+
+def test_refits_that_hurt_the_outputs_are_dropped(monkeypatch):
+    """Ill-posed least-squares refits (here: targets scrambled) give way to plain removal."""
+    from onnxcc.compress import _emulate
+    from onnxcc.sensitivity import Stats
+
+    model = GRAPHS["tiny_resnet"](13)
+    res = compress(model, 0.4, steps=1, round_to=1)
+    norm, a = normalized_analysis(model)
+    probe = WeightProbe(a, norm, random_feeds(model, seed=3, batch=1), batched=False)
+    honest = probe.statistics({}, set(probe.views))
+    weights, stats = _emulate(probe, res.plan, {}, True)
+    assert stats.moments and probe.damage(weights) <= probe.damage(plan_weights(probe, res.plan))
+
+    scrambled = Stats(honest.energy, {k: (S, -50 * C) for k, (S, C) in honest.moments.items()}, honest.rows)
+    monkeypatch.setattr(probe, "statistics", lambda *_: scrambled)
+    weights, stats = _emulate(probe, res.plan, {}, True)
+    assert not stats.moments
+    plain = plan_weights(probe, res.plan, stats)
+    assert all(np.array_equal(weights[k], plain[k]) for k in plain)
