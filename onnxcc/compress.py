@@ -429,9 +429,11 @@ def _allocate(a: Analysis, plan: Plan, cfg: CompressConfig, budget: Budget, lat:
     kept, cost_now = plan.kept(), budget.of(plan)
     # Under a MAC budget the latency model still steers *which* MACs go: an option is worth its
     # share of the MACs plus its share of the run time, so of two removals equally harmless the
-    # one that buys more speed wins; the budget itself stays exact MACs.
+    # one that buys more speed wins; the budget itself stays exact MACs. Shares of the table's
+    # seconds, not of the calibrated total: the live timing behind the calibration varies with
+    # the machine's load, and the same command must give the same plan.
     blend = budget.kind == "flops" and lat is not None
-    seconds_now, seconds_total = (lat.seconds(kept, plan.ranks), lat.seconds()) if blend else (0.0, 1.0)
+    seconds_now, seconds_total = (lat.layers_seconds(kept, plan.ranks), lat.layers_seconds()) if blend else (0.0, 1.0)
     options, appliers, curves = [], [], {}
     for u, (grid, apply) in zip(units, grids):
         saving, worth = np.empty(len(grid)), np.empty(len(grid))
@@ -440,7 +442,7 @@ def _allocate(a: Analysis, plan: Plan, cfg: CompressConfig, budget: Budget, lat:
             apply(cand, k)
             saving[i] = cost_now - budget.of(cand)
             worth[i] = saving[i] / budget.total + (cfg.speed_weight * (
-                seconds_now - lat.seconds(cand.kept(), cand.ranks)) / seconds_total if blend else 0.0)
+                seconds_now - lat.layers_seconds(cand.kept(), cand.ranks)) / seconds_total if blend else 0.0)
         options.append(interpolate(u.name, u.measured, u.damage, grid, worth, cfg.gamma))
         appliers.append(apply)
         at = np.interp(u.measured, grid, saving) / budget.total

@@ -155,16 +155,19 @@ class LatencyModel:
         first = layer.hw_out * rank * cin * layer.kk
         return self._conv(site, cin, rank, first) + self._conv(site.out(), rank, cout, layer.hw_out * rank * cout)
 
+    def layers_seconds(self, kept: dict[int, int] | None = None, ranks: dict[str, int] | None = None) -> float:
+        """The MAC layers' seconds by the table alone (no calibration)."""
+        kept, ranks = kept or {}, ranks or {}
+        return sum(self.layer_seconds(l, kept, ranks.get(l.key)) for l in self.analysis.layers)
+
     def seconds(self, kept: dict[int, int] | None = None, ranks: dict[str, int] | None = None) -> float:
         """Predicted seconds of one run: the MAC layers, scaled, plus the constant overhead."""
-        kept, ranks = kept or {}, ranks or {}
-        convs = sum(self.layer_seconds(l, kept, ranks.get(l.key)) for l in self.analysis.layers)
-        return self.overhead + self.scale * convs
+        return self.overhead + self.scale * self.layers_seconds(kept, ranks)
 
     def calibrate(self, measured: float) -> None:
         """Match the unpruned prediction to one measured run of the whole model: what the layers
         do not explain is overhead (ops without MACs); if they explain more, they are scaled down."""
-        predicted = sum(self.layer_seconds(l, {}) for l in self.analysis.layers)
+        predicted = self.layers_seconds()
         self.scale = min(1.0, measured / predicted) if predicted > 0 else 1.0
         self.overhead = max(measured - predicted, 0.0)
 

@@ -102,3 +102,25 @@ def test_cli_compress_corpus_model_lands_on_target(name, tmp_path):
     check_model_full(compressed)
     feeds = random_feeds(original)
     assert abs(1 - runtime_macs(compressed, feeds) / runtime_macs(original, feeds) - 0.3) <= 0.01
+
+
+@pytest.mark.slow
+@pytest.mark.realmodel
+def test_flops_plan_does_not_follow_the_machines_load(monkeypatch):
+    """The whole-model timing that calibrates the latency model varies with load (4.3 vs 7.1 ms
+    for MobileNetV2 in one session); under --flops the plan must not follow it."""
+    require_data("mobilenetv2")
+    import models
+    import numpy as np
+
+    from onnxcc.compress import compress
+    from onnxcc.latency_model import LatencyModel
+
+    calibrate = LatencyModel.calibrate
+    plans = []
+    for load in (1.0, 4.0):
+        monkeypatch.setattr(LatencyModel, "calibrate", lambda self, s, k=load: calibrate(self, s * k))
+        res = compress(str(models.model_path("mobilenetv2")), 0.3, calib=str(models.calib_path("mobilenetv2")),
+                       steps=2, threads=2)
+        plans.append(({g: np.flatnonzero(m).tolist() for g, m in res.plan.keep.items()}, res.plan.ranks))
+    assert plans[0] == plans[1]
