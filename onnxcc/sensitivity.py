@@ -100,7 +100,8 @@ class WeightProbe:
         kept_inits = [i for i in probe.graph.initializer if i.name not in names]
         del probe.graph.initializer[:]
         probe.graph.initializer.extend(kept_inits)
-        for n in sorted(names):
+        declared = {i.name for i in probe.graph.input}   # IR < 4 lists initializers as inputs too
+        for n in sorted(names - declared):
             t = inits[n]
             probe.graph.input.append(onnx.helper.make_tensor_value_info(n, t.data_type, list(t.dims)))
         self.targets = [t.tensor for t in output_targets(model)]

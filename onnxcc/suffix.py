@@ -122,14 +122,16 @@ class SuffixRunner:
             nodes = self.nodes[start:stop]
             used = list(dict.fromkeys(t for n in nodes for t in n.input if t))
             crossing = [t for t in used if t in self.produced and self.produced[t] < start]
-            fixed = [t for t in used if t in self.graph_inputs and t not in self.produced]
+            fixed = [t for t in used if t in self.graph_inputs and t not in self.produced
+                     and t not in self.initializers]
             inputs = [_value_info(t, values[t]) for t in crossing]
             inputs += [self.graph_inputs[t] for t in fixed]
             graph = onnx.helper.make_graph(nodes, f"nodes_{start}_{stop}", inputs,
                                            [onnx.helper.make_empty_tensor_value_info(t) for t in outs],
                                            [self.initializers[t] for t in used if t in self.initializers])
+            # IR 4 lets the initializers stay out of the inputs
             sub = onnx.helper.make_model(graph, opset_imports=self.model.opset_import,
-                                         ir_version=self.model.ir_version)
+                                         ir_version=max(self.model.ir_version, 4))
             sub.functions.extend(self.model.functions)
             # Level "all" drops a Conv output that is also a graph output when the Conv's weight
             # is an input (onnxruntime 1.32), and cut tensors are such outputs. Many of these

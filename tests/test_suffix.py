@@ -63,3 +63,15 @@ def test_damages_from_cuts_with_a_partial_last_batch(name):
     probe = WeightProbe(a, norm, feeds, batched=True)
     assert _check(probe) > 0
     assert probe.suffixes.enabled
+
+
+@pytest.mark.parametrize("name", ["tiny_resnet", "reshape_gemm"])
+def test_damages_from_cuts_on_ir3_graphs(name):
+    """IR < 4: every initializer is also a graph input (a shape constant among them)."""
+    model = GRAPHS[name](OPSETS_TO_TRY[name][0])
+    model.ir_version = 3
+    model.graph.input.extend(onnx.helper.make_tensor_value_info(i.name, i.data_type, list(i.dims))
+                             for i in model.graph.initializer)
+    norm, a = normalized_analysis(model)
+    probe = WeightProbe(a, norm, random_feeds(model, seed=1), batched=False)
+    assert _check(probe) > 0
