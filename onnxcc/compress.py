@@ -29,7 +29,7 @@ from .analysis.view import graph_inputs
 from .calib import Calibration, ImagePreprocess, load_calibration
 from .errors import TargetUnreachableError, UnsupportedModelError, UsageError
 from .bench import benchmark
-from .inspect import inspect_model, is_quantized
+from .inspect import inspect_model, quantized_ops
 from .io import load_model
 from .latency import best_multiple, latency_table
 from .latency_model import LatencyModel
@@ -220,8 +220,9 @@ def _sample_split(fit: Calibration, cfg: CompressConfig) -> tuple[dict, dict]:
 
 
 def _check_model(model: onnx.ModelProto) -> None:
-    if is_quantized(model):
-        raise UnsupportedModelError("the model is already quantized (QuantizeLinear/QLinearConv...); "
+    found = quantized_ops(model)
+    if found:
+        raise UnsupportedModelError(f"the model is already quantized ({', '.join(found)}); "
                                     "compress the float model, then quantize")
     if not any(n.op_type == "Conv" for n in model.graph.node):
         raise UnsupportedModelError("the model has no Conv layer: onnxcc compresses convolutional networks")

@@ -65,8 +65,13 @@ def _frozen_reasons(a: Analysis, layer) -> list[str]:
     return sorted({r for g in layer.out_groups + layer.in_groups for r in a.groups[g].frozen})[:2]
 
 
+def quantized_ops(model: onnx.ModelProto) -> list[str]:
+    """The quantization ops of ``model`` (none for a float model)."""
+    return sorted({n.op_type for n in model.graph.node if n.op_type in QUANTIZED_OPS})
+
+
 def is_quantized(model: onnx.ModelProto) -> bool:
-    return any(n.op_type in QUANTIZED_OPS for n in model.graph.node)
+    return bool(quantized_ops(model))
 
 
 def inspect_model(model: onnx.ModelProto | str | os.PathLike,
