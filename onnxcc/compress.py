@@ -293,8 +293,9 @@ def _thin(grid: np.ndarray, most: int = 65) -> np.ndarray:
 
 
 def _emulate(probe: WeightProbe, plan: Plan, prev: dict[str, np.ndarray],
-             reconstruct: bool) -> tuple[dict[str, np.ndarray], Stats]:
-    """The plan's weights, refit from layer-input statistics under ``prev``, and the statistics.
+             reconstruct: bool) -> tuple[dict[str, np.ndarray], Stats, float | None]:
+    """The plan's weights, refit from layer-input statistics under ``prev``; the statistics; and
+    the weights' damage where telling refit from plain removal measured it (else None).
 
     Refits that make the outputs worse than plain removal are dropped: a tiny network's few
     calibration rows can make the least-squares problem ill-posed (weights 10x the original's,
@@ -303,15 +304,15 @@ def _emulate(probe: WeightProbe, plan: Plan, prev: dict[str, np.ndarray],
     stats = probe.statistics(prev, set(probe.views) if reconstruct else set())
     weights = plan_weights(probe, plan, stats)
     if not stats.moments or not (plan.keep or plan.ranks):
-        return weights, stats
+        return weights, stats, None
     plain_stats = Stats(stats.energy, {}, stats.rows)
     plain = plan_weights(probe, plan, plain_stats)
     refit_damage, plain_damage = probe.damage(weights), probe.damage(plain)
     if plain_damage < refit_damage:
         log.info("least-squares refits dropped: output error %.4g with them, %.4g without",
                  refit_damage, plain_damage)
-        return plain, plain_stats
-    return weights, stats
+        return plain, plain_stats, plain_damage
+    return weights, stats, refit_damage
 
 
 TARGET_TOLERANCE = 0.004   # share of the total a step may miss its target by before its grids get finer
@@ -364,8 +365,9 @@ def _grid(a: Analysis, plan: Plan, cfg: CompressConfig, budget: Budget, lat: Lat
 def _step(a: Analysis, probe: WeightProbe, plan: Plan, prev: dict[str, np.ndarray], cfg: CompressConfig,
           budget: Budget, lat: LatencyModel | None, step: int, progress: Progress | None) -> tuple[Plan, dict]:
     target = budget.target(step / cfg.steps)
-    weights, stats = _emulate(probe, plan, prev, cfg.reconstruct)
-    base = probe.damage(weights) if (plan.keep or plan.ranks) else 0.0
+    weights, stats, base = _emulate(probe, plan, prev, cfg.reconstruct)
+    if base is None:
+        base = probe.damage(weights) if (plan.keep or plan.ranks) else 0.0
     scores = channel_scores(probe, plan, weights, stats)
     probe.forget_svds()  # this step's weights and statistics differ from the last
     units = []

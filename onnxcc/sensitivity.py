@@ -113,8 +113,8 @@ class WeightProbe:
         self.batch = RUN_BATCH if batched else 1
         shapes = analysis.view.shapes   # one sample's; float32 is close enough to size the cache
         self.suffixes = SuffixRunner(self.model, feeds, self.targets,
-                                     lambda t: 4 * int(np.prod(shapes.get(t, (1,)))), provider, threads,
-                                     self.batch)
+                                     lambda t: 4 * int(np.prod(shapes.get(t, (1,)))), self.batch,
+                                     provider, threads)
         self._svd_cache: dict[tuple, tuple[np.ndarray, np.ndarray, np.ndarray]] = {}
         self._original_acts: dict[str, np.ndarray] | None = None
         # the original outputs, each kept (standardised) by the comparison it serves

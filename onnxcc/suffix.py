@@ -27,8 +27,8 @@ class SuffixRunner:
     """Target outputs of weight changes, each computed from the first node its weights feed."""
 
     def __init__(self, model: onnx.ModelProto, feeds: dict[str, np.ndarray], targets: list[str],
-                 sample_bytes: Callable[[str], int], provider: str = "cpu", threads: int = 0,
-                 batch: int = 8) -> None:
+                 sample_bytes: Callable[[str], int], batch: int, provider: str = "cpu",
+                 threads: int = 0) -> None:
         g = model.graph
         self.model, self.feeds, self.targets = model, feeds, targets
         self.provider, self.threads, self.batch = provider, threads, batch

@@ -213,12 +213,13 @@ def test_refits_that_hurt_the_outputs_are_dropped(monkeypatch):
     norm, a = normalized_analysis(model)
     probe = WeightProbe(a, norm, random_feeds(model, seed=3, batch=1), batched=False)
     honest = probe.statistics({}, set(probe.views))
-    weights, stats = _emulate(probe, res.plan, {}, True)
+    weights, stats, damage = _emulate(probe, res.plan, {}, True)
+    assert damage == probe.damage(weights)
     assert stats.moments and probe.damage(weights) <= probe.damage(plan_weights(probe, res.plan))
 
     scrambled = Stats(honest.energy, {k: (S, -50 * C) for k, (S, C) in honest.moments.items()}, honest.rows)
     monkeypatch.setattr(probe, "statistics", lambda *_: scrambled)
-    weights, stats = _emulate(probe, res.plan, {}, True)
+    weights, stats, _ = _emulate(probe, res.plan, {}, True)
     assert not stats.moments
     plain = plan_weights(probe, res.plan, stats)
     assert all(np.array_equal(weights[k], plain[k]) for k in plain)
