@@ -123,7 +123,7 @@ def cmd_compress(args: argparse.Namespace) -> int:
     t, f = result.report["totals"], result.report["fidelity"]
     out.print(f"[bold green]wrote[/] {args.output}: MACs {fmt_count(t['macs_before'])} → {fmt_count(t['macs_after'])} "
               f"([bold]{t['mac_reduction']:.1%}[/] removed), params {fmt_count(t['params_before'])} → "
-              f"{fmt_count(t['params_after'])}; held-out cosine {f['cosine_mean']}"
+              f"{fmt_count(t['params_after'])}; held-out cosine {f['cosine_mean']}, relative error {f['rel_l2']}"
               + (f", top-1 agreement {f['top1_agreement']:.1%}" if "top1_agreement" in f else "")
               + f"; {t['latency']['speedup']:.2f}× faster here ({t['latency']['ms_before']:.2f} → "
               f"{t['latency']['ms_after']:.2f} ms); report in {report_dir}/")

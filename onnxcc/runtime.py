@@ -60,6 +60,13 @@ def make_session(model: onnx.ModelProto | bytes, provider: str = "cpu", threads:
     return ort.InferenceSession(data, so, providers=providers_for(provider))
 
 
+def quiet_run():
+    """Run options under which a failing run raises without onnxruntime logging the error."""
+    ro = _ort().RunOptions()
+    ro.log_severity_level = 4
+    return ro
+
+
 def expose_outputs(model: onnx.ModelProto, names: Iterable[str]) -> onnx.ModelProto:
     """A copy of ``model`` whose graph also outputs the named intermediate tensors."""
     m = onnx.ModelProto()

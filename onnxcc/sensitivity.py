@@ -24,7 +24,7 @@ from .analysis.groups import Analysis, Layer
 from .outputs import Standardizer
 from .outputs import targets as output_targets
 from .reconstruct import _ridge, refit, rows, second_moments, whitener
-from .runtime import expose_outputs, make_session
+from .runtime import expose_outputs, make_session, quiet_run
 from .suffix import SuffixRunner
 
 log = logging.getLogger(__name__)
@@ -111,6 +111,7 @@ class WeightProbe:
         self.feeds = feeds
         self.stat_feeds = stat_feeds if stat_feeds is not None else feeds
         self.batch = RUN_BATCH if batched else 1
+        reference = self._reference_outputs()
         shapes = analysis.view.shapes   # one sample's; float32 is close enough to size the cache
         self.suffixes = SuffixRunner(self.model, feeds, self.targets,
                                      lambda t: 4 * int(np.prod(shapes.get(t, (1,)))), self.batch,
@@ -118,14 +119,38 @@ class WeightProbe:
         self._svd_cache: dict[tuple, tuple[np.ndarray, np.ndarray, np.ndarray]] = {}
         self._original_acts: dict[str, np.ndarray] | None = None
         # the original outputs, each kept (standardised) by the comparison it serves
-        self.standardizers = [Standardizer(r) for r in self._run(self.original, self.targets)]
+        self.standardizers = [Standardizer(r) for r in reference]
+
+    def _reference_outputs(self) -> list[np.ndarray]:
+        """The original outputs. Batched runs are kept only where they give what single samples
+        give: a dynamic batch axis can meet a batch fixed inside the graph (a Reshape to
+        [1, -1], an RNN state held as a constant of batch 1), which fails or, worse, mixes samples."""
+        if self.batch > 1:
+            n = len(next(iter(self.feeds.values())))
+            k = min(self.batch, n)
+            single = self._run(self.original, self.targets, {name: v[:k] for name, v in self.feeds.items()}, 1)
+            try:
+                batched = self._run(self.original, self.targets, quiet=True)
+                if all(b.shape[1:] == s.shape[1:] and len(b) == n and
+                       np.allclose(b[:k], s, rtol=1e-3, atol=1e-4 * (np.abs(s).max() + 1e-30))
+                       for b, s in zip(batched, single)):
+                    return batched
+            except Exception as e:  # noqa: BLE001 - onnxruntime raises several types
+                log.info("batched runs fail: %s", str(e).splitlines()[0][:200])
+            log.info("running one sample at a time: batches of %d do not reproduce single runs", self.batch)
+            self.batch = 1
+        return self._run(self.original, self.targets)
 
     def _run(self, weights: dict[str, np.ndarray], outputs: list[str],
-             feeds: dict[str, np.ndarray] | None = None) -> list[np.ndarray]:
+             feeds: dict[str, np.ndarray] | None = None, batch: int | None = None,
+             quiet: bool = False) -> list[np.ndarray]:
+        """``quiet``: a failure only raises (onnxruntime logs nothing), for runs allowed to fail."""
         feeds = self.feeds if feeds is None else feeds
+        batch = self.batch if batch is None else batch
         n = len(next(iter(feeds.values())))
-        parts = [self.session.run(outputs, {**{k: v[i:i + self.batch] for k, v in feeds.items()}, **weights})
-                 for i in range(0, n, self.batch)]
+        options = quiet_run() if quiet else None
+        parts = [self.session.run(outputs, {**{k: v[i:i + batch] for k, v in feeds.items()}, **weights}, options)
+                 for i in range(0, n, batch)]
         return [np.concatenate([p[j] for p in parts]) for j in range(len(outputs))]
 
     def outputs(self, weights: dict[str, np.ndarray]) -> list[np.ndarray]:

@@ -65,6 +65,12 @@ def test_bad_input_shape(small_model, spec):
     assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1
 
 
+def test_pinning_a_declared_dim_says_how_to_free_it(small_model):
+    r = onnxcc("info", small_model, "--input-shape", "1,3,97,97")   # tiny_resnet declares a fixed size
+    assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1
+    assert "cannot change" in r.stderr and "dynamic axes" in r.stderr
+
+
 def test_unknown_option_is_one_line(small_model):
     r = onnxcc("info", small_model, "--bogus")
     assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1

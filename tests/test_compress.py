@@ -45,7 +45,9 @@ def test_target_reached_within_two_points(name, method):
     assert abs(res.report["totals"]["mac_reduction"] - 0.4) <= 0.02
 
 
-def test_widths_and_ranks_land_on_multiples():
+def test_widths_and_ranks_land_on_multiples(monkeypatch):
+    # finer grids are only for targets the multiples miss: here they may miss by 5%
+    monkeypatch.setattr("onnxcc.compress.TARGET_TOLERANCE", 0.05)
     res = compress(GRAPHS["tiny_resnet"](13), 0.4, steps=1, round_to=4)
     for gid, m in res.plan.keep.items():
         assert m.sum() % 4 == 0 or m.sum() < 4
@@ -237,3 +239,13 @@ def test_ir3_model_with_initializers_as_inputs():
     feeds = random_feeds(model)
     assert abs(1 - runtime_macs(res.model, feeds) / runtime_macs(model, feeds) - 0.3) <= 0.01
     assert all(np.isfinite(o).all() for o in run(res.model, feeds))
+
+
+@pytest.mark.parametrize("cosine,rel_l2,warned", [(0.99, 0.1, False), (0.8, 0.6, True), (1.0, 0.69, True)])
+def test_low_fidelity_is_reported_by_cosine_or_relative_error(caplog, cosine, rel_l2, warned):
+    """A speech score, one value per sample: every per-sample cosine is 1 whatever the error."""
+    from onnxcc.compress import CompressConfig, _warn_results
+    report = {"totals": {"mac_reduction": 0.3, "latency": {"speedup": 1.2}},
+              "fidelity": {"cosine_mean": cosine, "rel_l2": rel_l2}}
+    _warn_results(CompressConfig(flops=0.3), report)
+    assert ("fidelity is low" in caplog.text) == warned

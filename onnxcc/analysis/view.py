@@ -57,7 +57,11 @@ def resolve_input_shapes(model: onnx.ModelProto,
                 raise InputShapeError(f"input {vi.name!r} has rank {len(dims)}, got shape {shape}")
             for d, s in zip(dims, shape):
                 if d.HasField("dim_value") and d.dim_value != s and d.dim_value > 0:
-                    raise InputShapeError(f"input {vi.name!r} has fixed dim {d.dim_value}, pinned to {s}")
+                    declared = [x.dim_value if x.HasField("dim_value") else (x.dim_param or "?") for x in dims]
+                    raise InputShapeError(
+                        f"input {vi.name!r} is declared with fixed shape {declared}, which --input-shape "
+                        f"{','.join(map(str, shape))} cannot change: export it with dynamic axes or make them "
+                        "symbolic (onnx.tools.update_model_dims.update_inputs_outputs_dims)")
             shapes[vi.name] = shape
             continue
         out = []
