@@ -98,17 +98,13 @@ def give_back(options: list[Options], choice: list[int], cost_of: Callable[[list
 
 
 def land_near(options: list[Options], choice: list[int], cost_of: Callable[[list[int]], float],
-              target: float, slack: float, max_moves: int = 20) -> list[int]:
-    """Move single units one option back or forward while that lands closer to the target, never
-    more than ``slack`` above it: where one option of a narrow layer is worth several points of
-    the total, the budget-meeting choice can sit far below the target and a plan within the
-    tolerance just above it."""
-    def moves(ch: list[int]):
-        for i, c in enumerate(ch):
-            for d in (-1, 1):
-                if 0 <= c + d < len(options[i].amounts):
-                    yield ch[:i] + [c + d] + ch[i + 1:]
-
+              target: float, slack: float, max_moves: int = 20, pairs_checked: int = 8) -> list[int]:
+    """Move units one option back or forward while that lands closer to the target, never more
+    than ``slack`` above it: where one option of a narrow layer is worth several points of the
+    total, the budget-meeting choice can sit far below the target and a plan within the
+    tolerance just above it. Where no single move helps, one unit steps back while another
+    steps forward (the least added damage first, ranked by the options' standalone savings and
+    checked on the joint cost): three channels of one layer for three of another."""
     def closer(trial: list[int], miss: float) -> bool:
         cost = cost_of(trial)
         return cost <= target + slack and abs(cost - target) < miss - 1e-9 * max(abs(target), 1.0)
@@ -116,11 +112,45 @@ def land_near(options: list[Options], choice: list[int], cost_of: Callable[[list
     best = list(choice)
     for _ in range(max_moves):
         miss = abs(cost_of(best) - target)
-        step = next((t for t in moves(best) if closer(t, miss)), None)
+        step = next((t for t in _single_moves(options, best) if closer(t, miss)), None)
+        if step is None:
+            cost = cost_of(best)
+            ranked = sorted((dd, i, j) for i, j, dc, dd in _pair_moves(options, best)
+                            if abs(cost + dc - target) < miss and cost + dc <= target + slack)
+            trials = (_traded(best, i, j) for _, i, j in ranked[:pairs_checked])
+            step = next((t for t in trials if closer(t, miss)), None)
         if step is None:
             break
         best = step
     return best
+
+
+def _single_moves(options: list[Options], ch: list[int]):
+    for i, c in enumerate(ch):
+        for d in (-1, 1):
+            if 0 <= c + d < len(options[i].amounts):
+                yield ch[:i] + [c + d] + ch[i + 1:]
+
+
+def _pair_moves(options: list[Options], ch: list[int]):
+    """(i, j, predicted cost change, damage change) for unit i one option back, j one forward."""
+    for i, ci in enumerate(ch):
+        if ci == 0:
+            continue
+        oi = options[i]
+        back_cost, back_damage = oi.saving[ci] - oi.saving[ci - 1], oi.damage[ci] - oi.damage[ci - 1]
+        for j, cj in enumerate(ch):
+            oj = options[j]
+            if j != i and cj + 1 < len(oj.amounts):
+                yield (i, j, float(back_cost - (oj.saving[cj + 1] - oj.saving[cj])),
+                       float(oj.damage[cj + 1] - oj.damage[cj] - back_damage))
+
+
+def _traded(ch: list[int], back: int, forward: int) -> list[int]:
+    out = list(ch)
+    out[back] -= 1
+    out[forward] += 1
+    return out
 
 
 def fit_exponential(x: np.ndarray, y: np.ndarray) -> tuple[float, float] | None:
