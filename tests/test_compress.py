@@ -227,17 +227,20 @@ def test_refits_that_hurt_the_outputs_are_dropped(monkeypatch):
     assert all(np.array_equal(weights[k], plain[k]) for k in plain)
 
 
-def test_ir3_model_with_initializers_as_inputs():
+@pytest.mark.parametrize("name,opset", [("tiny_resnet", 7), ("tiny_mobilenet", 8), ("conv_bn", 7), ("se_block", 8)])
+def test_ir3_model_with_initializers_as_inputs(name, opset):
     """Exports of IR < 4 list every initializer as a graph input too (the ONNX model zoo's
-    older models): the probe must not declare the weights twice."""
-    model = GRAPHS["tiny_resnet"](7)
+    older models, opsets 7 and 8): the probe must not declare the weights twice."""
+    model = GRAPHS[name](opset)
     model.ir_version = 3
     model.graph.input.extend(onnx.helper.make_tensor_value_info(i.name, i.data_type, list(i.dims))
                              for i in model.graph.initializer)
     res = compress(model, 0.3, steps=2, round_to=1)
     check_model_full(res.model)
+    assert [i.version for i in res.model.opset_import] == [opset]
     feeds = random_feeds(model)
-    assert abs(1 - runtime_macs(res.model, feeds) / runtime_macs(model, feeds) - 0.3) <= 0.01
+    removed = 1 - runtime_macs(res.model, feeds) / runtime_macs(model, feeds)
+    assert 0.3 - TARGET_TOLERANCE <= removed <= 0.4   # conv_bn's and se_block's channels are 4-8% each
     assert all(np.isfinite(o).all() for o in run(res.model, feeds))
 
 
