@@ -74,3 +74,22 @@ def test_a_network_of_1d_convs_compresses_without_the_latency_model():
     check_model_full(res.model)
     assert abs(res.report["totals"]["mac_reduction"] - 0.3) <= 0.015
     assert "predicted_ms_before" not in res.report["totals"]["latency"]
+
+
+def test_an_output_with_the_batch_on_a_later_axis_is_measured_sample_by_sample():
+    """A CRNN's (T, N, C) output: concatenating batches of 8 and a last batch of 3 along the
+    first axis cannot work, and single samples define the comparison."""
+    rng = np.random.default_rng(0)
+    inits = [_init("w1", (8, 4, 3, 3), rng), _init("w2", (8, 8, 3, 3), rng)]
+    nodes = [helper.make_node("Conv", ["x", "w1"], ["c1"], pads=[1] * 4), helper.make_node("Relu", ["c1"], ["r1"]),
+             helper.make_node("Conv", ["r1", "w2"], ["c2"], pads=[1] * 4),
+             helper.make_node("Transpose", ["c2"], ["y"], perm=[3, 0, 1, 2])]
+    g = helper.make_graph(nodes, "seq_first", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 4, 6, 6])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, [6, "N", 8, 6])], inits)
+    model = helper.make_model(g, opset_imports=[helper.make_opsetid("", 13)])
+    norm, a = normalized_analysis(model)
+    x = rng.standard_normal((RUN_BATCH + 3, 4, 6, 6)).astype(np.float32)
+    probe = WeightProbe(a, norm, {"x": x}, batched=True)
+    assert probe.batch == 1
+    singles = np.concatenate([run(model, {"x": x[i:i + 1]})[0] for i in range(len(x))])
+    np.testing.assert_allclose(probe.outputs({})[0], singles, rtol=1e-5, atol=1e-5)
