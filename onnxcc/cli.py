@@ -9,7 +9,10 @@ import argparse
 import json
 import logging
 import sys
+import time
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Callable, Iterator
 
 from rich.console import Console
 from rich.table import Table
@@ -100,12 +103,7 @@ def cmd_compress(args: argparse.Namespace) -> int:
         train = load_npz(args.finetune)   # fail on bad data before minutes of compression
     pp = ImagePreprocess(size=tuple(args.image_size), mean=tuple(args.mean), std=tuple(args.std),
                          scale=args.scale, layout=args.layout, bgr=args.bgr)
-    with _progress_bar() as bar:
-        task = bar.add_task("measuring", total=None)
-
-        def progress(desc: str, done: int, total: int) -> None:
-            bar.update(task, description=desc, completed=done, total=total)
-
+    with _progress() as progress:
         result = compress(model, args.flops, latency=args.latency, calib=args.calib,
                           input_shape=parse_input_shapes(args.input_shape), method=args.method,
                           steps=args.steps, provider=args.provider, seed=args.seed, progress=progress,
@@ -130,22 +128,40 @@ def cmd_compress(args: argparse.Namespace) -> int:
     return 0
 
 
-def _progress_bar():
+@contextmanager
+def _progress() -> Iterator[Callable[[str, int, int], None]]:
+    """A progress callback: a rich bar on a terminal, plain lines on stdout otherwise."""
+    if not err.is_terminal:
+        yield _LineProgress()
+        return
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-    return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                    console=err, transient=True, disable=not err.is_terminal)
+    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                  console=err, transient=True) as bar:
+        task = bar.add_task("starting", total=None)
+        yield lambda desc, done, total: bar.update(task, description=desc, completed=done, total=total)
+
+
+class _LineProgress:
+    """Progress where no bar can show (a log file, CI, a pipe): a line when the work changes and
+    at most every ``every`` seconds within it, so an hour of measuring is not an hour of silence.
+    On stdout: stderr is kept for the one line of an error."""
+
+    def __init__(self, every: float = 30.0) -> None:
+        self.every, self.desc, self.last, self.start = every, None, 0.0, time.monotonic()
+
+    def __call__(self, desc: str, done: int, total: int) -> None:
+        now = time.monotonic()
+        if desc == self.desc and now - self.last < self.every:
+            return
+        self.desc, self.last = desc, now
+        print(f"[{now - self.start:6.0f} s] {desc} {done}/{total}", flush=True)
 
 
 def cmd_finetune(args: argparse.Namespace) -> int:
     from .finetune import run_finetune_cli
 
-    with _progress_bar() as bar:
-        task = bar.add_task("fine-tuning", total=None)
-
-        def progress(desc: str, done: int, total: int) -> None:
-            bar.update(task, description=desc, completed=done, total=total)
-
+    with _progress() as progress:
         r = run_finetune_cli(args.model, args.teacher, args.data, args.output, epochs=args.epochs, lr=args.lr,
                              batch_size=args.batch_size, val_path=args.val, device=args.device, progress=progress)
     h = r["history"]

@@ -134,6 +134,8 @@ def test_cli_compress_writes_model_and_report(tmp_path):
     rep = json.loads((tmp_path / "rep" / "report.json").read_text())
     assert rep["totals"]["macs_after"] < rep["totals"]["macs_before"]
     assert (tmp_path / "rep" / "report.md").exists()
+    # no terminal here: progress comes as plain lines on stdout, stderr keeps to warnings
+    assert "step 1/2: measuring" in r.stdout and "step 2/2: measuring" in r.stdout and "measuring" not in r.stderr
 
 
 @pytest.mark.parametrize("case", ["same_output", "missing_folder", "bad_flops", "bad_calib", "empty_model"])
