@@ -18,7 +18,7 @@ import time
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import numpy as np
 import onnx
@@ -235,7 +235,19 @@ def _check_model(model: onnx.ModelProto) -> None:
         raise UnsupportedModelError(f"the model is already quantized ({', '.join(found)}); "
                                     "compress the float model, then quantize")
     if not any(n.op_type == "Conv" for n in model.graph.node):
-        raise UnsupportedModelError("the model has no Conv layer: onnxcc compresses convolutional networks")
+        nested = any(n.op_type == "Conv" for n in _subgraph_nodes(model.graph))
+        raise UnsupportedModelError(
+            "the model's Convs all sit inside If/Loop/Scan branches, which onnxcc does not compress"
+            if nested else "the model has no Conv layer: onnxcc compresses convolutional networks")
+
+
+def _subgraph_nodes(graph: onnx.GraphProto) -> Iterator[onnx.NodeProto]:
+    """Nodes of the branches and bodies inside ``graph``, at any depth."""
+    for n in graph.node:
+        for attr in n.attribute:
+            for g in list(attr.graphs) + ([attr.g] if attr.HasField("g") else []):
+                yield from g.node
+                yield from _subgraph_nodes(g)
 
 
 def _dynamic_batch(model: onnx.ModelProto) -> bool:

@@ -92,6 +92,19 @@ def test_model_without_conv():
         compress(g.make_model(graph, opset_imports=[g.make_opsetid("", 13)]), 0.3)
 
 
+def test_model_whose_convs_sit_in_branches_says_so():
+    """silero-vad: every Conv inside an If, one branch per sample rate."""
+    g = onnx.helper
+    w = onnx.numpy_helper.from_array(np.ones((2, 1, 3), np.float32), "w")
+    branch = g.make_graph([g.make_node("Conv", ["x", "w"], ["y1"])], "b", [], [g.make_tensor_value_info("y1", 1, None)])
+    other = g.make_graph([g.make_node("Identity", ["x"], ["y2"])], "o", [], [g.make_tensor_value_info("y2", 1, None)])
+    graph = g.make_graph([g.make_node("If", ["c"], ["y"], then_branch=branch, else_branch=other)], "g",
+                         [g.make_tensor_value_info("x", 1, [1, 1, 8]), g.make_tensor_value_info("c", 9, [])],
+                         [g.make_tensor_value_info("y", 1, None)], [w])
+    with pytest.raises(UnsupportedModelError, match="inside If/Loop/Scan"):
+        compress(g.make_model(graph, opset_imports=[g.make_opsetid("", 13)]), 0.3)
+
+
 def test_quantized_model_refused():
     model = GRAPHS["conv_chain"](13)
     g = onnx.helper
