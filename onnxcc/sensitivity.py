@@ -25,7 +25,7 @@ from .outputs import Standardizer
 from .outputs import targets as output_targets
 from .reconstruct import _ridge, refit, rows, second_moments, whitener
 from .runtime import expose_outputs, make_session, quiet_run
-from .suffix import SuffixRunner
+from .suffix import SuffixRunner, batches
 
 log = logging.getLogger(__name__)
 
@@ -125,21 +125,25 @@ class WeightProbe:
         """The original outputs. Batched runs are kept only where they give what single samples
         give: a dynamic batch axis can meet a batch fixed inside the graph (a Reshape to
         [1, -1], an RNN state held as a constant of batch 1), which fails or, worse, mixes samples."""
-        if self.batch > 1:
-            n = len(next(iter(self.feeds.values())))
-            k = min(self.batch, n)
-            single = self._run(self.original, self.targets, {name: v[:k] for name, v in self.feeds.items()}, 1)
-            try:
-                batched = self._run(self.original, self.targets, quiet=True)
-                if all(b.shape[1:] == s.shape[1:] and len(b) == n and
-                       np.allclose(b[:k], s, rtol=1e-3, atol=1e-4 * (np.abs(s).max() + 1e-30))
-                       for b, s in zip(batched, single)):
-                    return batched
-            except Exception as e:  # noqa: BLE001 - onnxruntime raises several types
-                log.info("batched runs fail: %s", str(e).splitlines()[0][:200])
-            log.info("running one sample at a time: batches of %d do not reproduce single runs", self.batch)
-            self.batch = 1
-        return self._run(self.original, self.targets)
+        if self.batch == 1:
+            return self._run(self.original, self.targets)
+        n = len(next(iter(self.feeds.values())))
+        k = min(self.batch, n)
+        single = self._run(self.original, self.targets, {name: v[:k] for name, v in self.feeds.items()}, 1)
+        try:
+            batched = self._run(self.original, self.targets, quiet=True)
+            if all(b.shape[1:] == s.shape[1:] and len(b) == n and
+                   np.allclose(b[:k], s, rtol=1e-3, atol=1e-4 * (np.abs(s).max() + 1e-30))
+                   for b, s in zip(batched, single)):
+                return batched
+        except Exception as e:  # noqa: BLE001 - onnxruntime raises several types
+            log.info("batched runs fail: %s", str(e).splitlines()[0][:200])
+        log.info("running one sample at a time: batches of %d do not reproduce single runs", self.batch)
+        self.batch = 1
+        if k == n:
+            return single
+        rest = self._run(self.original, self.targets, {name: v[k:] for name, v in self.feeds.items()})
+        return [np.concatenate([s, r]) for s, r in zip(single, rest)]
 
     def _run(self, weights: dict[str, np.ndarray], outputs: list[str],
              feeds: dict[str, np.ndarray] | None = None, batch: int | None = None,
@@ -147,10 +151,8 @@ class WeightProbe:
         """``quiet``: a failure only raises (onnxruntime logs nothing), for runs allowed to fail."""
         feeds = self.feeds if feeds is None else feeds
         batch = self.batch if batch is None else batch
-        n = len(next(iter(feeds.values())))
         options = quiet_run() if quiet else None
-        parts = [self.session.run(outputs, {**{k: v[i:i + batch] for k, v in feeds.items()}, **weights}, options)
-                 for i in range(0, n, batch)]
+        parts = [self.session.run(outputs, {**part, **weights}, options) for part in batches(feeds, batch)]
         return [np.concatenate([p[j] for p in parts]) for j in range(len(outputs))]
 
     def outputs(self, weights: dict[str, np.ndarray]) -> list[np.ndarray]:

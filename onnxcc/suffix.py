@@ -23,6 +23,12 @@ Weights = dict[str, np.ndarray]
 RunWhole = Callable[[Weights, list[str]], list[np.ndarray]]   # (weights, outputs) -> outputs over all samples
 
 
+def batches(feeds: dict[str, np.ndarray], size: int) -> list[dict[str, np.ndarray]]:
+    """``feeds`` cut into runs of ``size`` samples (the last may be shorter)."""
+    n = len(next(iter(feeds.values())))
+    return [{k: v[i:i + size] for k, v in feeds.items()} for i in range(0, n, size)]
+
+
 class SuffixRunner:
     """Target outputs of weight changes, each computed from the first node its weights feed."""
 
@@ -96,17 +102,13 @@ class SuffixRunner:
         names = list(dict.fromkeys(t for c in chunk for t in self.boundary(c)))
         wanted = [t for t in names if t not in self.feeds]
         return [{**feeds, **dict(zip(wanted, self._run(0, max(chunk), wanted, base, feeds)))}
-                for feeds in self._batches()]
+                for feeds in batches(self.feeds, self.batch)]
 
     def _outputs_from(self, cut: int, cache: list[dict[str, np.ndarray]], weights: Weights) -> list[np.ndarray]:
         outs = [t for t in self.targets if self.produced.get(t, -1) >= cut]
         parts = [dict(zip(outs, self._run(cut, len(self.nodes), outs, weights, values))) for values in cache]
         return [np.concatenate([p[t] if t in p else values[t] for p, values in zip(parts, cache)])
                 for t in self.targets]
-
-    def _batches(self) -> list[dict[str, np.ndarray]]:
-        n = len(next(iter(self.feeds.values())))
-        return [{k: v[i:i + self.batch] for k, v in self.feeds.items()} for i in range(0, n, self.batch)]
 
     def _run(self, start: int, stop: int, outs: list[str], weights: Weights,
              values: dict[str, np.ndarray]) -> list[np.ndarray]:
