@@ -16,35 +16,46 @@ def _init(name: str, shape, rng) -> onnx.TensorProto:
     return numpy_helper.from_array((rng.standard_normal(shape) * 0.3).astype(np.float32), name)
 
 
-def _fixed_batch_inside(reshape_to: list[int]) -> onnx.ModelProto:
-    """x(N, 4, 6, 6) -> Conv -> Relu -> Conv -> Reshape(reshape_to) [-> Gemm]: the declared batch
-    is dynamic, the Reshape's constant shape is not."""
+def _two_convs(name: str, tail: list[onnx.NodeProto], tail_inits: list[onnx.TensorProto], out: str,
+               out_shape: list) -> onnx.ModelProto:
+    """x(N, 4, 6, 6) -> Conv -> Relu -> Conv -> c2, then ``tail`` from c2 to ``out``."""
     rng = np.random.default_rng(0)
-    inits = [_init("w1", (8, 4, 3, 3), rng), _init("w2", (8, 8, 3, 3), rng),
-             numpy_helper.from_array(np.array(reshape_to, np.int64), "shape")]
+    inits = [_init("w1", (8, 4, 3, 3), rng), _init("w2", (8, 8, 3, 3), rng)] + tail_inits
     nodes = [helper.make_node("Conv", ["x", "w1"], ["c1"], pads=[1] * 4), helper.make_node("Relu", ["c1"], ["r1"]),
-             helper.make_node("Conv", ["r1", "w2"], ["c2"], pads=[1] * 4),
-             helper.make_node("Reshape", ["c2", "shape"], ["flat"])]
-    out, shape = "flat", [1, 288]
-    if reshape_to[-1] != -1:
-        inits.append(_init("wg", (10, 288), rng))
-        nodes.append(helper.make_node("Gemm", ["flat", "wg"], ["y"], transB=1))
-        out, shape = "y", [1, 10]
-    g = helper.make_graph(nodes, "fixed_batch_inside",
-                          [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 4, 6, 6])],
-                          [helper.make_tensor_value_info(out, TensorProto.FLOAT, shape)], inits)
+             helper.make_node("Conv", ["r1", "w2"], ["c2"], pads=[1] * 4)] + tail
+    g = helper.make_graph(nodes, name, [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 4, 6, 6])],
+                          [helper.make_tensor_value_info(out, TensorProto.FLOAT, out_shape)], inits)
     return helper.make_model(g, opset_imports=[helper.make_opsetid("", 13)])
+
+
+def _fixed_batch_inside(reshape_to: list[int]) -> onnx.ModelProto:
+    """Two Convs -> Reshape(reshape_to) [-> Gemm]: the declared batch is dynamic, the Reshape's
+    constant shape is not."""
+    tail = [helper.make_node("Reshape", ["c2", "shape"], ["flat"])]
+    inits = [numpy_helper.from_array(np.array(reshape_to, np.int64), "shape")]
+    if reshape_to[-1] == -1:
+        return _two_convs("fixed_batch_inside", tail, inits, "flat", [1, 288])
+    tail.append(helper.make_node("Gemm", ["flat", "wg"], ["y"], transB=1))
+    inits.append(_init("wg", (10, 288), np.random.default_rng(1)))
+    return _two_convs("fixed_batch_inside", tail, inits, "y", [1, 10])
+
+
+def _probe_of_single_runs(model: onnx.ModelProto, samples: int) -> WeightProbe:
+    """A probe asked to batch ``samples`` samples that had to run them one at a time, and did
+    so faithfully: its outputs are the model's single-sample outputs."""
+    norm, a = normalized_analysis(model)
+    x = np.random.default_rng(1).standard_normal((samples, 4, 6, 6)).astype(np.float32)
+    probe = WeightProbe(a, norm, {"x": x}, batched=True)
+    assert probe.batch == 1
+    singles = np.concatenate([run(model, {"x": x[i:i + 1]})[0] for i in range(len(x))])
+    np.testing.assert_allclose(probe.outputs({})[0], singles, rtol=1e-5, atol=1e-5)
+    return probe
 
 
 @pytest.mark.parametrize("reshape_to", [[1, 288], [1, -1]], ids=["batches-fail", "batches-mix-samples"])
 def test_a_batch_fixed_inside_the_graph_runs_one_sample_at_a_time(reshape_to):
     model = _fixed_batch_inside(reshape_to)
-    norm, a = normalized_analysis(model)
-    x = np.random.default_rng(1).standard_normal((2 * RUN_BATCH, 4, 6, 6)).astype(np.float32)
-    probe = WeightProbe(a, norm, {"x": x}, batched=True)
-    assert probe.batch == 1
-    singles = np.concatenate([run(model, {"x": x[i:i + 1]})[0] for i in range(len(x))])
-    np.testing.assert_allclose(probe.outputs({})[0], singles, rtol=1e-5, atol=1e-5)
+    _probe_of_single_runs(model, 2 * RUN_BATCH)
 
     res = compress(model, 0.3, calib=None, steps=1, round_to=1)
     check_model_full(res.model)
@@ -79,17 +90,6 @@ def test_a_network_of_1d_convs_compresses_without_the_latency_model():
 def test_an_output_with_the_batch_on_a_later_axis_is_measured_sample_by_sample():
     """A CRNN's (T, N, C) output: concatenating batches of 8 and a last batch of 3 along the
     first axis cannot work, and single samples define the comparison."""
-    rng = np.random.default_rng(0)
-    inits = [_init("w1", (8, 4, 3, 3), rng), _init("w2", (8, 8, 3, 3), rng)]
-    nodes = [helper.make_node("Conv", ["x", "w1"], ["c1"], pads=[1] * 4), helper.make_node("Relu", ["c1"], ["r1"]),
-             helper.make_node("Conv", ["r1", "w2"], ["c2"], pads=[1] * 4),
-             helper.make_node("Transpose", ["c2"], ["y"], perm=[3, 0, 1, 2])]
-    g = helper.make_graph(nodes, "seq_first", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 4, 6, 6])],
-                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, [6, "N", 8, 6])], inits)
-    model = helper.make_model(g, opset_imports=[helper.make_opsetid("", 13)])
-    norm, a = normalized_analysis(model)
-    x = rng.standard_normal((RUN_BATCH + 3, 4, 6, 6)).astype(np.float32)
-    probe = WeightProbe(a, norm, {"x": x}, batched=True)
-    assert probe.batch == 1
-    singles = np.concatenate([run(model, {"x": x[i:i + 1]})[0] for i in range(len(x))])
-    np.testing.assert_allclose(probe.outputs({})[0], singles, rtol=1e-5, atol=1e-5)
+    model = _two_convs("seq_first", [helper.make_node("Transpose", ["c2"], ["y"], perm=[3, 0, 1, 2])], [],
+                       "y", [6, "N", 8, 6])
+    _probe_of_single_runs(model, RUN_BATCH + 3)
