@@ -19,7 +19,8 @@ from dataclasses import dataclass
 from typing import Callable
 
 import numpy as np
-from scipy.optimize import brentq
+from scipy.optimize import Bounds, LinearConstraint, brentq, milp
+from scipy.sparse import csr_array
 
 
 @dataclass
@@ -151,6 +152,53 @@ def _traded(ch: list[int], back: int, forward: int) -> list[int]:
     out[back] -= 1
     out[forward] += 1
     return out
+
+
+def knapsack(charge: list[np.ndarray], saving: list[np.ndarray], lo: float, hi: float,
+             time_limit: float = 20.0) -> list[int] | None:
+    """One option per unit, least total ``charge`` with the summed ``saving`` in [lo, hi]: the
+    exact multiple-choice knapsack (``scipy.optimize.milp``), or None where no choice fits.
+    λ's plans are the lower convex hull of each unit's curve; where the hull's points straddle
+    the target the knapsack still finds the combinations between them."""
+    sizes = [len(c) for c in charge]
+    starts = np.concatenate([[0], np.cumsum(sizes)])
+    one_each = csr_array((np.ones(starts[-1]), (np.repeat(np.arange(len(sizes)), sizes), np.arange(starts[-1]))),
+                         shape=(len(sizes), starts[-1]))
+    scale = max(max(float(np.abs(s).max()) for s in saving), 1e-30)
+    res = milp(np.concatenate(charge), integrality=np.ones(starts[-1]), bounds=Bounds(0, 1),
+               constraints=[LinearConstraint(one_each, 1, 1),
+                            LinearConstraint(np.concatenate(saving)[None] / scale, lo / scale, hi / scale)],
+               options={"time_limit": time_limit})
+    if res.x is None:
+        return None
+    return [int(np.argmax(res.x[a:b])) for a, b in zip(starts[:-1], starts[1:])]
+
+
+def settle(saving: list[np.ndarray], charge: list[np.ndarray], cost_of: Callable[[list[int]], float],
+           cost_now: float, low: float, high: float, choice: list[int], rounds: int = 6) -> list[int]:
+    """``choice`` if its joint cost lies in [low, high]; else the knapsack's least-charge plan
+    that does, or whichever came nearest (see :func:`outside`). The knapsack counts options'
+    standalone ``saving`` (additive); the joint cost differs where units share a layer (a Conv
+    pruned on both sides), so its band is shifted by the last plan's difference, or widened
+    where no sum falls in it, and solved again."""
+    best, shift, widen = choice, 0.0, 0.0
+    for _ in range(rounds):
+        if outside(cost_of(best), low, high) == (False, 0.0):
+            break
+        trial = knapsack(charge, saving, cost_now - high + shift - widen, cost_now - low + shift + widen)
+        if trial is None:   # no sum of standalone savings falls in the band; a wider one's may
+            widen = 2 * widen or (high - low) / 2
+            continue
+        if outside(cost_of(trial), low, high) < outside(cost_of(best), low, high):
+            best = trial
+        shift = cost_of(trial) - (cost_now - sum(float(s[c]) for s, c in zip(saving, trial)))
+    return best
+
+
+def outside(cost: float, low: float, high: float) -> tuple[bool, float]:
+    """How far ``cost`` lies from [low, high], for ordering plans: one over the budget
+    (``high``) ranks after every plan that meets it."""
+    return cost > high, max(low - cost, cost - high, 0.0)
 
 
 def fit_exponential(x: np.ndarray, y: np.ndarray) -> tuple[float, float] | None:

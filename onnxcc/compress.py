@@ -23,7 +23,7 @@ from typing import Any, Callable, Iterator
 import numpy as np
 import onnx
 
-from .allocate import fit_exponential, give_back, interpolate, land_near, solve
+from .allocate import fit_exponential, give_back, interpolate, land_near, outside, settle, solve
 from .analysis.groups import Analysis
 from .analysis.view import graph_inputs
 from .calib import Calibration, ImagePreprocess, load_calibration
@@ -338,6 +338,7 @@ def _emulate(probe: WeightProbe, plan: Plan, prev: dict[str, np.ndarray],
 
 
 TARGET_TOLERANCE = 0.004   # share of the total a step may miss its target by before its grids get finer
+STEP_OVERSHOOT = 0.5       # share of a step's budget a step before the last may remove beyond it
 
 
 @dataclass
@@ -423,19 +424,24 @@ def _step(a: Analysis, probe: WeightProbe, plan: Plan, prev: dict[str, np.ndarra
         return plan, {}
 
     # The budget is met on the backend-friendly grid when it can be; where its steps are too
-    # coarse to land near the target (narrow layers, small models), the same measurements are
-    # interpolated on finer grids, down to single channels.
-    best = None
+    # coarse to land (narrow layers, small models), the same measurements are interpolated on
+    # finer grids, down to single channels. Steps before the last may remove up to
+    # STEP_OVERSHOOT of a step more than their share (the next step re-measures and takes
+    # less); the last must land within the tolerance.
+    slack = TARGET_TOLERANCE * budget.total
+    over = 0.0 if step == cfg.steps else STEP_OVERSHOOT
+    band = (min(target - 2 * slack, budget.target((step + over) / cfg.steps)), target + slack)
+    nearest = None
     for multiple in _finer(cfg.round_to):
         grids = ([(grid, apply) for _, grid, apply in coarse] if multiple == cfg.round_to
                  else [_grid(a, plan, cfg, budget, lat, scores, u, multiple) for u in units])
-        new, curves = _allocate(a, plan, cfg, budget, lat, units, grids, multiple, target, step)
-        miss = abs(budget.of(new) - target)
-        if best is None or miss < best[0]:
-            best = (miss, new, curves)
-        if miss <= TARGET_TOLERANCE * budget.total:
+        new, curves = _allocate(a, plan, cfg, budget, lat, units, grids, multiple, band, target, step)
+        miss = outside(budget.of(new), *band)
+        if nearest is None or miss < nearest[0]:
+            nearest = (miss, new, curves)
+        if miss == (False, 0.0):
             break
-    return best[1], best[2]
+    return nearest[1], nearest[2]
 
 
 def _finer(multiple: int) -> list[int]:
@@ -448,9 +454,9 @@ def _finer(multiple: int) -> list[int]:
 
 def _allocate(a: Analysis, plan: Plan, cfg: CompressConfig, budget: Budget, lat: LatencyModel | None,
               units: list[_Unit], grids: list[tuple[np.ndarray, Callable[[Plan, int], None]]], multiple: int,
-              target: float, step: int) -> tuple[Plan, dict]:
+              band: tuple[float, float], target: float, step: int) -> tuple[Plan, dict]:
     """The smallest-damage plan of this step's options on ``grids`` (each unit's amounts at
-    multiples of ``multiple``, see :func:`_grid`)."""
+    multiples of ``multiple``, see :func:`_grid`) whose cost lies in ``band``, and its curves."""
     kept, cost_now = plan.kept(), budget.of(plan)
     # Under a MAC budget the latency model still steers *which* MACs go: an option is worth its
     # share of the MACs plus its share of the run time, so of two removals equally harmless the
@@ -459,7 +465,7 @@ def _allocate(a: Analysis, plan: Plan, cfg: CompressConfig, budget: Budget, lat:
     # the machine's load, and the same command must give the same plan.
     blend = budget.kind == "flops" and lat is not None
     seconds_now, seconds_total = (lat.layers_seconds(kept, plan.ranks), lat.layers_seconds()) if blend else (0.0, 1.0)
-    options, appliers, curves = [], [], {}
+    options, savings, appliers, curves = [], [], [], {}
     for u, (grid, apply) in zip(units, grids):
         saving, worth = np.empty(len(grid)), np.empty(len(grid))
         for i, k in enumerate(grid):
@@ -469,6 +475,7 @@ def _allocate(a: Analysis, plan: Plan, cfg: CompressConfig, budget: Budget, lat:
             worth[i] = saving[i] / budget.total + (cfg.speed_weight * (
                 seconds_now - lat.layers_seconds(cand.kept(), cand.ranks)) / seconds_total if blend else 0.0)
         options.append(interpolate(u.name, u.measured, u.damage, grid, worth, cfg.gamma))
+        savings.append(saving)
         appliers.append(apply)
         at = np.interp(u.measured, grid, saving) / budget.total
         curves[u.name] = {"removed": [int(k) for k in u.measured], "damage": [float(d) for d in u.damage],
@@ -488,6 +495,10 @@ def _allocate(a: Analysis, plan: Plan, cfg: CompressConfig, budget: Budget, lat:
     choice, lam = solve(options, cost_of, target)
     choice = land_near(options, give_back(options, choice, cost_of, target), cost_of, target,
                        TARGET_TOLERANCE * budget.total)
+    # λ's plans are the hull of the units' curves; where the hull steps over the band the exact
+    # knapsack finds the combinations between. It charges damage alone: λ from a coarse grid's
+    # last jump can be many times the marginal damage, and its speed bonus would outweigh it.
+    choice = settle(savings, [o.damage for o in options], cost_of, cost_now, *band, choice)
     log.info("step %d (multiples of %d): %s cost %.4g -> %.4g (target %.4g), lambda %.3g", step, multiple,
              budget.kind, cost_now, cost_of(choice), target, lam)
     return build(choice), curves

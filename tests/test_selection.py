@@ -58,17 +58,3 @@ def test_scores_mark_removed_channels_and_order_the_rest():
     assert np.isinf(s[gid][0])
     live = np.sort(s[gid][1:])
     np.testing.assert_array_equal(live, np.arange(len(live)))   # a strict removal order
-
-
-
-def test_landing_trades_options_between_units_where_no_single_move_helps():
-    """Units saving 3 and 4 per option; the budget asks for 13 and the choice (0, 4) saves 16.
-    Stepping b back alone saves 12, over the budget; only trading a for b walks to (3, 1)."""
-    from onnxcc.allocate import Options, land_near
-    opts = [Options("a", np.arange(6), np.linspace(0, 1, 6), 3.0 * np.arange(6)),
-            Options("b", np.arange(6), np.linspace(0, 2, 6), 4.0 * np.arange(6))]
-
-    def cost_of(ch):
-        return 100.0 - opts[0].saving[ch[0]] - opts[1].saving[ch[1]]
-
-    assert land_near(opts, [0, 4], cost_of, target=87.0, slack=0.5) == [3, 1]
