@@ -157,9 +157,7 @@ def _traded(ch: list[int], back: int, forward: int) -> list[int]:
 def knapsack(charge: list[np.ndarray], saving: list[np.ndarray], lo: float, hi: float,
              time_limit: float = 20.0) -> list[int] | None:
     """One option per unit, least total ``charge`` with the summed ``saving`` in [lo, hi]: the
-    exact multiple-choice knapsack (``scipy.optimize.milp``), or None where no choice fits.
-    λ's plans are the lower convex hull of each unit's curve; where the hull's points straddle
-    the target the knapsack still finds the combinations between them."""
+    exact multiple-choice knapsack (``scipy.optimize.milp``), or None where no choice fits."""
     sizes = [len(c) for c in charge]
     starts = np.concatenate([[0], np.cumsum(sizes)])
     one_each = csr_array((np.ones(starts[-1]), (np.repeat(np.arange(len(sizes)), sizes), np.arange(starts[-1]))),

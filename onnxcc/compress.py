@@ -337,7 +337,7 @@ def _emulate(probe: WeightProbe, plan: Plan, prev: dict[str, np.ndarray],
     return weights, stats, refit_damage
 
 
-TARGET_TOLERANCE = 0.004   # share of the total a step may miss its target by before its grids get finer
+TARGET_TOLERANCE = 0.004   # share of the total the last step may fall short by (twice it beyond) before grids get finer
 STEP_OVERSHOOT = 0.5       # share of a step's budget a step before the last may remove beyond it
 
 
