@@ -339,6 +339,7 @@ def _emulate(probe: WeightProbe, plan: Plan, prev: dict[str, np.ndarray],
 
 TARGET_TOLERANCE = 0.004   # share of the total the last step may fall short by (twice it beyond) before grids get finer
 STEP_OVERSHOOT = 0.5       # share of a step's budget a step before the last may remove beyond it
+FINER_GRID_GAIN = 0.8      # a finer grid's plan must measure at most this share of a coarser one's damage
 
 
 @dataclass
@@ -431,17 +432,31 @@ def _step(a: Analysis, probe: WeightProbe, plan: Plan, prev: dict[str, np.ndarra
     slack = TARGET_TOLERANCE * budget.total
     over = 0.0 if step == cfg.steps else STEP_OVERSHOOT
     band = (min(target - 2 * slack, budget.target((step + over) / cfg.steps)), target + slack)
-    nearest = None
+    landed, nearest = [], None
     for multiple in _finer(cfg.round_to):
         grids = ([(grid, apply) for _, grid, apply in coarse] if multiple == cfg.round_to
                  else [_grid(a, plan, cfg, budget, lat, scores, u, multiple) for u in units])
         new, curves = _allocate(a, plan, cfg, budget, lat, units, grids, multiple, band, target, step)
         miss = outside(budget.of(new), *band)
-        if nearest is None or miss < nearest[0]:
-            nearest = (miss, new, curves)
         if miss == (False, 0.0):
-            break
-    return nearest[1], nearest[2]
+            landed.append((multiple, new, curves))
+            if len(landed) == 2:
+                break
+        elif nearest is None or miss < nearest[0]:
+            nearest = (miss, new, curves)
+    if not landed:
+        return nearest[1], nearest[2]
+    if len(landed) == 1:
+        return landed[0][1:]
+    # Damage predicted by adding units' standalone curves misjudges plans that cut several
+    # coupled layers deep, as the knapsack's combinations on a coarse grid can: the two
+    # landings are measured, and the finer one's in-between widths (no faster than the next
+    # multiple up) are taken only for clearly less damage.
+    (m_coarse, coarse_plan, coarse_curves), (m_fine, fine_plan, fine_curves) = landed
+    d_coarse, d_fine = (probe.damage(plan_weights(probe, p, stats)) for p in (coarse_plan, fine_plan))
+    log.info("step %d: measured damage %.4g on multiples of %d, %.4g on multiples of %d", step,
+             d_coarse, m_coarse, d_fine, m_fine)
+    return (fine_plan, fine_curves) if d_fine < FINER_GRID_GAIN * d_coarse else (coarse_plan, coarse_curves)
 
 
 def _finer(multiple: int) -> list[int]:
