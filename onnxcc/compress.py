@@ -453,6 +453,8 @@ def _step(a: Analysis, probe: WeightProbe, plan: Plan, prev: dict[str, np.ndarra
     # landings are measured, and the finer one's in-between widths (no faster than the next
     # multiple up) are taken only for clearly less damage.
     (m_coarse, coarse_plan, coarse_curves), (m_fine, fine_plan, fine_curves) = landed
+    if (coarse_plan.kept(), coarse_plan.ranks) == (fine_plan.kept(), fine_plan.ranks):
+        return coarse_plan, coarse_curves
     d_coarse, d_fine = (probe.damage(plan_weights(probe, p, stats)) for p in (coarse_plan, fine_plan))
     log.info("step %d: measured damage %.4g on multiples of %d, %.4g on multiples of %d", step,
              d_coarse, m_coarse, d_fine, m_fine)

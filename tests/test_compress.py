@@ -46,8 +46,10 @@ def test_target_reached_within_two_points(name, method):
 
 
 def test_widths_and_ranks_land_on_multiples(monkeypatch):
-    # finer grids are only for targets the multiples miss: here they may miss by 5%
+    # finer grids only for targets the multiples miss (here they may miss by 5%), never for
+    # less measured damage
     monkeypatch.setattr("onnxcc.compress.TARGET_TOLERANCE", 0.05)
+    monkeypatch.setattr("onnxcc.compress.FINER_GRID_GAIN", 0.0)
     res = compress(GRAPHS["tiny_resnet"](13), 0.4, steps=1, round_to=4)
     for gid, m in res.plan.keep.items():
         assert m.sum() % 4 == 0 or m.sum() < 4
