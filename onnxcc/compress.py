@@ -446,12 +446,16 @@ def _step(a: Analysis, probe: WeightProbe, plan: Plan, prev: dict[str, np.ndarra
             nearest = (miss, new, curves)
     if not landed:
         return nearest[1], nearest[2]
-    if len(landed) == 1:
-        return landed[0][1:]
-    # Damage predicted by adding units' standalone curves misjudges plans that cut several
-    # coupled layers deep, as the knapsack's combinations on a coarse grid can: the two
-    # landings are measured, and the finer one's in-between widths (no faster than the next
-    # multiple up) are taken only for clearly less damage.
+    return landed[0][1:] if len(landed) == 1 else _measured_pick(probe, stats, landed, step)
+
+
+def _measured_pick(probe: WeightProbe, stats: Stats, landed: list[tuple[int, Plan, dict]],
+                   step: int) -> tuple[Plan, dict]:
+    """Of a coarse and a finer grid's landings (multiple, plan, curves), the finer only where
+    its measured damage is clearly less. Damage predicted by adding units' standalone curves
+    misjudges plans that cut several coupled layers deep, as the knapsack's combinations on a
+    coarse grid can; the finer plan's in-between widths run no faster than the next multiple
+    up, so they must buy fidelity."""
     (m_coarse, coarse_plan, coarse_curves), (m_fine, fine_plan, fine_curves) = landed
     if (coarse_plan.kept(), coarse_plan.ranks) == (fine_plan.kept(), fine_plan.ranks):
         return coarse_plan, coarse_curves

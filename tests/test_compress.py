@@ -56,6 +56,28 @@ def test_widths_and_ranks_land_on_multiples(monkeypatch):
     assert all(r % 4 == 0 or r < 4 for r in res.plan.ranks.values())
 
 
+def test_finer_grid_plan_is_taken_only_for_clearly_less_measured_damage(monkeypatch):
+    """Of two landings, the coarse grid's stands unless the finer one measures below
+    FINER_GRID_GAIN times its damage; the same plan twice is not measured at all."""
+    from onnxcc.compress import FINER_GRID_GAIN, _measured_pick
+    model = GRAPHS["conv_chain"](13)
+    norm, a = normalized_analysis(model)
+    probe = WeightProbe(a, norm, random_feeds(model, seed=3, batch=1), batched=False)
+    stats = probe.statistics({}, set())
+    gid = next(g for g, grp in a.groups.items() if grp.prunable)
+    size = a.groups[gid].size
+    deep, light = (Plan({gid: np.arange(size) >= size - k}) for k in (1, size - 1))
+    d_deep, d_light = (probe.damage(plan_weights(probe, p, stats)) for p in (deep, light))
+    assert d_light < FINER_GRID_GAIN * d_deep
+
+    assert _measured_pick(probe, stats, [(16, deep, "c"), (8, light, "f")], 1)[1] == "f"
+    assert _measured_pick(probe, stats, [(16, light, "c"), (8, deep, "f")], 1)[1] == "c"
+    monkeypatch.setattr("onnxcc.compress.FINER_GRID_GAIN", 0.5 * d_light / d_deep)
+    assert _measured_pick(probe, stats, [(16, deep, "c"), (8, light, "f")], 1)[1] == "c"
+    monkeypatch.setattr(probe, "damage", lambda *_: pytest.fail("identical plans were measured"))
+    assert _measured_pick(probe, stats, [(16, light, "c"), (8, light.copy(), "f")], 1)[1] == "c"
+
+
 def test_emulated_plan_equals_physical_rewrite():
     """The sensitivity probe's weight emulation gives the same outputs as the real rewrite."""
     model = GRAPHS["tiny_resnet"](13)
