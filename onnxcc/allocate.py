@@ -179,17 +179,20 @@ def settle(saving: list[np.ndarray], charge: list[np.ndarray], cost_of: Callable
     standalone ``saving`` (additive); the joint cost differs where units share a layer (a Conv
     pruned on both sides), so its band is shifted by the last plan's difference, or widened
     where no sum falls in it, and solved again."""
-    best, shift, widen = choice, 0.0, 0.0
+    best, best_miss = choice, outside(cost_of(choice), low, high)
+    shift, widen = 0.0, 0.0
     for _ in range(rounds):
-        if outside(cost_of(best), low, high) == (False, 0.0):
+        if best_miss == (False, 0.0):
             break
         trial = knapsack(charge, saving, cost_now - high + shift - widen, cost_now - low + shift + widen)
         if trial is None:   # no sum of standalone savings falls in the band; a wider one's may
             widen = 2 * widen or (high - low) / 2
             continue
-        if outside(cost_of(trial), low, high) < outside(cost_of(best), low, high):
-            best = trial
-        shift = cost_of(trial) - (cost_now - sum(float(s[c]) for s, c in zip(saving, trial)))
+        cost = cost_of(trial)
+        miss = outside(cost, low, high)
+        if miss < best_miss:
+            best, best_miss = trial, miss
+        shift = cost - (cost_now - sum(float(s[c]) for s, c in zip(saving, trial)))
     return best
 
 

@@ -519,10 +519,10 @@ def _allocate(a: Analysis, plan: Plan, cfg: CompressConfig, budget: Budget, lat:
     # λ's plans are the hull of the units' curves; where the hull steps over the band the exact
     # knapsack finds the combinations between. It charges damage alone: λ from a coarse grid's
     # last jump can be many times the marginal damage, and its speed bonus would outweigh it.
-    choice = settle(savings, [o.damage for o in options], cost_of, cost_now, *band, choice)
+    new = build(settle(savings, [o.damage for o in options], cost_of, cost_now, *band, choice))
     log.info("step %d (multiples of %d): %s cost %.4g -> %.4g (target %.4g), lambda %.3g", step, multiple,
-             budget.kind, cost_now, cost_of(choice), target, lam)
-    return build(choice), curves
+             budget.kind, cost_now, budget.of(new), target, lam)
+    return new, curves
 
 
 def _pays(a: Analysis, lat: LatencyModel, layer, kept: dict[int, int], rank: int, strict: bool) -> bool:
