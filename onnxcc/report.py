@@ -1,4 +1,5 @@
-"""Write a compression report: report.json, a readable report.md, and plots where a picture helps."""
+"""A compression report: built from a run (:func:`build_report`), written as report.json, a
+readable report.md, and plots where a picture helps."""
 from __future__ import annotations
 
 import json
@@ -7,6 +8,14 @@ import os
 import tempfile
 from pathlib import Path
 from typing import Any
+
+import numpy as np
+
+from .analysis.groups import Analysis
+from .calib import Calibration
+from .config import CompressConfig
+from .latency_model import LatencyModel
+from .sensitivity import Plan
 
 log = logging.getLogger(__name__)
 
@@ -95,3 +104,51 @@ def _plots(r: dict[str, Any], folder: Path) -> list[Path]:
     fig.savefig(out[-1], dpi=110)
     plt.close(fig)
     return out
+
+
+def build_report(a: Analysis, plan: Plan, cfg: CompressConfig, curves: list[dict], verification: dict[str, Any],
+                 prune_rec, fact_rec, data: Calibration, lat: LatencyModel | None, timing: dict[str, float],
+                 seconds: float) -> dict[str, Any]:
+    """The report of one run: per layer before/after (channels, rank, MACs, predicted ms), the
+    removed channels per group, the measured damage curves, totals and held-out fidelity."""
+    kept = plan.kept()
+    layers = []
+    for l in a.layers:
+        rank = plan.ranks.get(l.key)
+        cin, cout = a.channels(l, kept)
+        layers.append({
+            "name": l.name, "tensor": l.key, "op": l.op, "kernel": list(l.kernel),
+            "in_channels": [l.cin, cin], "out_channels": [l.cout, cout],
+            "rank": [min(l.cout, l.cin * l.kk) if l.op == "Conv" else None, rank],
+            "macs": [int(l.macs), int(round(a.layer_macs(l, kept, rank)))],
+        })
+        if lat is not None:
+            layers[-1]["predicted_ms"] = [round(lat.layer_seconds(l, {}) * 1e3, 5),
+                                          round(lat.layer_seconds(l, kept, rank) * 1e3, 5)]
+    groups = {str(gid): {"channels": [a.groups[gid].size, int(m.sum())],
+                         "removed": [int(i) for i in np.flatnonzero(~m)]}
+              for gid, m in plan.keep.items() if not m.all()}
+    macs_after = verification["macs"]
+    return {
+        "config": {k: (list(v) if isinstance(v, tuple) else v) for k, v in cfg.__dict__.items()},
+        "calibration": {"source": data.source, "samples": len(data), "synthetic": data.synthetic},
+        "totals": {
+            "macs_before": int(a.total_macs), "macs_after": int(macs_after),
+            "mac_reduction": round(1 - macs_after / a.total_macs, 4),
+            "planned_macs_after": int(a.macs(kept, plan.ranks)),
+            "params_before": verification["params_before"], "params_after": verification["params_after"],
+            "channels_removed": int(prune_rec.channels_removed), "layers_factorized": len(fact_rec.layers),
+            "latency": {**timing, **_predicted(lat, plan)},
+            "seconds": round(seconds, 1),
+        },
+        "fidelity": verification["fidelity"],
+        "layers": layers, "groups": groups, "sensitivity": curves,
+    }
+
+
+def _predicted(lat: LatencyModel | None, plan: Plan) -> dict[str, float]:
+    if lat is None:
+        return {}
+    before, after = lat.seconds(), lat.seconds(plan.kept(), plan.ranks)
+    return {"predicted_ms_before": round(before * 1e3, 4), "predicted_ms_after": round(after * 1e3, 4),
+            "predicted_reduction": round(1 - after / before, 4)}

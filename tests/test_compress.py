@@ -10,7 +10,8 @@ import pytest
 from graphs import GRAPHS
 from oracles import check_model_full, random_feeds, run, runtime_macs
 
-from onnxcc.compress import TARGET_TOLERANCE, compress
+from onnxcc.compress import compress
+from onnxcc.search import TARGET_TOLERANCE
 from onnxcc.errors import CalibrationError, TargetUnreachableError, UnsupportedModelError, UsageError
 from onnxcc.sensitivity import Plan, WeightProbe, plan_weights
 from engine_helpers import normalized_analysis
@@ -48,8 +49,8 @@ def test_target_reached_within_two_points(name, method):
 def test_widths_and_ranks_land_on_multiples(monkeypatch):
     # finer grids only for targets the multiples miss (here they may miss by 5%), never for
     # less measured damage
-    monkeypatch.setattr("onnxcc.compress.TARGET_TOLERANCE", 0.05)
-    monkeypatch.setattr("onnxcc.compress.FINER_GRID_GAIN", 0.0)
+    monkeypatch.setattr("onnxcc.search.TARGET_TOLERANCE", 0.05)
+    monkeypatch.setattr("onnxcc.search.FINER_GRID_GAIN", 0.0)
     res = compress(GRAPHS["tiny_resnet"](13), 0.4, steps=1, round_to=4)
     for gid, m in res.plan.keep.items():
         assert m.sum() % 4 == 0 or m.sum() < 4
@@ -59,7 +60,7 @@ def test_widths_and_ranks_land_on_multiples(monkeypatch):
 def test_finer_grid_plan_is_taken_only_for_clearly_less_measured_damage(monkeypatch):
     """Of two landings, the coarse grid's stands unless the finer one measures below
     FINER_GRID_GAIN times its damage; the same plan twice is not measured at all."""
-    from onnxcc.compress import FINER_GRID_GAIN, _measured_pick
+    from onnxcc.search import FINER_GRID_GAIN, _measured_pick
     model = GRAPHS["conv_chain"](13)
     norm, a = normalized_analysis(model)
     probe = WeightProbe(a, norm, random_feeds(model, seed=3, batch=1), batched=False)
@@ -72,7 +73,7 @@ def test_finer_grid_plan_is_taken_only_for_clearly_less_measured_damage(monkeypa
 
     assert _measured_pick(probe, stats, [(16, deep, "c"), (8, light, "f")], 1)[1] == "f"
     assert _measured_pick(probe, stats, [(16, light, "c"), (8, deep, "f")], 1)[1] == "c"
-    monkeypatch.setattr("onnxcc.compress.FINER_GRID_GAIN", 0.5 * d_light / d_deep)
+    monkeypatch.setattr("onnxcc.search.FINER_GRID_GAIN", 0.5 * d_light / d_deep)
     assert _measured_pick(probe, stats, [(16, deep, "c"), (8, light, "f")], 1)[1] == "c"
     monkeypatch.setattr(probe, "damage", lambda *_: pytest.fail("identical plans were measured"))
     assert _measured_pick(probe, stats, [(16, light, "c"), (8, light.copy(), "f")], 1)[1] == "c"
@@ -246,7 +247,7 @@ def test_report_depthwise_inputs_follow_pruned_outputs():
 
 def test_refits_that_hurt_the_outputs_are_dropped(monkeypatch):
     """Ill-posed least-squares refits (here: targets scrambled) give way to plain removal."""
-    from onnxcc.compress import _emulate
+    from onnxcc.search import emulate
     from onnxcc.sensitivity import Stats
 
     model = GRAPHS["tiny_resnet"](13)
@@ -254,13 +255,13 @@ def test_refits_that_hurt_the_outputs_are_dropped(monkeypatch):
     norm, a = normalized_analysis(model)
     probe = WeightProbe(a, norm, random_feeds(model, seed=3, batch=1), batched=False)
     honest = probe.statistics({}, set(probe.views))
-    weights, stats, damage = _emulate(probe, res.plan, {}, True)
+    weights, stats, damage = emulate(probe, res.plan, {}, True)
     assert damage == probe.damage(weights)
     assert stats.moments and probe.damage(weights) <= probe.damage(plan_weights(probe, res.plan))
 
     scrambled = Stats(honest.energy, {k: (S, -50 * C) for k, (S, C) in honest.moments.items()}, honest.rows)
     monkeypatch.setattr(probe, "statistics", lambda *_: scrambled)
-    weights, stats, _ = _emulate(probe, res.plan, {}, True)
+    weights, stats, _ = emulate(probe, res.plan, {}, True)
     assert not stats.moments
     plain = plan_weights(probe, res.plan, stats)
     assert all(np.array_equal(weights[k], plain[k]) for k in plain)

@@ -8,7 +8,8 @@ import pytest
 from graphs import GRAPHS, GraphBuilder
 
 from onnxcc import latency
-from onnxcc.compress import TARGET_TOLERANCE, compress
+from onnxcc.compress import compress
+from onnxcc.search import TARGET_TOLERANCE
 from onnxcc.errors import TargetUnreachableError
 from onnxcc.latency_model import LatencyModel, axis_grid, _site
 from engine_helpers import normalized_analysis

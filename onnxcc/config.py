@@ -1,0 +1,63 @@
+"""What a compression run is asked for: its settings and the budget they set."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Callable
+
+from .errors import UsageError
+
+if TYPE_CHECKING:
+    from .sensitivity import Plan
+
+Progress = Callable[[str, int, int], None]
+METHODS = ("cc", "prune", "decompose")
+
+
+@dataclass
+class CompressConfig:
+    flops: float | None = None         # fraction of MACs to remove
+    latency: float | None = None       # or: fraction of the measured latency to remove
+    method: str = "cc"
+    steps: int = 3
+    provider: str = "cpu"
+    seed: int = 0
+    gamma: float = 0.9                 # weight of the remaining-compression-space look-ahead
+    sens_samples: int = 16             # calibration samples per damage measurement (8 proved too noisy)
+    fractions: tuple[float, ...] = (0.2, 0.45, 0.7, 1.0)  # 1.0: never extrapolate
+    min_keep: float = 0.05             # a group keeps at least this fraction of its channels
+    reconstruct: bool = True           # least-squares refit + activation-aware SVD (beyond CC)
+    stat_samples: int = 32             # calibration samples for layer-input statistics
+    round_to: int | None = None        # kept widths and ranks are multiples of this; None: measured
+    threads: int = 0
+    latency_aware: bool = True         # measure layer latencies; never keep a slower factorization
+    speed_weight: float = 1.0          # under --flops: worth of a removal's latency share vs its MAC share
+
+    def validate(self) -> None:
+        if (self.flops is None) == (self.latency is None):
+            raise UsageError("give exactly one target: --flops R or --latency R")
+        name, r = ("--flops", self.flops) if self.flops is not None else ("--latency", self.latency)
+        if not 0 < r < 1:
+            raise UsageError(f"{name} must be in (0, 1), got {r}")
+        if self.round_to is not None and self.round_to < 1:
+            raise UsageError("--round-to must be at least 1")
+        if self.method not in METHODS:
+            raise UsageError(f"--method must be one of {', '.join(METHODS)}")
+        if self.steps < 1:
+            raise UsageError("--steps must be at least 1")
+
+
+
+@dataclass
+class Budget:
+    """What the target limits: MACs (``flops``) or predicted seconds (``latency``)."""
+
+    kind: str                                          # "flops" | "latency"
+    fraction: float                                    # share of ``total`` to remove
+    total: float                                       # cost of the unmodified model
+    cost: Callable[[dict[int, int], dict[str, int]], float]   # (kept, ranks) -> cost
+
+    def target(self, share: float = 1.0) -> float:
+        return self.total * (1 - self.fraction * share)
+
+    def of(self, plan: Plan) -> float:
+        return self.cost(plan.kept(), plan.ranks)
