@@ -91,7 +91,8 @@ def cmd_compress(args: argparse.Namespace) -> int:
     from .io import check_output_path, load_model, save_model
     from .report import write_report
 
-    CompressConfig(flops=args.flops, latency=args.latency, round_to=args.round_to).validate()
+    CompressConfig(flops=args.flops, latency=args.latency, round_to=args.round_to, steps=args.steps,
+                   tries=args.tries).validate()
     check_output_path(args.output, [args.model], args.force)
     if args.report and Path(args.report).exists() and not Path(args.report).is_dir():
         raise UsageError(f"--report must be a folder: {args.report}")
@@ -107,7 +108,7 @@ def cmd_compress(args: argparse.Namespace) -> int:
         result = compress(model, args.flops, latency=args.latency, calib=args.calib,
                           input_shape=parse_input_shapes(args.input_shape), method=args.method,
                           steps=args.steps, provider=args.provider, seed=args.seed, progress=progress,
-                          preprocess=pp, round_to=args.round_to, threads=args.threads,
+                          preprocess=pp, round_to=args.round_to, threads=args.threads, tries=args.tries,
                           latency_aware=not args.no_latency_model)
         if train is not None:
             from .finetune import finetune_verified
@@ -204,6 +205,10 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--method", choices=["cc", "prune", "decompose"], default="cc",
                    help="cc: joint (default); prune / decompose: single-technique ablations")
     c.add_argument("--steps", type=int, default=3, help="multi-step removal: re-measure after each step")
+    c.add_argument("--tries", type=int, default=None, metavar="N",
+                   help="independent searches on rotated calibration splits; the plan with the least damage "
+                        "on all calibration samples is kept (default: 3 for cheap models, 2, then 1 as the "
+                        "model's MACs times its compression units grow)")
     c.add_argument("--report", help="report folder (default: OUTPUT.report/)")
     c.add_argument("--provider", choices=["cpu", "cuda"], default="cpu")
     c.add_argument("--seed", type=int, default=0)

@@ -31,11 +31,13 @@ from .passes.factorize import FactorizeConvPass
 from .passes.prune import PruneChannelsPass
 from .passes.weights import ReplaceInitializersPass
 from .report import build_report
-from .search import check_reachable, drop_useless_ranks, emulate, take_step
+from .search import check_reachable, search_plan, tries_for
 from .sensitivity import Plan, WeightProbe
 from .verify import verify
 
 log = logging.getLogger(__name__)
+
+PICK_SAMPLES = 128   # calibration samples the tries' plans are compared on (all of them, up to this)
 
 
 @dataclass
@@ -85,28 +87,40 @@ def compress(model: onnx.ModelProto | str | Path, flops: float | None = None,
     # the decompose ablation under a MAC budget has nothing else, so it keeps them.
     speed = lat if cfg.latency is not None or cfg.method == "cc" else None
 
-    sens, stat = _sample_split(fit, cfg)
-    probe = WeightProbe(a, ins.model, sens, provider, cfg.threads, batched=_dynamic_batch(original),
-                        stat_feeds=stat)
-    plan, curves, weights = Plan(), [], {}
-    for step in range(1, cfg.steps + 1):
-        plan, step_curves = take_step(a, probe, plan, weights, cfg, budget, speed, step, progress)
-        curves.append(step_curves)
-        weights = emulate(probe, plan, weights, cfg.reconstruct)[0]
-    drop_useless_ranks(a, plan, speed, strict=budget.kind == "flops")
-    # Refit once more with statistics of the final plan, then make it physical: the emulated
-    # weights go into the graph, pruning slices them, and a plain SVD at rank r recovers the
-    # (already rank-r) factors exactly.
-    weights = emulate(probe, plan, weights, cfg.reconstruct)[0]
+    (plan, curves, weights), search = _best_search(a, ins.model, fit, cfg, budget, speed,
+                                                   _dynamic_batch(original), progress)
+    # The emulated weights go into the graph, pruning slices them, and a plain SVD at rank r
+    # recovers the (already rank-r) factors exactly.
     reweighted = ReplaceInitializersPass(weights)(ins.model)
     pruned = PruneChannelsPass(a, plan.keep)(reweighted.model)
     fact = FactorizeConvPass(plan.ranks)(pruned.model)
     result = verify(ins.model, fact.model, held, shapes, provider)
     timing = _measure(original, fact.model, shapes, cfg, progress)
     report = build_report(a, plan, cfg, curves, result, pruned.record, fact.record, data, lat, timing,
-                          time.perf_counter() - t0)
+                          search, time.perf_counter() - t0)
     _warn_results(cfg, report)
     return CompressResult(fact.model, report, plan, weights)
+
+
+def _best_search(a: Analysis, model: onnx.ModelProto, fit: Calibration, cfg: CompressConfig, budget: Budget,
+                 speed: LatencyModel | None, batched: bool, progress: Progress | None
+                 ) -> tuple[tuple[Plan, list[dict], dict[str, np.ndarray]], dict[str, Any]]:
+    """The plan of the search (of ``tries_for`` searches, each on its own split of ``fit``) whose
+    weights do least damage on the calibration samples; a record of the tries."""
+    tries = tries_for(a, cfg)
+    found = []
+    for t in range(tries):
+        sens, stat = _sample_split(fit, cfg, t, tries)
+        probe = WeightProbe(a, model, sens, cfg.provider, cfg.threads, batched=batched, stat_feeds=stat)
+        found.append(search_plan(a, probe, cfg, budget, speed, _tagged(progress, t, tries)))
+    if tries == 1:
+        return found[0], {"tries": 1, "damages": [], "kept": 1}
+    judge = WeightProbe(a, model, fit.take(slice(0, PICK_SAMPLES)), cfg.provider, cfg.threads, batched=batched)
+    damages = [judge.damage(weights) for _, _, weights in found]
+    pick = int(np.argmin(damages))
+    log.info("damage on %d calibration samples per try: %s; keeping try %d", min(len(fit), PICK_SAMPLES),
+             ", ".join(f"{d:.4g}" for d in damages), pick + 1)
+    return found[pick], {"tries": tries, "damages": [round(d, 6) for d in damages], "kept": pick + 1}
 
 
 def _latency_model(a: Analysis, model: onnx.ModelProto, cfg: CompressConfig, shapes: dict,
@@ -162,15 +176,26 @@ def _warn_results(cfg: CompressConfig, report: dict[str, Any]) -> None:
                         t["latency"]["predicted_reduction"])
 
 
-def _sample_split(fit: Calibration, cfg: CompressConfig) -> tuple[dict, dict]:
-    """Damage is measured on samples the refit did not see, when there are enough of them."""
+def _sample_split(fit: Calibration, cfg: CompressConfig, turn: int = 0, turns: int = 1) -> tuple[dict, dict]:
+    """Samples to measure damage on and samples for the refits' statistics, disjoint when there
+    are enough, so damage is measured on samples the refit did not see. Try ``turn`` of
+    ``turns`` starts 1/turns of the way into the samples, so the tries' splits differ."""
     n = len(fit)
     k = min(cfg.sens_samples, n)
+    order = np.roll(np.arange(n), -(turn * n // turns))
     if n - k >= 8:
-        return fit.take(slice(0, k)), fit.take(slice(k, k + cfg.stat_samples))
-    log.warning("only %d calibration samples: weight refits are measured on the samples they were "
-                "fitted to; give 40 or more for honest measurements", n)
-    return fit.take(slice(0, k)), fit.take(slice(0, min(cfg.stat_samples, n)))
+        return fit.take(order[:k]), fit.take(order[k:k + cfg.stat_samples])
+    if turn == 0:
+        log.warning("only %d calibration samples: weight refits are measured on the samples they were "
+                    "fitted to; give 40 or more for honest measurements", n)
+    return fit.take(order[:k]), fit.take(order[:min(cfg.stat_samples, n)])
+
+
+def _tagged(progress: Progress | None, turn: int, turns: int) -> Progress | None:
+    """``progress`` with each message prefixed by the try it belongs to, when there are several."""
+    if progress is None or turns == 1:
+        return progress
+    return lambda message, done, total: progress(f"try {turn + 1}/{turns}: {message}", done, total)
 
 
 def _check_model(model: onnx.ModelProto) -> None:

@@ -31,6 +31,7 @@ class CompressConfig:
     threads: int = 0
     latency_aware: bool = True         # measure layer latencies; never keep a slower factorization
     speed_weight: float = 1.0          # under --flops: worth of a removal's latency share vs its MAC share
+    tries: int | None = None           # searches on rotated calibration splits; None: by the model's cost
 
     def validate(self) -> None:
         if (self.flops is None) == (self.latency is None):
@@ -44,6 +45,8 @@ class CompressConfig:
             raise UsageError(f"--method must be one of {', '.join(METHODS)}")
         if self.steps < 1:
             raise UsageError("--steps must be at least 1")
+        if self.tries is not None and self.tries < 1:
+            raise UsageError("--tries must be at least 1")
 
 
 

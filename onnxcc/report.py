@@ -47,6 +47,7 @@ def to_markdown(r: dict[str, Any]) -> str:
         _latency_line(t.get("latency", {})),
         f"- params {t['params_before']:,} → {t['params_after']:,}",
         f"- {t['channels_removed']} channels removed, {t['layers_factorized']} convs factorized, {t['seconds']} s",
+        _search_line(r.get("search", {})),
         f"- calibration: {r['calibration']['source']} ({r['calibration']['samples']} samples"
         f"{', synthetic' if r['calibration']['synthetic'] else ''})",
         f"- fidelity on {f['samples']} held-back samples: cosine {f['cosine_mean']} (min {f['cosine_min']}), "
@@ -58,6 +59,14 @@ def to_markdown(r: dict[str, Any]) -> str:
         lines.append(f"| {l['name']} | {l['op']} | {l['in_channels'][0]}→{l['in_channels'][1]} | "
                      f"{l['out_channels'][0]}→{l['out_channels'][1]} | {rank} | {l['macs'][0]:,} | {l['macs'][1]:,} |")
     return "\n".join(lines) + "\n"
+
+
+def _search_line(search: dict[str, Any]) -> str:
+    if search.get("tries", 1) == 1:
+        return "- one search"
+    damages = ", ".join(f"{d:.4g}" for d in search["damages"])
+    return (f"- {search['tries']} searches on rotated calibration splits, damage on the calibration samples (up to 128) "
+            f"{damages}: kept search {search['kept']}")
 
 
 def _latency_line(lat: dict[str, Any]) -> str:
@@ -108,9 +117,10 @@ def _plots(r: dict[str, Any], folder: Path) -> list[Path]:
 
 def build_report(a: Analysis, plan: Plan, cfg: CompressConfig, curves: list[dict], verification: dict[str, Any],
                  prune_rec, fact_rec, data: Calibration, lat: LatencyModel | None, timing: dict[str, float],
-                 seconds: float) -> dict[str, Any]:
+                 search: dict[str, Any], seconds: float) -> dict[str, Any]:
     """The report of one run: per layer before/after (channels, rank, MACs, predicted ms), the
-    removed channels per group, the measured damage curves, totals and held-out fidelity."""
+    removed channels per group, the measured damage curves (of the try kept), the tries'
+    damages, totals and held-out fidelity."""
     kept = plan.kept()
     layers = []
     for l in a.layers:
@@ -142,6 +152,7 @@ def build_report(a: Analysis, plan: Plan, cfg: CompressConfig, curves: list[dict
             "seconds": round(seconds, 1),
         },
         "fidelity": verification["fidelity"],
+        "search": search,
         "layers": layers, "groups": groups, "sensitivity": curves,
     }
 

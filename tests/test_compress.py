@@ -91,6 +91,44 @@ def test_emulated_plan_equals_physical_rewrite():
     np.testing.assert_allclose(emulated[0], physical[0], rtol=1e-4, atol=1e-4)
 
 
+def test_tries_keep_the_plan_with_least_damage_on_all_fit_samples():
+    from onnxcc.calib import Calibration
+
+    model = GRAPHS["tiny_resnet"](13)
+    x = np.random.default_rng(1).standard_normal((40, *random_feeds(model)["x"].shape[1:])).astype(np.float32)
+    res = compress(model, 0.4, steps=1, round_to=1, tries=3, calib=Calibration({"x": x}, "test"))
+    s = res.report["search"]
+    assert s["tries"] == 3 and len(s["damages"]) == 3
+    assert s["kept"] == 1 + int(np.argmin(s["damages"]))
+    norm, a = normalized_analysis(model)
+    fit = x[:30]  # 10 of 40 are held back
+    probe = WeightProbe(a, norm, {"x": fit}, batched=False)
+    assert probe.damage(res.weights) == pytest.approx(min(s["damages"]), rel=1e-4)
+
+
+def test_tries_split_the_calibration_samples_differently():
+    from onnxcc.calib import Calibration
+    from onnxcc.compress import CompressConfig, _sample_split
+
+    fit = Calibration({"x": np.arange(30, dtype=np.float32)[:, None]}, "test")
+    cfg = CompressConfig(flops=0.3, sens_samples=16, stat_samples=32)
+    splits = [[set(part["x"][:, 0].tolist()) for part in _sample_split(fit, cfg, t, 3)] for t in range(3)]
+    for sens, stat in splits:
+        assert len(sens) == 16 and len(stat) == 14 and not sens & stat
+    assert len({frozenset(sens) for sens, _ in splits}) == 3
+
+
+def test_tries_by_model_cost(monkeypatch):
+    from onnxcc.compress import CompressConfig
+    from onnxcc.search import tries_for
+
+    _, a = normalized_analysis(GRAPHS["tiny_resnet"](13))
+    assert tries_for(a, CompressConfig(flops=0.3)) == 3
+    assert tries_for(a, CompressConfig(flops=0.3, tries=2)) == 2
+    monkeypatch.setattr("onnxcc.search.CHEAP_SEARCH", a.total_macs / 2)
+    assert tries_for(a, CompressConfig(flops=0.3)) == 1
+
+
 def test_empty_plan_probe_has_zero_damage():
     model = GRAPHS["tiny_mobilenet"](13)
     norm, a = normalized_analysis(model)
@@ -176,7 +214,7 @@ def test_cli_compress_writes_model_and_report(tmp_path):
     assert "step 1/2: measuring" in r.stdout and "step 2/2: measuring" in r.stdout and "measuring" not in r.stderr
 
 
-@pytest.mark.parametrize("case", ["same_output", "missing_folder", "bad_flops", "bad_calib", "empty_model"])
+@pytest.mark.parametrize("case", ["same_output", "missing_folder", "bad_flops", "bad_calib", "empty_model", "bad_tries"])
 def test_cli_compress_bad_input_exit_2_nothing_written(tmp_path, case):
     src = tmp_path / "m.onnx"
     onnx.save(GRAPHS["tiny_resnet"](13), src)
@@ -194,6 +232,8 @@ def test_cli_compress_bad_input_exit_2_nothing_written(tmp_path, case):
     elif case == "empty_model":
         (tmp_path / "e.onnx").write_bytes(b"")
         args[1] = tmp_path / "e.onnx"
+    elif case == "bad_tries":
+        args += ["--tries", "0"]
     r = _cli(*args)
     assert r.returncode == 2, r.stderr
     assert len(r.stderr.strip().splitlines()) == 1 and "Traceback" not in r.stderr

@@ -121,6 +121,6 @@ def test_flops_plan_does_not_follow_the_machines_load(monkeypatch):
     for load in (1.0, 4.0):
         monkeypatch.setattr(LatencyModel, "calibrate", lambda self, s, k=load: calibrate(self, s * k))
         res = compress(str(models.model_path("mobilenetv2")), 0.3, calib=str(models.calib_path("mobilenetv2")),
-                       steps=2, threads=2)
+                       steps=2, threads=2, tries=1)   # one search shows it; more only take longer
         plans.append(({g: np.flatnonzero(m).tolist() for g, m in res.plan.keep.items()}, res.plan.ranks))
     assert plans[0] == plans[1]
