@@ -107,7 +107,7 @@ def _best_search(a: Analysis, model: onnx.ModelProto, fit: Calibration, cfg: Com
                  ) -> tuple[tuple[Plan, list[dict], dict[str, np.ndarray]], dict[str, Any]]:
     """The plan of the search (of ``tries_for`` searches, each on its own split of ``fit``) whose
     weights do least damage on the calibration samples; a record of the tries."""
-    tries = tries_for(a, cfg)
+    tries = tries_for(a, cfg, len(fit))
     found = []
     for t in range(tries):
         sens, stat = _sample_split(fit, cfg, t, tries)

@@ -159,13 +159,16 @@ def _grid(a: Analysis, plan: Plan, cfg: CompressConfig, budget: Budget, lat: Lat
 CHEAP_SEARCH = 50e9
 
 
-def tries_for(a: Analysis, cfg: CompressConfig) -> int:
+def tries_for(a: Analysis, cfg: CompressConfig, samples: int) -> int:
     """How many searches on rotated calibration splits a model gets by default. Per-model
     fidelity swings with small changes of the plan (ddddocr's OCR net: judge cosine 0.78 from one
     split, 0.92 from two others), and the plans' damage measured on all calibration samples
     picked the best or a tied best of three splits on six real models; where a search is cheap,
     two more are worth their time. The cost is a deterministic proxy (MACs per sample times
-    units), not a timing, so a command gives the same plan under any load."""
+    units), not a timing, so a command gives the same plan under any load. With no more
+    ``samples`` than one damage measurement takes, every split is the same: one search."""
+    if samples <= cfg.sens_samples:
+        return 1
     if cfg.tries is not None:
         return cfg.tries
     work = a.total_macs * len(_units(a, cfg))

@@ -123,10 +123,12 @@ def test_tries_by_model_cost(monkeypatch):
     from onnxcc.search import tries_for
 
     _, a = normalized_analysis(GRAPHS["tiny_resnet"](13))
-    assert tries_for(a, CompressConfig(flops=0.3)) == 3
-    assert tries_for(a, CompressConfig(flops=0.3, tries=2)) == 2
+    assert tries_for(a, CompressConfig(flops=0.3), 24) == 3
+    assert tries_for(a, CompressConfig(flops=0.3, tries=2), 24) == 2
+    # no more samples than one damage measurement takes: every split would be the same
+    assert tries_for(a, CompressConfig(flops=0.3, tries=2), 16) == 1
     monkeypatch.setattr("onnxcc.search.CHEAP_SEARCH", a.total_macs / 2)
-    assert tries_for(a, CompressConfig(flops=0.3)) == 1
+    assert tries_for(a, CompressConfig(flops=0.3), 24) == 1
 
 
 def test_empty_plan_probe_has_zero_damage():
