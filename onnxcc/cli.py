@@ -208,7 +208,8 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--tries", type=int, default=None, metavar="N",
                    help="independent searches on rotated calibration splits; the plan with the least damage "
                         "on all calibration samples is kept (default: 3 for cheap models, 2, then 1 as the "
-                        "model's MACs times its compression units grow)")
+                        "model's MACs times its compression units grow; a first search over 150 s is not "
+                        "repeated)")
     c.add_argument("--report", help="report folder (default: OUTPUT.report/)")
     c.add_argument("--provider", choices=["cpu", "cuda"], default="cpu")
     c.add_argument("--seed", type=int, default=0)

@@ -38,6 +38,7 @@ from .verify import verify
 log = logging.getLogger(__name__)
 
 PICK_SAMPLES = 128   # calibration samples the tries' plans are compared on (all of them, up to this)
+SLOW_SEARCH = 150.0  # seconds: a first search slower than this is not repeated by default
 
 
 @dataclass
@@ -110,9 +111,17 @@ def _best_search(a: Analysis, model: onnx.ModelProto, fit: Calibration, cfg: Com
     tries = tries_for(a, cfg, len(fit))
     found = []
     for t in range(tries):
+        started = time.perf_counter()
         sens, stat = _sample_split(fit, cfg, t, tries)
         probe = WeightProbe(a, model, sens, cfg.provider, cfg.threads, batched=batched, stat_feeds=stat)
         found.append(search_plan(a, probe, cfg, budget, speed, _tagged(progress, t, tries)))
+        seconds = time.perf_counter() - started
+        if t == 0 and tries > 1 and cfg.tries is None and seconds > SLOW_SEARCH:
+            # the cost proxy misses activation-heavy models (CenterFace at 384×512: 8× open-nsfw's
+            # seconds per proxy unit); a search this slow is not repeated unless asked for
+            log.info("the first search took %.0f s: no more searches (--tries %d to insist)", seconds, tries)
+            tries = 1
+            break
     if tries == 1:
         return found[0], {"tries": 1, "damages": [], "kept": 1}
     judge = WeightProbe(a, model, fit.take(slice(0, PICK_SAMPLES)), cfg.provider, cfg.threads, batched=batched)

@@ -106,6 +106,13 @@ def test_tries_keep_the_plan_with_least_damage_on_all_fit_samples():
     assert probe.damage(res.weights) == pytest.approx(min(s["damages"]), rel=1e-4)
 
 
+def test_a_slow_first_search_is_not_repeated_unless_asked(monkeypatch):
+    monkeypatch.setattr("onnxcc.compress.SLOW_SEARCH", 0.0)
+    model = GRAPHS["tiny_resnet"](13)
+    assert compress(model, 0.4, steps=1, round_to=1).report["search"]["tries"] == 1
+    assert compress(model, 0.4, steps=1, round_to=1, tries=2).report["search"]["tries"] == 2
+
+
 def test_tries_split_the_calibration_samples_differently():
     from onnxcc.calib import Calibration
     from onnxcc.compress import CompressConfig, _sample_split
