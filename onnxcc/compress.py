@@ -126,10 +126,11 @@ def _best_search(a: Analysis, model: onnx.ModelProto, fit: Calibration, cfg: Com
         return found[0], {"tries": 1, "damages": [], "kept": 1}
     judge = WeightProbe(a, model, fit.take(slice(0, PICK_SAMPLES)), cfg.provider, cfg.threads, batched=batched)
     damages = [judge.damage(weights) for _, _, weights in found]
-    pick = int(np.argmin(damages))
-    log.info("damage on %d calibration samples per try: %s; keeping try %d", min(len(fit), PICK_SAMPLES),
+    pick, samples = int(np.argmin(damages)), min(len(fit), PICK_SAMPLES)
+    log.info("damage on %d calibration samples per try: %s; keeping try %d", samples,
              ", ".join(f"{d:.4g}" for d in damages), pick + 1)
-    return found[pick], {"tries": tries, "damages": [round(d, 6) for d in damages], "kept": pick + 1}
+    return found[pick], {"tries": tries, "samples": samples, "damages": [round(d, 6) for d in damages],
+                         "kept": pick + 1}
 
 
 def _latency_model(a: Analysis, model: onnx.ModelProto, cfg: CompressConfig, shapes: dict,

@@ -49,7 +49,6 @@ class CompressConfig:
             raise UsageError("--tries must be at least 1")
 
 
-
 @dataclass
 class Budget:
     """What the target limits: MACs (``flops``) or predicted seconds (``latency``)."""

@@ -7,15 +7,16 @@ import logging
 import os
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from .analysis.groups import Analysis
-from .calib import Calibration
-from .config import CompressConfig
-from .latency_model import LatencyModel
-from .sensitivity import Plan
+if TYPE_CHECKING:   # annotations only: writing a report needs none of them
+    from .analysis.groups import Analysis
+    from .calib import Calibration
+    from .config import CompressConfig
+    from .latency_model import LatencyModel
+    from .sensitivity import Plan
 
 log = logging.getLogger(__name__)
 
@@ -65,8 +66,8 @@ def _search_line(search: dict[str, Any]) -> str:
     if search.get("tries", 1) == 1:
         return "- one search"
     damages = ", ".join(f"{d:.4g}" for d in search["damages"])
-    return (f"- {search['tries']} searches on rotated calibration splits, damage on the calibration samples (up to 128) "
-            f"{damages}: kept search {search['kept']}")
+    return (f"- {search['tries']} searches on rotated calibration splits, damage on {search['samples']} "
+            f"calibration samples {damages}: kept search {search['kept']}")
 
 
 def _latency_line(lat: dict[str, Any]) -> str:

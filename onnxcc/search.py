@@ -83,7 +83,7 @@ def _thin(grid: np.ndarray, most: int = 65) -> np.ndarray:
 
 
 def emulate(probe: WeightProbe, plan: Plan, prev: dict[str, np.ndarray],
-             reconstruct: bool) -> tuple[dict[str, np.ndarray], Stats, float | None]:
+            reconstruct: bool) -> tuple[dict[str, np.ndarray], Stats, float | None]:
     """The plan's weights, refit from layer-input statistics under ``prev``; the statistics; and
     the weights' damage where telling refit from plain removal measured it (else None).
 
