@@ -78,7 +78,8 @@ def cmd_info(args: argparse.Namespace) -> int:
     prunable = sum(g["prunable"] for g in d["groups"])
     out.print(f"[bold]MACs[/] {fmt_count(d['macs'])} ({d['macs']:,})   [bold]params[/] {fmt_count(d['params'])}   "
               f"[bold]compressible[/] {fmt_count(d['compressible_macs'])} ({d['compressible_fraction']:.1%})   "
-              f"[bold]channel groups[/] {len(d['groups'])} ({prunable} prunable)")
+              f"[bold]channel groups[/] {len(d['groups'])} ({prunable} prunable, "
+              f"{sum(g['droppable'] for g in d['groups'])} of them may be emptied)")
     if d["quantized"]:
         out.print("[yellow]quantized model[/]: its integer ops (QLinearConv, ConvInteger, ...) carry no counted MACs "
                   "and onnxcc does not compress it; compress the float model, then quantize")

@@ -42,7 +42,7 @@ class Inspection:
             "compressible_fraction": round(a.compressible_macs / a.total_macs, 4) if a.total_macs else 0.0,
             "params": int(model_params(self.model)),
             "layers": [layer_dict(a, layer) for layer in a.layers],
-            "groups": [{"id": g.id, "channels": g.size, "prunable": g.prunable, "origins": list(g.origins),
+            "groups": [{"id": g.id, "channels": g.size, "prunable": g.prunable, "droppable": g.droppable, "origins": list(g.origins),
                         "members": len(g.members), "frozen": list(g.frozen)} for g in a.groups.values()],
             "normalize": self.normalize_record.to_dict(),
         }

@@ -97,6 +97,12 @@ class LatencyModel:
                 want(site.out(), ranks, axis_grid(lo_out, layer.cout))
                 pairs[layer.key] = [(r, (site.size, (ConvSpec(layer.cin, r, site.kernel, site.stride),
                                                      ConvSpec(r, layer.cout, 1, 1)))) for r in ranks]
+        # an emptied branch leaves its join as a 1×1 depthwise Conv (``x + c``): priced as one
+        self.join_sites: dict[str, Site] = {}
+        for j in analysis.possible_unit_convs():
+            c, h, w = analysis.view.shape(j)[1:]
+            self.join_sites[j] = Site((1, 1), (1, 1), (h, w), True)
+            want(self.join_sites[j], axis_grid(min(c, round_to), c), [])
         lines = {site: (sorted(cins), sorted(couts)) for site, (cins, couts) in axes.items()}
         requests = list(dict.fromkeys(
             (site, ci, co) for site, (cins, couts) in lines.items()
@@ -134,6 +140,8 @@ class LatencyModel:
 
     def layer_seconds(self, layer: Layer, kept: dict[int, int], rank: int | None = None) -> float:
         a = self.analysis
+        if layer.key in a.dead(kept):
+            return 0.0
         site = self.sites.get(layer.key)
         if site is None:
             return a.layer_macs(layer, kept, rank) * self.fallback
@@ -158,7 +166,13 @@ class LatencyModel:
     def layers_seconds(self, kept: dict[int, int] | None = None, ranks: dict[str, int] | None = None) -> float:
         """The MAC layers' seconds by the table alone (no calibration)."""
         kept, ranks = kept or {}, ranks or {}
-        return sum(self.layer_seconds(l, kept, ranks.get(l.key)) for l in self.analysis.layers)
+        return (sum(self.layer_seconds(l, kept, ranks.get(l.key)) for l in self.analysis.layers)
+                + sum(self._unit_conv(j, kept) for j in self.analysis.unit_convs(kept)))
+
+    def _unit_conv(self, join: str, kept: dict[int, int]) -> float:
+        a, site = self.analysis, self.join_sites[join]
+        c = max(a.join_channels(join, kept), 1.0)
+        return self._conv(site, c, c, c * site.size[0] * site.size[1])
 
     def seconds(self, kept: dict[int, int] | None = None, ranks: dict[str, int] | None = None) -> float:
         """Predicted seconds of one run: the MAC layers, scaled, plus the constant overhead."""

@@ -101,6 +101,8 @@ def refit(Wm: np.ndarray, b: np.ndarray | None, S: np.ndarray, C: np.ndarray,
     S = E[z zᵀ] of the current input, C = E[t zᵀ] with t the original model's input."""
     full = np.concatenate([Wm, (b if b is not None else np.zeros(len(Wm)))[:, None]], 1)
     kp = np.append(keep, b is not None)
+    if not kp.any():   # an emptied input and no bias: nothing left to fit
+        return np.zeros_like(Wm), None
     # minimise E‖full·t − X·z_K⁺‖² + ε‖X − full_K⁺‖²  ⇒  X = (full·C[:, K⁺] + ε·full_K⁺)·(S[K⁺, K⁺] + ε)⁻¹
     S_kk = S[np.ix_(kp, kp)]
     eps = _eps(S_kk)

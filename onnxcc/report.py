@@ -47,7 +47,8 @@ def to_markdown(r: dict[str, Any]) -> str:
         f"- MACs {t['macs_before']:,} → {t['macs_after']:,} (**{t['mac_reduction']:.1%} removed**)",
         _latency_line(t.get("latency", {})),
         f"- params {t['params_before']:,} → {t['params_after']:,}",
-        f"- {t['channels_removed']} channels removed, {t['layers_factorized']} convs factorized, {t['seconds']} s",
+        f"- {t['channels_removed']} channels removed, {_emptied(t)}{t['layers_factorized']} convs factorized, "
+        f"{t['seconds']} s",
         _search_line(r.get("search", {})),
         f"- calibration: {r['calibration']['source']} ({r['calibration']['samples']} samples"
         f"{', synthetic' if r['calibration']['synthetic'] else ''})",
@@ -57,9 +58,16 @@ def to_markdown(r: dict[str, Any]) -> str:
     ]
     for l in r["layers"]:
         rank = "-" if l["rank"][1] is None else f"{l['rank'][1]}/{l['rank'][0]}"
-        lines.append(f"| {l['name']} | {l['op']} | {l['in_channels'][0]}→{l['in_channels'][1]} | "
-                     f"{l['out_channels'][0]}→{l['out_channels'][1]} | {rank} | {l['macs'][0]:,} | {l['macs'][1]:,} |")
+        widths = (f"{l['in_channels'][0]}→{l['in_channels'][1]} | {l['out_channels'][0]}→{l['out_channels'][1]}"
+                  if not l.get("folded") else f"{l['in_channels'][0]} | {l['out_channels'][0]} (folded away)")
+        lines.append(f"| {l['name']} | {l['op']} | {widths} | {rank} | {l['macs'][0]:,} | {l['macs'][1]:,} |")
     return "\n".join(lines) + "\n"
+
+
+def _emptied(t: dict[str, Any]) -> str:
+    if not t.get("groups_emptied"):
+        return ""
+    return f"{t['groups_emptied']} branches emptied ({t['layers_folded']} convs folded away), "
 
 
 def _search_line(search: dict[str, Any]) -> str:
@@ -123,6 +131,7 @@ def build_report(a: Analysis, plan: Plan, cfg: CompressConfig, curves: list[dict
     removed channels per group, the measured damage curves (of the try kept), the tries'
     damages, totals and held-out fidelity."""
     kept = plan.kept()
+    dead = a.dead(kept)
     layers = []
     for l in a.layers:
         rank = plan.ranks.get(l.key)
@@ -132,6 +141,7 @@ def build_report(a: Analysis, plan: Plan, cfg: CompressConfig, curves: list[dict
             "in_channels": [l.cin, cin], "out_channels": [l.cout, cout],
             "rank": [min(l.cout, l.cin * l.kk) if l.op == "Conv" else None, rank],
             "macs": [int(l.macs), int(round(a.layer_macs(l, kept, rank)))],
+            "folded": l.key in dead,
         })
         if lat is not None:
             layers[-1]["predicted_ms"] = [round(lat.layer_seconds(l, {}) * 1e3, 5),
@@ -149,6 +159,7 @@ def build_report(a: Analysis, plan: Plan, cfg: CompressConfig, curves: list[dict
             "planned_macs_after": int(a.macs(kept, plan.ranks)),
             "params_before": verification["params_before"], "params_after": verification["params_after"],
             "channels_removed": int(prune_rec.channels_removed), "layers_factorized": len(fact_rec.layers),
+            "groups_emptied": sum(n == 0 for n in kept.values()), "layers_folded": len(dead),
             "latency": {**timing, **_predicted(lat, plan)},
             "seconds": round(seconds, 1),
         },

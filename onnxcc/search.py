@@ -36,7 +36,8 @@ def _extreme_plan(a: Analysis, cfg: CompressConfig) -> Plan:
         for gid, g in a.groups.items():
             if g.prunable:
                 m = np.zeros(g.size, bool)
-                m[:min(g.size, _allowed(_min_keep(cfg, g.size), g.size, cfg.round_to, g.size)[0])] = True
+                if not g.droppable:
+                    m[:min(g.size, _allowed(_min_keep(cfg, g.size), g.size, cfg.round_to, g.size)[0])] = True
                 plan.keep[gid] = m
     if cfg.method in ("cc", "decompose"):
         plan.ranks = {l.key: int(_allowed(1, l.max_useful_rank(), cfg.round_to, l.max_useful_rank())[0])
@@ -135,6 +136,8 @@ def _grid(a: Analysis, plan: Plan, cfg: CompressConfig, budget: Budget, lat: Lat
         n = kept.get(gid, g.size)
         mask = plan.keep.get(gid, np.ones(g.size, bool))
         remaining = _allowed(_min_keep(cfg, g.size), n - 1, multiple, g.size)
+        if g.droppable and n > 0:
+            remaining = np.append(0, remaining)   # emptied: the branch folds to a constant
 
         def prune(p: Plan, k: int) -> None:
             p.keep[gid] = _remove_lowest(mask, scores[gid], int(k))

@@ -272,7 +272,7 @@ def plan_weights(probe: WeightProbe, plan: Plan, stats: Stats | None = None,
             Wm[:, ~cols] = 0
         if out_m is not None:
             Wm[~out_m] = 0
-        if rank is not None:
+        if rank is not None and cols.any() and (out_m is None or out_m.any()):   # else the layer folds away
             Wm = _low_rank(probe, key, Wm, cols, rank, S, stats.energy.get(key), in_m, out_m)
         out[v.weight] = v.native(Wm, W)
         if v.bias:

@@ -62,6 +62,20 @@ def test_model_reproduces_a_separable_table(fake_table):
     assert lm.seconds(half) < lm.seconds()
 
 
+def test_an_emptied_branch_costs_its_join_not_its_convs(fake_table):
+    """Emptying a residual branch takes its Convs' seconds off and puts the join's 1×1 depthwise
+    Conv (``x + c``, one MAC per element) on, priced from its own measured site."""
+    _, a = normalized_analysis(GRAPHS["tiny_resnet"](13))
+    lm = LatencyModel(a, fake_table, round_to=4)
+    g = next(g for g in a.groups.values() if g.droppable)
+    kept = {g.id: 0}
+    (join,) = a.unit_convs(kept)
+    c, h, w = a.view.shape(join)[1:]
+    live = sum(lm.layer_seconds(l, {}) for l in a.layers if l.key not in a.dead(kept))
+    assert {l.key for l in a.layers} > a.dead(kept) and len(a.dead(kept)) == 2
+    assert lm.layers_seconds(kept) == pytest.approx(live + c * h * w * SECONDS_PER_MAC * _speed(c, c), rel=1e-9)
+
+
 def test_calibrate_splits_overhead_and_scale(fake_table):
     _, a = normalized_analysis(GRAPHS["tiny_resnet"](13))
     lm = LatencyModel(a, fake_table, round_to=4)

@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 
 from engine_helpers import normalized_analysis, random_keep, zero_reads
-from graphs import GRAPHS, cases
+from graphs import GRAPHS, GraphBuilder, cases
 from oracles import assert_same_outputs, check_model_full, random_feeds, runtime_macs
 
 from onnxcc.analysis.op_rules import CHANNEL_RULES, PARAM_OPS
@@ -71,8 +71,70 @@ def test_frozen_group_cannot_be_pruned():
         PruneChannelsPass(a, {gid: m})
 
 
-def test_group_never_loses_all_channels():
+def test_group_never_loses_all_channels_where_nothing_folds():
     norm, a = normalized_analysis(GRAPHS["conv_chain"](13))
     gid, g = next((k, g) for k, g in a.groups.items() if g.prunable)
+    assert not g.droppable
     with pytest.raises(PassContractError, match="all its channels"):
         PruneChannelsPass(a, {gid: np.zeros(g.size, bool)})
+
+
+@pytest.mark.parametrize("name,opset", cases())
+def test_emptying_droppable_groups_is_exact(name, opset):
+    """Every group the liveness analysis lets a plan empty (all at once, the rest pruned at
+    random): the folded graph computes what the full graph with those reads zeroed computes,
+    passes the full check, and has the MACs the cost model predicted. A group it refuses must
+    be refused by the pass too."""
+    norm, a = normalized_analysis(GRAPHS[name](opset))
+    feeds = random_feeds(norm)
+    keep = random_keep(a, seed=opset)
+    emptied = [gid for gid, g in a.groups.items() if g.droppable]
+    for gid in emptied:
+        keep[gid] = np.zeros(a.groups[gid].size, bool)
+    refused = next((gid for gid, g in a.groups.items() if g.prunable and not g.droppable), None)
+    if refused is not None:
+        with pytest.raises(PassContractError, match="all its channels"):
+            PruneChannelsPass(a, {**keep, refused: np.zeros(a.groups[refused].size, bool)})
+    res = PruneChannelsPass(a, keep)(norm)
+    check_model_full(res.model)
+    assert_same_outputs(zero_reads(a, norm, keep), res.model, feeds, rtol=1e-5, atol=1e-5)
+    assert runtime_macs(res.model, feeds) == res.record.macs_after
+    if emptied:
+        assert len(res.model.graph.node) < len(norm.graph.node)
+
+
+def test_residual_branches_and_squeeze_excite_may_be_emptied():
+    expected = {"tiny_resnet": 4, "tiny_mobilenet": 3, "residual_add": 2, "se_block": 1, "depthwise": 1,
+                "conv_chain": 0, "concat": 0, "split": 0, "multi_output": 0}
+    found = {}
+    for name in expected:
+        _, a = normalized_analysis(GRAPHS[name](13))
+        found[name] = sum(g.droppable for g in a.groups.values())
+    assert found == expected
+
+
+def _branch(tail: str):
+    """x -> 1x1 -> ReLU -> 3x3 (reads the group) -> ReLU -> tail -> + x: the branch folds to one
+    value per channel only if the tail treats every position alike."""
+    g = GraphBuilder(13, 0, "branch")
+    x = g.input((1, 4, 8, 8))
+    y = g.relu(g.conv(x, 6, 1))
+    y = g.relu(g.conv(y, 5, 3))
+    if tail == "scale along W":   # a [W] vector broadcasts along the last axis
+        y = g.mul(y, g.f32(np.linspace(0.5, 2.0, 8, dtype=np.float32)))
+    y = g.conv(y, 4, 3 if tail == "3x3" else 1)
+    return g.build(g.conv(g.add(x, y), 3, 1))
+
+
+@pytest.mark.parametrize("tail,droppable", [("1x1", True), ("3x3", False), ("scale along W", False)])
+def test_a_branch_empties_only_through_position_blind_ops(tail, droppable):
+    norm, a = normalized_analysis(_branch(tail))
+    inner = [g for g in a.groups.values() if g.prunable and g.size == 6]
+    assert len(inner) == 1 and inner[0].droppable is droppable
+    if droppable:
+        kept = {inner[0].id: 0}
+        assert len(a.dead(kept)) == 3   # the 1x1 that fed the group, the reducer, the tail
+        res = PruneChannelsPass(a, {inner[0].id: np.zeros(6, bool)})(norm)
+        ops = [n.op_type for n in res.model.graph.node]
+        # x + c is written as a 1x1 depthwise Conv (one MAC per element), then the head
+        assert ops == ["Conv", "Conv"] and runtime_macs(res.model) == a.macs(kept)

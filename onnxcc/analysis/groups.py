@@ -15,6 +15,7 @@ import onnx_graphsurgeon as gs
 
 from .costs import LAYER_OPS, node_macs, node_params
 from .layout import Atoms, Layout, LayoutAlgebra
+from .liveness import Fold, droppable, fold
 from .op_rules import CHANNEL_RULES, RuleContext, unknown
 from .view import ModelView
 
@@ -39,10 +40,16 @@ class ChannelGroup:
     origins: tuple[str, ...]
     members: tuple[Member, ...]
     frozen: tuple[str, ...]
+    reducers: frozenset[str] = frozenset()   # Convs reading only this group, where it may be emptied
 
     @property
     def prunable(self) -> bool:
         return not self.frozen and self.size > 1
+
+    @property
+    def droppable(self) -> bool:
+        """May a plan keep none of its channels (see :mod:`.liveness`)?"""
+        return bool(self.reducers)
 
 
 @dataclass
@@ -96,6 +103,8 @@ class Analysis:
 
     def __post_init__(self) -> None:
         self.alg = LayoutAlgebra(self.atoms)
+        self._node_of = {o.name: i for i, n in enumerate(self.view.nodes) for o in n.outputs}
+        self._folds: dict[frozenset[int], tuple[Fold, frozenset[str]]] = {}
 
     @property
     def compressible_macs(self) -> int:
@@ -128,8 +137,46 @@ class Analysis:
         in_f = out_f if layer.group > 1 and layer.red_layout is None else self.fraction(layer.red_layout, kept)
         return int(round(layer.cin * in_f)), int(round(layer.cout * out_f))
 
+    def folded(self, kept: dict[int, int]) -> tuple[Fold | None, frozenset[str]]:
+        """What emptying the groups ``kept`` leaves at zero folds to, and the layers it leaves
+        without work (None and none when no group is emptied)."""
+        emptied = frozenset(g for g, n in kept.items() if n == 0)
+        if not emptied:
+            return None, frozenset()
+        if emptied not in self._folds:
+            f = fold(self.view, frozenset().union(*(self.groups[g].reducers for g in emptied)))
+            self._folds[emptied] = f, frozenset(l.key for l in self.layers if self._node_of[l.key] not in f.needed)
+        return self._folds[emptied]
+
+    def dead(self, kept: dict[int, int]) -> frozenset[str]:
+        return self.folded(kept)[1]
+
+    def unit_convs(self, kept: dict[int, int]) -> list[str]:
+        """Joins that add a folded constant to a live NCHW map: the prune pass writes each as a
+        1×1 depthwise Conv (see ``passes.prune``), which counts one MAC per output element."""
+        f = self.folded(kept)[0]
+        if f is None:
+            return []
+        return [j for j in f.joins if self.view.nodes[self._node_of[j]].op == "Add"
+                and len(self.view.shape(j) or ()) == 4]
+
+    def possible_unit_convs(self) -> set[str]:
+        """Every join :meth:`unit_convs` may name, whichever groups a plan empties (the checks of
+        :func:`.liveness.droppable` make the joins of several the union of each one's)."""
+        return {j for gid, g in self.groups.items() if g.droppable for j in self.unit_convs({gid: 0})}
+
+    def join_channels(self, join: str, kept: dict[int, int]) -> float:
+        """Channels of an NCHW join's output when groups keep ``kept``."""
+        return self.view.shape(join)[1] * self.fraction(self.layout(join), kept)
+
+    def _unit_conv_macs(self, kept: dict[int, int]) -> float:
+        return sum(int(np.prod(self.view.shape(j)[2:])) * self.join_channels(j, kept) for j in self.unit_convs(kept))
+
     def layer_macs(self, layer: Layer, kept: dict[int, int], rank: int | None = None) -> float:
         """MACs of ``layer`` when groups keep ``kept`` channels and the conv has ``rank``."""
+        return 0.0 if layer.key in self.dead(kept) else self._live_macs(layer, kept, rank)
+
+    def _live_macs(self, layer: Layer, kept: dict[int, int], rank: int | None) -> float:
         out_f, red_f = self.fraction(layer.out_layout, kept), self.fraction(layer.red_layout, kept)
         if rank is None:
             return layer.macs * out_f * red_f
@@ -138,7 +185,9 @@ class Analysis:
 
     def macs(self, kept: dict[int, int] | None = None, ranks: dict[str, int] | None = None) -> int:
         kept, ranks = kept or {}, ranks or {}
-        delta = sum(self.layer_macs(l, kept, ranks.get(l.key)) - l.macs for l in self.layers)
+        dead = self.dead(kept)
+        delta = sum((0.0 if l.key in dead else self._live_macs(l, kept, ranks.get(l.key))) - l.macs
+                    for l in self.layers) + self._unit_conv_macs(kept)
         return int(round(self.total_macs + delta))
 
 
@@ -155,7 +204,20 @@ def analyse(view: ModelView) -> Analysis:
     groups = _groups(ctx)
     for layer in layers:
         layer.prunable = any(groups[g].prunable for g in layer.out_groups + layer.in_groups)
+    _mark_droppable(view, groups, layers)
     return Analysis(view, ctx.atoms, dict(ctx.layouts), groups, layers, total)
+
+
+def _mark_droppable(view: ModelView, groups: dict[int, ChannelGroup], layers: list[Layer]) -> None:
+    """Give each group that may be emptied its reducers: the plain Convs that read only it (their
+    output, with no input left, is their bias)."""
+    candidates = {}
+    for gid, g in groups.items():
+        reducers = frozenset(l.key for l in layers if l.op == "Conv" and l.group == 1 and l.in_groups == (gid,))
+        if g.prunable and reducers:
+            candidates[gid] = reducers, {m.tensor for m in g.members}
+    for gid in droppable(view, candidates):
+        groups[gid].reducers = candidates[gid][0]
 
 
 def _freeze_subgraph_captures(ctx: RuleContext, node: gs.Node) -> None:
