@@ -103,7 +103,6 @@ class Analysis:
 
     def __post_init__(self) -> None:
         self.alg = LayoutAlgebra(self.atoms)
-        self._node_of = {o.name: i for i, n in enumerate(self.view.nodes) for o in n.outputs}
         self._folds: dict[frozenset[int], tuple[Fold, frozenset[str]]] = {}
 
     @property
@@ -145,7 +144,7 @@ class Analysis:
             return None, frozenset()
         if emptied not in self._folds:
             f = fold(self.view, frozenset().union(*(self.groups[g].reducers for g in emptied)))
-            self._folds[emptied] = f, frozenset(l.key for l in self.layers if self._node_of[l.key] not in f.needed)
+            self._folds[emptied] = f, frozenset(l.key for l in self.layers if self.view.producer[l.key] not in f.needed)
         return self._folds[emptied]
 
     def dead(self, kept: dict[int, int]) -> frozenset[str]:
@@ -157,7 +156,7 @@ class Analysis:
         f = self.folded(kept)[0]
         if f is None:
             return []
-        return [j for j in f.joins if self.view.nodes[self._node_of[j]].op == "Add"
+        return [j for j in f.joins if self.view.nodes[self.view.producer[j]].op == "Add"
                 and len(self.view.shape(j) or ()) == 4]
 
     def possible_unit_convs(self) -> set[str]:

@@ -33,23 +33,25 @@ class Fold:
     """What is left when the layers ``reducers`` read no channel: tensors that become constant,
     and the nodes (indices into the view's nodes) still computed."""
 
+    reducers: frozenset[str]
     constant: frozenset[str]
     needed: frozenset[int]
     joins: tuple[str, ...] = ()   # output tensors of the live nodes that read a constant
 
 
 def fold(view: ModelView, reducers: frozenset[str]) -> Fold:
-    nodes = view.nodes
-    static = {o.name for n in nodes if n.op == "Constant" for o in n.outputs}
+    nodes, producer = view.nodes, view.producer
+
+    def stored(t: gs.Tensor) -> bool:
+        return isinstance(t, gs.Constant) or (t.name in producer and nodes[producer[t.name]].op == "Constant")
+
     constant = set(reducers)
     for n in nodes:
         if n.outputs and n.outputs[0].name in reducers:
             continue
         ins = [t for t in n.inputs if t.name]
-        if any(t.name in constant for t in ins) and all(
-                t.name in constant or t.name in static or isinstance(t, gs.Constant) for t in ins):
+        if any(t.name in constant for t in ins) and all(t.name in constant or stored(t) for t in ins):
             constant.update(o.name for o in n.outputs)
-    producer = {o.name: i for i, n in enumerate(nodes) for o in n.outputs}
     needed: set[int] = set()
     stack = [t.name for t in view.graph.outputs]
     while stack:
@@ -61,7 +63,7 @@ def fold(view: ModelView, reducers: frozenset[str]) -> Fold:
         stack.extend(t.name for t in nodes[i].inputs if t.name)
     joins = tuple(nodes[i].outputs[0].name for i in sorted(needed)
                   if any(t.name in constant for t in nodes[i].inputs))
-    return Fold(frozenset(constant), frozenset(needed), joins)
+    return Fold(reducers, frozenset(constant), frozenset(needed), joins)
 
 
 def droppable(view: ModelView, candidates: dict[int, tuple[frozenset[str], set[str]]]) -> set[int]:
@@ -71,24 +73,23 @@ def droppable(view: ModelView, candidates: dict[int, tuple[frozenset[str], set[s
     regions, meets = {}, {}
     for gid, (reducers, members) in candidates.items():
         f = fold(view, reducers)
-        live = _joined(view, reducers, members, f)
+        live = _joined(view, members, f)
         if live is not None:
             regions[gid], meets[gid] = f.constant, live
     return {g for g in regions if not any(meets[g] & regions[h] for h in regions if h != g)}
 
 
-def _joined(view: ModelView, reducers: frozenset[str], members: set[str], f: Fold) -> set[str] | None:
+def _joined(view: ModelView, members: set[str], f: Fold) -> set[str] | None:
     """The live tensors the constants join, if folding ``f`` computes what the emulation does
     (the full-size network with the group's reads zeroed) with no live node left reading one of
     the emptied group's tensors (``members``); else None."""
     if any(t.name in f.constant for t in view.graph.outputs):
         return None
-    producer = {o.name: i for i, n in enumerate(view.nodes) for o in n.outputs}
-    if any(producer.get(m) in f.needed for m in members):
+    if any(view.producer.get(m) in f.needed for m in members):
         return None
     live: set[str] = set()
     for i, n in enumerate(view.nodes):
-        if not n.outputs or n.outputs[0].name in reducers:
+        if not n.outputs or n.outputs[0].name in f.reducers:
             continue
         if any(o.name in f.constant for o in n.outputs):
             if not _uniform(view, n, f.constant):

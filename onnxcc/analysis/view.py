@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
+from functools import cached_property
 
 import numpy as np
 import onnx
@@ -110,6 +111,11 @@ class ModelView:
     @property
     def nodes(self) -> list[gs.Node]:
         return self.graph.nodes
+
+    @cached_property
+    def producer(self) -> dict[str, int]:
+        """Index in :attr:`nodes` of the node that computes each tensor."""
+        return {o.name: i for i, n in enumerate(self.nodes) for o in n.outputs}
 
     def const(self, t: gs.Tensor | None) -> np.ndarray | None:
         if isinstance(t, gs.Constant):

@@ -288,8 +288,7 @@ def _fold_emptied(graph: gs.Graph, analysis: Analysis, kept: dict[int, int], nam
     f, _ = analysis.folded(kept)
     if f is None:
         return
-    reducers = frozenset().union(*(analysis.groups[g].reducers for g, n in kept.items() if n == 0))
-    for node in [n for n in graph.nodes if n.outputs and n.outputs[0].name in reducers]:
+    for node in [n for n in graph.nodes if n.outputs and n.outputs[0].name in f.reducers]:
         out = node.outputs[0]
         bias = _const(node, 2)
         cout = int(node.inputs[1].shape[0])
