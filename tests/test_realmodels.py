@@ -69,6 +69,61 @@ def test_corpus_models(name):
     assert_same_outputs(ins.model, fact.model, random_feeds(model), rtol=1e-3, atol=1e-4)
 
 
+def _dynamo_export(name: str, path: Path, dynamic_batch: bool) -> onnx.ModelProto:
+    """The default export of current PyTorch (torch.export + onnxscript, opset 18+): BN folded
+    into the Convs, adaptive pooling as ReduceMean with axes as an input."""
+    import warnings
+
+    import torch
+
+    import models.dbnet_like
+    import models.mobilenetv2
+    import models.variants
+    from models.common import randomize_bn
+
+    build, size = {"mobilenetv2": (models.mobilenetv2.build, 224), "dbnet_like": (models.dbnet_like.build, 256),
+                   "paddle_resnet": (models.variants.build_paddle_resnet, 224)}[name]
+    net = randomize_bn(build(seed=3)).eval()
+    shapes = ({0: torch.export.Dim("N")},) if dynamic_batch else None
+    with warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(net, (torch.randn(1, 3, size, size),), str(path), dynamo=True, dynamic_shapes=shapes)
+    return onnx.load(str(path))
+
+
+@pytest.mark.parametrize("name,dynamic_batch", [("mobilenetv2", False), ("mobilenetv2", True),
+                                                ("dbnet_like", False), ("paddle_resnet", False)])
+def test_torch_dynamo_exports(name, dynamic_batch, tmp_path):
+    """What a user of current PyTorch gets from ``torch.onnx.export``: the engine is exact on it
+    (normalisation, zeroed-read pruning, full-rank factorization, MACs as onnxruntime runs them)."""
+    model = _dynamo_export(name, tmp_path / "m.onnx", dynamic_batch)
+    assert model.opset_import[0].version >= 18
+    ins = _check_engine(model, True)
+    a = ins.analysis
+    full = {l.key: min(l.cout, l.cin * l.kk) for l in a.layers if l.factorizable}
+    fact = FactorizeConvPass(full)(ins.model)
+    check_model_full(fact.model)
+    assert_same_outputs(ins.model, fact.model, random_feeds(model), rtol=1e-3, atol=1e-4)
+
+
+@pytest.mark.slow
+def test_cli_compress_dynamo_export_lands_on_target(tmp_path):
+    """`onnxcc compress` on a dynamic-batch torch.export model: valid, within one point."""
+    import numpy as np
+
+    src, out = tmp_path / "m.onnx", tmp_path / "out.onnx"
+    model = _dynamo_export("mobilenetv2", src, dynamic_batch=True)
+    np.save(tmp_path / "calib.npy", np.random.default_rng(0).standard_normal((24, 3, 224, 224), np.float32))
+    r = subprocess.run([sys.executable, "-m", "onnxcc", "compress", str(src), "--flops", "0.3",
+                        "--calib", str(tmp_path / "calib.npy"), "-o", str(out), "--threads", "2"],
+                       capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-2000:]
+    compressed = onnx.load(str(out))
+    check_model_full(compressed)
+    feeds = random_feeds(model)
+    assert abs(1 - runtime_macs(compressed, feeds) / runtime_macs(model, feeds) - 0.3) <= 0.01
+
+
 @pytest.mark.realmodel
 def test_open_nsfw_nhwc_is_fully_prunable():
     require_data("open_nsfw")
