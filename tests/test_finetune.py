@@ -95,6 +95,28 @@ def test_round_trip_test_graphs(name, opset):
     _check_round_trip(model, random_feeds(model))
 
 
+def _emptied_cases() -> list:
+    from engine_helpers import normalized_analysis
+
+    return [c for c in cases() if any(g.droppable for g in normalized_analysis(GRAPHS[c[0]](c[1]))[1].groups.values())]
+
+
+@needs_torch
+@pytest.mark.parametrize("name,opset", _emptied_cases())
+def test_round_trip_emptied_branches(name, opset):
+    """What compress emits where a branch is emptied (reducers folded to constants, joins as unit
+    depthwise Convs) fine-tunes like any other graph."""
+    from engine_helpers import normalized_analysis, random_keep
+
+    from onnxcc.passes.prune import PruneChannelsPass
+
+    norm, a = normalized_analysis(GRAPHS[name](opset))
+    keep = random_keep(a, seed=opset)
+    keep.update({gid: np.zeros(g.size, bool) for gid, g in a.groups.items() if g.droppable})
+    pruned = PruneChannelsPass(a, keep)(norm).model
+    _check_round_trip(pruned, random_feeds(pruned))
+
+
 @needs_torch
 @pytest.mark.realmodel
 @pytest.mark.parametrize("name", list(models.CORPUS))
