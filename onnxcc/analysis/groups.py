@@ -104,6 +104,7 @@ class Analysis:
     def __post_init__(self) -> None:
         self.alg = LayoutAlgebra(self.atoms)
         self._folds: dict[frozenset[int], tuple[Fold, frozenset[str]]] = {}
+        self._layout_sizes: dict[Layout, tuple[tuple[tuple[int, int], ...], int]] = {}
 
     @property
     def compressible_macs(self) -> int:
@@ -127,7 +128,16 @@ class Analysis:
     def fraction(self, layout: Layout | None, kept: dict[int, int]) -> float:
         if layout is None:
             return 1.0
-        return self.alg.count(layout, kept) / self.alg.count(layout, {})
+        sizes, full = self._sizes(layout)
+        return sum(kept.get(g, n) for g, n in sizes) / full
+
+    def _sizes(self, layout: Layout) -> tuple[tuple[tuple[int, int], ...], int]:
+        """(group, channels) of each atom along ``layout`` and their total. Groups are final once
+        analysed, and the allocator asks for the same layouts millions of times."""
+        if layout not in self._layout_sizes:
+            sizes = tuple((self.atoms.find(a), self.atoms.size[a]) for a in self.atoms.expand(layout.atoms))
+            self._layout_sizes[layout] = sizes, sum(n for _, n in sizes)
+        return self._layout_sizes[layout]
 
     def channels(self, layer: Layer, kept: dict[int, int]) -> tuple[int, int]:
         """(in, out) channels of ``layer`` when groups keep ``kept`` channels."""
