@@ -34,8 +34,17 @@ class Options:
 
 
 def interpolate(unit: str, measured_k: list[int], measured_d: list[float], k_grid: np.ndarray,
-                saving: np.ndarray, gamma: float) -> Options:
-    """Dense options from a few measurements: damage made monotone, linearly interpolated."""
+                saving: np.ndarray, gamma: float, last_apart: bool = False) -> Options:
+    """Dense options from a few measurements: damage made monotone, linearly interpolated.
+
+    ``last_apart``: the last option (measured last) is a different kind of change, emptying a
+    group rather than narrowing it. It is charged its own damage, and the narrowing curve is
+    built, look-ahead included, without it: a branch folded to a constant neither bounds nor
+    continues the damage of a thinner one."""
+    if last_apart:
+        body = interpolate(unit, measured_k[:-1], measured_d[:-1], k_grid[:-1], saving[:-1], gamma)
+        last = max(float(measured_d[-1]), 0.0) + 1e-9 * max(float(body.damage.max()), float(measured_d[-1]), 1e-6)
+        return Options(unit, k_grid, np.append(body.damage, last), saving)
     k = np.asarray([0] + list(measured_k), float)
     d = np.maximum.accumulate(np.maximum(np.asarray([0.0] + list(measured_d)), 0.0))
     dense = np.interp(k_grid, k, d)

@@ -213,8 +213,7 @@ def _take_step(a: Analysis, probe: WeightProbe, plan: Plan, prev: dict[str, np.n
     coarse = [(u, grid, apply) for u, grid, apply in coarse if len(grid) > 1]
     units = [u for u, _, _ in coarse]
     for u, grid, _ in coarse:
-        kmax = int(grid[-1])
-        u.measured = sorted({int(grid[np.argmin(np.abs(grid[1:] - f * kmax)) + 1]) for f in cfg.fractions})
+        u.measured = _measure_at(grid, cfg.fractions, _empties(a, plan, u))
 
     jobs = [(u, apply, k) for u, _, apply in coarse for k in u.measured]
 
@@ -257,6 +256,23 @@ def _take_step(a: Analysis, probe: WeightProbe, plan: Plan, prev: dict[str, np.n
     if not landed:
         return nearest[1], nearest[2]
     return landed[0][1:] if len(landed) == 1 else _measured_pick(probe, stats, landed, step)
+
+
+def _empties(a: Analysis, plan: Plan, u: _Unit) -> bool:
+    """Whether the largest amount on ``u``'s grid empties its group (see :func:`_grid`)."""
+    g = a.groups[u.unit] if u.kind == "prune" else None
+    return g is not None and g.droppable and plan.kept().get(u.unit, g.size) > 0
+
+
+def _measure_at(grid: np.ndarray, fractions: tuple[float, ...], emptying: bool) -> list[int]:
+    """The amounts of ``grid`` (0 first) whose damage is measured: the ones nearest each fraction
+    of the largest. Emptying a group is a different kind of change from narrowing it (a folded
+    branch, not a thinner one), so where the last amount empties, the fractions place themselves
+    on the widths before it and emptying is measured besides: interpolating from emptying would
+    price the narrowest widths by a damage they do not have."""
+    widths = grid[1:-1] if emptying else grid[1:]
+    picked = {int(widths[np.argmin(np.abs(widths - f * widths[-1]))]) for f in fractions} if len(widths) else set()
+    return sorted(picked | ({int(grid[-1])} if emptying else set()))
 
 
 def _measured_pick(probe: WeightProbe, stats: Stats, landed: list[tuple[int, Plan, dict]],
@@ -305,7 +321,7 @@ def _allocate(a: Analysis, plan: Plan, cfg: CompressConfig, budget: Budget, lat:
             saving[i] = cost_now - budget.of(cand)
             worth[i] = saving[i] / budget.total + (cfg.speed_weight * (
                 seconds_now - lat.layers_seconds(cand.kept(), cand.ranks)) / seconds_total if blend else 0.0)
-        options.append(interpolate(u.name, u.measured, u.damage, grid, worth, cfg.gamma))
+        options.append(interpolate(u.name, u.measured, u.damage, grid, worth, cfg.gamma, _empties(a, plan, u)))
         savings.append(saving)
         appliers.append(apply)
         at = np.interp(u.measured, grid, saving) / budget.total

@@ -4,7 +4,7 @@ import itertools
 import numpy as np
 from hypothesis import given, settings, strategies as st
 
-from onnxcc.allocate import Options, knapsack, land_near, outside, settle
+from onnxcc.allocate import Options, interpolate, knapsack, land_near, outside, settle
 
 
 def test_landing_trades_options_between_units_where_no_single_move_helps():
@@ -57,3 +57,18 @@ def test_settle_lands_where_the_hull_and_single_steps_cannot():
 def test_plans_over_the_budget_rank_after_those_that_meet_it():
     assert outside(80.0, 85.0, 90.0) < outside(91.0, 85.0, 90.0)   # 5 under before 1 over
     assert outside(87.0, 85.0, 90.0) == (False, 0.0) < outside(84.0, 85.0, 90.0)
+
+
+def test_emptying_is_priced_apart_from_the_narrowing_curve():
+    """An emptied group (the last amount) is charged its own damage; the narrower widths before
+    it keep the charges they have without it, look-ahead included, whether emptying measured far
+    worse or far better than the narrowest width."""
+    grid = np.arange(9)
+    saving = grid * 10.0
+    narrow = interpolate("g", [2, 4, 7], [0.1, 0.2, 0.3], grid[:-1], saving[:-1], 0.9)
+    for empty in (5.0, 0.05):
+        o = interpolate("g", [2, 4, 7, 8], [0.1, 0.2, 0.3, empty], grid, saving, 0.9, last_apart=True)
+        np.testing.assert_array_equal(o.damage[:-1], narrow.damage)
+        assert abs(o.damage[-1] - empty) < 1e-6
+    joined = interpolate("g", [2, 4, 7, 8], [0.1, 0.2, 0.3, 5.0], grid, saving, 0.9)
+    assert joined.damage[7] > 10 * narrow.damage[7]   # what the look-ahead did when joined
