@@ -144,6 +144,8 @@ def _grid(a: Analysis, plan: Plan, cfg: CompressConfig, budget: Budget, lat: Lat
         return _thin(np.array([0] + sorted(n - remaining), int)), prune
     layer = unit.unit
     cin, cout = a.channels(layer, kept)
+    if layer.key in a.dead(kept) or not (cin and cout):   # folded away by an emptied group
+        return np.zeros(1, int), lambda p, k: None
     current = plan.ranks.get(layer.key)
     upper = layer.max_useful_rank(cin, cout) if current is None else current - 1
     start = upper + 1 if current is None else current

@@ -403,3 +403,20 @@ def test_emptying_is_measured_besides_the_narrowest_width():
         if g.droppable:
             removed = curves[f"group:{gid}"]["removed"]
             assert removed[-1] == g.size and removed[-2] == g.size - int(np.ceil(0.05 * g.size))
+
+
+def test_a_conv_folded_away_between_two_emptied_groups_offers_no_rank():
+    """Emptying the groups on both sides of a factorizable Conv leaves it no width at all; its
+    rank unit must offer nothing rather than size ranks for a 0→0 Conv (a --latency 0.5 search
+    on open-nsfw divided by zero there)."""
+    from onnxcc.config import Budget, CompressConfig
+    from onnxcc.search import _grid, _Unit
+
+    _, a = normalized_analysis(GRAPHS["tiny_mobilenet"](13))
+    layer = next(l for l in a.layers if l.factorizable and l.in_groups and l.out_groups
+                 and all(a.groups[g].droppable for g in l.in_groups + l.out_groups))
+    plan = Plan({g: np.zeros(a.groups[g].size, bool) for g in layer.in_groups + layer.out_groups})
+    assert a.channels(layer, plan.kept()) == (0, 0)
+    budget = Budget("flops", 0.5, a.total_macs, a.macs)
+    grid, _ = _grid(a, plan, CompressConfig(flops=0.5, round_to=1), budget, None, {}, _Unit("rank", layer, {layer.key}), 1)
+    assert list(grid) == [0]
