@@ -262,8 +262,10 @@ def _take_step(a: Analysis, probe: WeightProbe, plan: Plan, prev: dict[str, np.n
 
 def _empties(a: Analysis, plan: Plan, u: _Unit) -> bool:
     """Whether the largest amount on ``u``'s grid empties its group (see :func:`_grid`)."""
-    g = a.groups[u.unit] if u.kind == "prune" else None
-    return g is not None and g.droppable and plan.kept().get(u.unit, g.size) > 0
+    if u.kind != "prune" or not a.groups[u.unit].droppable:
+        return False
+    mask = plan.keep.get(u.unit)
+    return mask is None or bool(mask.any())
 
 
 def _measure_at(grid: np.ndarray, fractions: tuple[float, ...], emptying: bool) -> list[int]:

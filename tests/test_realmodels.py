@@ -60,7 +60,11 @@ def test_corpus_models(name):
     require_data(name)
     import models
 
-    model = onnx.load(str(models.model_path(name)))
+    _check_engine_and_full_rank(onnx.load(str(models.model_path(name))))
+
+
+def _check_engine_and_full_rank(model: onnx.ModelProto) -> None:
+    """:func:`_check_engine`, then factorizing every Conv at full rank reproduces the model."""
     ins = _check_engine(model, True)
     a = ins.analysis
     full = {l.key: min(l.cout, l.cin * l.kk) for l in a.layers if l.factorizable}
@@ -98,12 +102,7 @@ def test_torch_dynamo_exports(name, dynamic_batch, tmp_path):
     (normalisation, zeroed-read pruning, full-rank factorization, MACs as onnxruntime runs them)."""
     model = _dynamo_export(name, tmp_path / "m.onnx", dynamic_batch)
     assert model.opset_import[0].version >= 18
-    ins = _check_engine(model, True)
-    a = ins.analysis
-    full = {l.key: min(l.cout, l.cin * l.kk) for l in a.layers if l.factorizable}
-    fact = FactorizeConvPass(full)(ins.model)
-    check_model_full(fact.model)
-    assert_same_outputs(ins.model, fact.model, random_feeds(model), rtol=1e-3, atol=1e-4)
+    _check_engine_and_full_rank(model)
 
 
 @pytest.mark.slow
@@ -111,17 +110,10 @@ def test_cli_compress_dynamo_export_lands_on_target(tmp_path):
     """`onnxcc compress` on a dynamic-batch torch.export model: valid, within one point."""
     import numpy as np
 
-    src, out = tmp_path / "m.onnx", tmp_path / "out.onnx"
-    model = _dynamo_export("mobilenetv2", src, dynamic_batch=True)
-    np.save(tmp_path / "calib.npy", np.random.default_rng(0).standard_normal((24, 3, 224, 224), np.float32))
-    r = subprocess.run([sys.executable, "-m", "onnxcc", "compress", str(src), "--flops", "0.3",
-                        "--calib", str(tmp_path / "calib.npy"), "-o", str(out), "--threads", "2"],
-                       capture_output=True, text=True)
-    assert r.returncode == 0, r.stderr[-2000:]
-    compressed = onnx.load(str(out))
-    check_model_full(compressed)
-    feeds = random_feeds(model)
-    assert abs(1 - runtime_macs(compressed, feeds) / runtime_macs(model, feeds) - 0.3) <= 0.01
+    src, calib = tmp_path / "m.onnx", tmp_path / "calib.npy"
+    _dynamo_export("mobilenetv2", src, dynamic_batch=True)
+    np.save(calib, np.random.default_rng(0).standard_normal((24, 3, 224, 224), np.float32))
+    _cli_compress_lands_on_target(src, calib, tmp_path / "out.onnx")
 
 
 @pytest.mark.realmodel
@@ -148,12 +140,15 @@ def test_cli_compress_corpus_model_lands_on_target(name, tmp_path):
     require_data(name)
     import models
 
-    out = tmp_path / "out.onnx"
-    r = subprocess.run([sys.executable, "-m", "onnxcc", "compress", str(models.model_path(name)), "--flops", "0.3",
-                        "--calib", str(models.calib_path(name)), "-o", str(out), "--threads", "2"],
+    _cli_compress_lands_on_target(models.model_path(name), models.calib_path(name), tmp_path / "out.onnx")
+
+
+def _cli_compress_lands_on_target(src: Path, calib: Path, out: Path) -> None:
+    r = subprocess.run([sys.executable, "-m", "onnxcc", "compress", str(src), "--flops", "0.3",
+                        "--calib", str(calib), "-o", str(out), "--threads", "2"],
                        capture_output=True, text=True)
     assert r.returncode == 0, r.stderr[-2000:]
-    original, compressed = onnx.load(str(models.model_path(name))), onnx.load(str(out))
+    original, compressed = onnx.load(str(src)), onnx.load(str(out))
     check_model_full(compressed)
     feeds = random_feeds(original)
     assert abs(1 - runtime_macs(compressed, feeds) / runtime_macs(original, feeds) - 0.3) <= 0.01

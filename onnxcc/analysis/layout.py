@@ -182,9 +182,3 @@ class LayoutAlgebra:
             parts.append(np.ones(self.atoms.size[a], bool) if m is None else m)
         base = np.concatenate(parts) if parts else np.zeros(0, bool)
         return np.tile(np.repeat(base, layout.inner), layout.outer)
-
-    def count(self, layout: Layout, kept: dict[int, int]) -> int:
-        """Extent of the axis when class ``r`` keeps ``kept[r]`` channels (default: all)."""
-        n = sum(kept.get(self.atoms.find(a), self.atoms.size[a])
-                for a in self.atoms.expand(layout.atoms))
-        return n * layout.inner * layout.outer
