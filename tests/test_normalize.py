@@ -1,3 +1,5 @@
+import numpy as np
+import onnx
 import pytest
 
 from graphs import GRAPHS, cases
@@ -58,3 +60,30 @@ def test_pad_fused_into_conv():
 def test_remove_identity_is_honest_when_nothing_to_do():
     res = RemoveIdentityPass()(GRAPHS["conv_chain"](13))
     assert res.record.count == 0 and not res.record.modified
+
+
+@pytest.mark.parametrize("const_shape,folds", [((1, 8, 1, 1), True), ((8, 1, 1), True), ((), True), ((1,), True),
+                                               ((1, 8, 12, 12), False), ((12,), False)])
+def test_per_channel_scale_and_shift_after_a_conv_fold_into_it(const_shape, folds):
+    """Conv → Mul(s) → Add(b) → Sub(c) → Div(d) (a Keras scale-and-shift, BN written out) folds
+    into the Conv where the constants vary along channels only; outputs stay the same."""
+    from onnx import helper, numpy_helper
+
+    rng = np.random.default_rng(0)
+    consts = {k: (rng.uniform(0.5, 2, const_shape) if const_shape else np.float64(rng.uniform(0.5, 2))).astype(np.float32)
+              for k in "sbcd"}
+    nodes = [helper.make_node("Conv", ["x", "w", "bias"], ["y"], pads=[1, 1, 1, 1]),
+             helper.make_node("Mul", ["s", "y"], ["y1"]), helper.make_node("Add", ["y1", "b"], ["y2"]),
+             helper.make_node("Sub", ["y2", "c"], ["y3"]), helper.make_node("Div", ["y3", "d"], ["y4"]),
+             helper.make_node("Relu", ["y4"], ["out"])]
+    inits = [numpy_helper.from_array(rng.standard_normal((8, 3, 3, 3)).astype(np.float32), "w"),
+             numpy_helper.from_array(rng.standard_normal(8).astype(np.float32), "bias")]
+    inits += [numpy_helper.from_array(v, k) for k, v in consts.items()]
+    model = helper.make_model(helper.make_graph(
+        nodes, "affine", [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [1, 3, 12, 12])],
+        [helper.make_tensor_value_info("out", onnx.TensorProto.FLOAT, [1, 8, 12, 12])], inits),
+        opset_imports=[helper.make_opsetid("", 13)])
+    res = FoldBatchNormPass()(model)
+    ops = [n.op_type for n in res.model.graph.node]
+    assert ops == (["Conv", "Relu"] if folds else ["Conv", "Mul", "Add", "Sub", "Div", "Relu"])
+    assert_same_outputs(model, res.model, rtol=1e-5, atol=1e-5)

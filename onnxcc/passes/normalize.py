@@ -7,7 +7,8 @@
   dynamic batch dimension survives.
 - ``FoldBatchNormPass``: ``BatchNormalization(Conv(x))`` → ``Conv'(x)`` with
   ``W' = W · s``, ``b' = (b − μ) · s + β`` and ``s = γ / √(σ² + ε)`` per output channel
-  (ConvTranspose scales axis 1 of its weight, Gemm the output features).
+  (ConvTranspose scales axis 1 of its weight, Gemm the output features); the same for ``Mul``,
+  ``Div``, ``Add`` and ``Sub`` by a per-channel (or scalar) constant.
 - ``FusePadIntoConvPass``: a zero ``Pad`` on spatial axes only (TF "same" padding) merges into
   the following Convs' ``pads``.
 
@@ -123,7 +124,10 @@ _BN_FOLD_AXIS = {"Conv": 0, "ConvTranspose": 1}
 
 
 class FoldBatchNormPass(Pass):
-    """Replaces BatchNormalization(Conv|ConvTranspose|Gemm(x)) with the producer alone."""
+    """Folds a per-channel affine map of a Conv's, ConvTranspose's or Gemm's output into the layer:
+    BatchNormalization, and Mul/Div/Add/Sub by a constant that varies along the channel axis only
+    (exporters without BatchNorm, e.g. a TF/Keras net's scale-and-shift layers, or BN already
+    folded into ``x · s + b``). Repeated, so ``Mul`` then ``Add`` both fold."""
 
     name = "FoldBatchNorm"
 
@@ -131,29 +135,34 @@ class FoldBatchNormPass(Pass):
         graph = import_graph(model)
         namer = Namer(graph)
         count, skipped = 0, []
-        for bn in graph.nodes:
-            if bn.op != "BatchNormalization" or not bn.inputs[0].inputs:
-                continue
-            why = self._check(graph, bn)
-            if why:
-                skipped.append(f"{bn.name}: {why}")
-                log.debug("FoldBatchNorm: skipped %s: %s", bn.name, why)
-                continue
-            self._fold(graph, bn, namer)
-            count += 1
+        changed = True
+        while changed:
+            changed = False
+            for node in graph.nodes:
+                if node.op not in _AFFINE or not node.inputs or not node.outputs:
+                    continue
+                affine = _AFFINE[node.op](node, graph)
+                why = affine if isinstance(affine, str) else self._check(graph, node)
+                if why:
+                    if node.op == "BatchNormalization":
+                        skipped.append(f"{node.name}: {why}")
+                        log.debug("FoldBatchNorm: skipped %s: %s", node.name, why)
+                    continue
+                self._fold(node, *affine, namer)
+                count += 1
+                changed = True
+            graph.cleanup()
         return _result(graph, model, CountRecord(self.name, count, tuple(skipped)))
 
     @staticmethod
-    def _check(graph: gs.Graph, bn: gs.Node) -> str:
-        prod = bn.inputs[0].inputs[0]
+    def _check(graph: gs.Graph, node: gs.Node) -> str:
+        if not node.inputs[0].inputs:
+            return "on a graph input"
+        prod = node.inputs[0].inputs[0]
         if prod.op not in ("Conv", "ConvTranspose", "Gemm"):
             return f"preceded by {prod.op}"
-        if len(bn.inputs[0].outputs) != 1 or bn.inputs[0] in graph.outputs:
+        if len(node.inputs[0].outputs) != 1 or node.inputs[0] in graph.outputs:
             return "producer output has other consumers"
-        if any(o.outputs for o in bn.outputs[1:]) or bn.attrs.get("training_mode", 0):
-            return "training-mode BatchNormalization"
-        if not all(isinstance(t, gs.Constant) for t in bn.inputs[1:5]):
-            return "statistics are not constant"
         if not all(isinstance(t, gs.Constant) for t in prod.inputs[1:3] if t.name):
             return "producer weights are not constant"
         if prod.op == "Gemm" and (prod.attrs.get("transA", 0) or prod.attrs.get("alpha", 1.0) != 1.0
@@ -164,27 +173,75 @@ class FoldBatchNormPass(Pass):
         return ""
 
     @staticmethod
-    def _fold(graph: gs.Graph, bn: gs.Node, namer: Namer) -> None:
-        prod = bn.inputs[0].inputs[0]
-        gamma, beta, mean, var = (np.asarray(t.values, np.float64) for t in bn.inputs[1:5])
-        scale = gamma / np.sqrt(var + bn.attrs.get("epsilon", 1e-5))
+    def _fold(node: gs.Node, scale: np.ndarray, shift: np.ndarray, namer: Namer) -> None:
+        """The producer computes ``y · scale + shift`` per output channel instead of ``y``."""
+        prod = node.inputs[0].inputs[0]
         W = np.asarray(prod.inputs[1].values)
-        if prod.op == "Gemm":
-            axis = 0 if prod.attrs.get("transB", 0) else 1
-        else:
-            axis = _BN_FOLD_AXIS[prod.op]
+        axis = (0 if prod.attrs.get("transB", 0) else 1) if prod.op == "Gemm" else _BN_FOLD_AXIS[prod.op]
+        channels = W.shape[axis] * (prod.attrs.get("group", 1) if prod.op == "ConvTranspose" else 1)
+        scale, shift = np.broadcast_to(scale, (channels,)), np.broadcast_to(shift, (channels,))
         shape = [1] * W.ndim
         shape[axis] = -1
         new_w = (W.astype(np.float64) * scale.reshape(shape)).astype(W.dtype)
         has_bias = len(prod.inputs) > 2 and prod.inputs[2].name
-        b = np.asarray(prod.inputs[2].values, np.float64).reshape(-1) if has_bias else np.zeros_like(mean)
-        new_b = ((np.broadcast_to(b, mean.shape) - mean) * scale + beta).astype(W.dtype)
+        b = np.asarray(prod.inputs[2].values, np.float64).reshape(-1) if has_bias else np.zeros(channels)
+        new_b = (np.broadcast_to(b, (channels,)) * scale + shift).astype(W.dtype)
         w_t = constant(namer, prod.inputs[1].name + "_bnfold", new_w)
         b_t = constant(namer, (prod.inputs[2].name if has_bias else prod.outputs[0].name) + "_bnfold", new_b)
         set_inputs(prod, [prod.inputs[0], w_t, b_t])
-        out = bn.outputs[0]
-        bn.outputs.clear()
+        out = node.outputs[0]
+        node.outputs.clear()
         prod.outputs[0] = out
+
+
+def _batchnorm(node: gs.Node, graph: gs.Graph) -> tuple[np.ndarray, np.ndarray] | str:
+    if any(o.outputs for o in node.outputs[1:]) or node.attrs.get("training_mode", 0):
+        return "training-mode BatchNormalization"
+    if not all(isinstance(t, gs.Constant) for t in node.inputs[1:5]):
+        return "statistics are not constant"
+    gamma, beta, mean, var = (np.asarray(t.values, np.float64) for t in node.inputs[1:5])
+    scale = gamma / np.sqrt(var + node.attrs.get("epsilon", 1e-5))
+    return scale, beta - mean * scale
+
+
+def _per_channel(node: gs.Node, graph: gs.Graph) -> np.ndarray | str:
+    """The constant operand of a binary op on a layer output, as a vector over its channels
+    (length 1: the same for all); a reason where it is not constant along the other axes."""
+    if len(node.inputs) != 2:
+        return "not a binary op"
+    if node.op in ("Mul", "Add") and isinstance(node.inputs[0], gs.Constant):
+        set_inputs(node, node.inputs[::-1])   # commutative: the layer output first
+    if not isinstance(node.inputs[1], gs.Constant) or not node.inputs[0].inputs:
+        return "operand is not a constant"
+    c = np.asarray(node.inputs[1].values, np.float64)
+    prod = node.inputs[0].inputs[0]
+    if prod.op not in ("Conv", "ConvTranspose", "Gemm") or not isinstance(prod.inputs[1], gs.Constant):
+        return f"preceded by {prod.op}"
+    rank = 2 if prod.op == "Gemm" else np.asarray(prod.inputs[1].values).ndim   # a Conv's output has its weight's rank
+    axis = rank - 1 if prod.op == "Gemm" else 1
+    if c.ndim > rank:
+        return "broadcasts beyond the layer output"
+    full = c.reshape((1,) * (rank - c.ndim) + c.shape)
+    if any(d != 1 for i, d in enumerate(full.shape) if i != axis):
+        return "not per-channel"
+    return full.reshape(-1)
+
+
+def _scale_by(node: gs.Node, graph: gs.Graph) -> tuple[np.ndarray, np.ndarray] | str:
+    c = _per_channel(node, graph)
+    if isinstance(c, str):
+        return c
+    if node.op == "Div" and not np.all(c):
+        return "division by zero"
+    return (1 / c if node.op == "Div" else c), np.zeros(1)
+
+
+def _shift_by(node: gs.Node, graph: gs.Graph) -> tuple[np.ndarray, np.ndarray] | str:
+    c = _per_channel(node, graph)
+    return c if isinstance(c, str) else (np.ones(1), -c if node.op == "Sub" else c)
+
+
+_AFFINE = {"BatchNormalization": _batchnorm, "Mul": _scale_by, "Div": _scale_by, "Add": _shift_by, "Sub": _shift_by}
 
 
 class FusePadIntoConvPass(Pass):
