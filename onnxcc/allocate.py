@@ -222,3 +222,29 @@ def fit_exponential(x: np.ndarray, y: np.ndarray) -> tuple[float, float] | None:
     A = np.stack([np.ones_like(x), x], 1) * w[:, None]
     coef, *_ = np.linalg.lstsq(A, np.log(y + 1e-10) * w, rcond=None)
     return float(np.exp(coef[0])), float(coef[1])
+
+
+def faithful_share(curves: dict[str, dict], damage: float) -> float:
+    """The largest share of the budget the measured curves (one step's, as the report keeps them)
+    say can go while their damages, added up along each unit's lower hull, stay under ``damage``."""
+    moves = []   # (damage per share, share, damage) of each hull segment of each unit
+    for cv in curves.values():
+        pts = sorted(zip([0.0] + list(cv["saved_fraction"]), [0.0] + list(cv["damage"])))
+        hull = [pts[0]]
+        for p in pts[1:]:
+            while len(hull) > 1 and _turns_up(hull[-2], hull[-1], p):
+                hull.pop()
+            if p[0] > hull[-1][0] and p[1] >= hull[-1][1] - 1e-12:
+                hull.append(p)
+        moves += [((d1 - d0) / (s1 - s0), s1 - s0, d1 - d0) for (s0, d0), (s1, d1) in zip(hull, hull[1:])]
+    share = spent = 0.0
+    for _, ds, dd in sorted(moves):
+        if spent + dd > damage:
+            return share + ds * max(0.0, damage - spent) / dd if dd > 0 else share
+        share, spent = share + ds, spent + dd
+    return share
+
+
+def _turns_up(a: tuple[float, float], b: tuple[float, float], c: tuple[float, float]) -> bool:
+    """Whether b lies on or above the segment from a to c (so it is not on the lower hull)."""
+    return (b[1] - a[1]) * (c[0] - a[0]) >= (c[1] - a[1]) * (b[0] - a[0])

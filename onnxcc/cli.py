@@ -87,13 +87,13 @@ def cmd_info(args: argparse.Namespace) -> int:
 
 
 def cmd_compress(args: argparse.Namespace) -> int:
-    from .calib import ImagePreprocess
     from .compress import CompressConfig, compress
     from .io import check_output_path, load_model, save_model
     from .report import write_report
 
     CompressConfig(flops=args.flops, latency=args.latency, round_to=args.round_to, steps=args.steps,
-                   tries=args.tries).validate()
+                   tries=args.tries, recover=args.recover, recover_seconds=args.recover_time,
+                   min_fidelity=args.min_fidelity).validate()
     check_output_path(args.output, [args.model], args.force)
     if args.report and Path(args.report).exists() and not Path(args.report).is_dir():
         raise UsageError(f"--report must be a folder: {args.report}")
@@ -103,14 +103,13 @@ def cmd_compress(args: argparse.Namespace) -> int:
         from .finetune import load_npz
 
         train = load_npz(args.finetune)   # fail on bad data before minutes of compression
-    pp = ImagePreprocess(size=tuple(args.image_size), mean=tuple(args.mean), std=tuple(args.std),
-                         scale=args.scale, layout=args.layout, bgr=args.bgr)
     with _progress() as progress:
         result = compress(model, args.flops, latency=args.latency, calib=args.calib,
                           input_shape=parse_input_shapes(args.input_shape), method=args.method,
                           steps=args.steps, provider=args.provider, seed=args.seed, progress=progress,
-                          preprocess=pp, round_to=args.round_to, threads=args.threads, tries=args.tries,
-                          latency_aware=not args.no_latency_model)
+                          preprocess=_preprocess(args), round_to=args.round_to, threads=args.threads,
+                          tries=args.tries, latency_aware=not args.no_latency_model, recover=args.recover,
+                          recover_seconds=args.recover_time, min_fidelity=args.min_fidelity, device=args.device)
         if train is not None:
             from .finetune import finetune_verified
 
@@ -123,10 +122,51 @@ def cmd_compress(args: argparse.Namespace) -> int:
     t, f = result.report["totals"], result.report["fidelity"]
     out.print(f"[bold green]wrote[/] {args.output}: MACs {fmt_count(t['macs_before'])} → {fmt_count(t['macs_after'])} "
               f"([bold]{t['mac_reduction']:.1%}[/] removed), params {fmt_count(t['params_before'])} → "
-              f"{fmt_count(t['params_after'])}; held-out cosine {f['cosine_mean']}, relative error {f['rel_l2']}"
-              + (f", top-1 agreement {f['top1_agreement']:.1%}" if "top1_agreement" in f else "")
-              + f"; {t['latency']['speedup']:.2f}× faster here ({t['latency']['ms_before']:.2f} → "
+              f"{fmt_count(t['params_after'])}; held-out {_fidelity_text(f)}{_recovery_text(result.report.get('recovery', {}))}"
+              f"; {t['latency']['speedup']:.2f}× faster here ({t['latency']['ms_before']:.2f} → "
               f"{t['latency']['ms_after']:.2f} ms); report in {report_dir}/")
+    return 0
+
+
+def _fidelity_text(f: dict) -> str:
+    return (f"cosine {f['cosine_mean']}, relative error {f['rel_l2']}"
+            + (f", top-1 agreement {f['top1_agreement']:.1%}" if "top1_agreement" in f else ""))
+
+
+def _recovery_text(rec: dict) -> str:
+    """'(cosine 0.83 after the cut; recovery kept blocks)' where recovery ran."""
+    cut = rec.get("held_out", {}).get("cut")
+    return f" (cosine {cut['cosine_mean']} after the cut, recovery kept {rec['kept']})" if cut else ""
+
+
+def _preprocess(args: argparse.Namespace):
+    from .calib import ImagePreprocess
+
+    return ImagePreprocess(size=tuple(args.image_size), mean=tuple(args.mean), std=tuple(args.std),
+                           scale=args.scale, layout=args.layout, bgr=args.bgr)
+
+
+def cmd_recover(args: argparse.Namespace) -> int:
+    from .calib import load_calibration
+    from .io import check_output_path, load_model, save_model
+    from .recover import recover_checked
+
+    if args.recover_time is not None and args.recover_time < 0:
+        raise UsageError("--recover-time must not be negative")
+    check_output_path(args.output, [args.model, args.teacher], args.force)
+    student, teacher = load_model(args.model), load_model(args.teacher)
+    data = load_calibration(student, args.calib, pinned=parse_input_shapes(args.input_shape), seed=args.seed,
+                            preprocess=_preprocess(args))
+    if data.synthetic:
+        raise UsageError("recover needs real samples: give --calib")
+    fit, held = data.split()
+    with _progress() as progress:
+        res = recover_checked(student, teacher, fit, held, mode=args.recover, seconds=args.recover_time,
+                              seed=args.seed, provider=args.provider, device=args.device, progress=progress)
+    save_model(res.model, args.output)
+    final = res.record["held_out"][res.record["kept"]]
+    out.print(f"[bold green]wrote[/] {args.output}: held-out {_fidelity_text(final)}{_recovery_text(res.record)}; "
+              f"{res.record['seconds']} s")
     return 0
 
 
@@ -178,6 +218,29 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return run_bench(args)
 
 
+def _recovery_flags(p: argparse.ArgumentParser, default: str | None = None) -> None:
+    p.add_argument("--recover", choices=["none", "stats", "blocks"] if default is None else ["stats", "blocks"],
+                   default=default,
+                   help="after the cut: stats = per-channel statistics correction (numpy); blocks = that, then "
+                        "block-wise reconstruction and end-to-end distillation (torch; the default where torch "
+                        "is installed)")
+    p.add_argument("--recover-time", type=float, metavar="SECONDS",
+                   help="time for block reconstruction and distillation (default: grows with the model, "
+                        "1 min + 33 min per GMAC of the compressed model, at most 10 min)")
+    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",
+                   help="where recovery trains (auto: the GPU when torch sees one)")
+
+
+def _image_flags(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("image folder preprocessing (with --calib DIR)")
+    g.add_argument("--image-size", type=int, nargs=2, default=[224, 224], metavar=("H", "W"))
+    g.add_argument("--mean", type=float, nargs=3, default=[0.485, 0.456, 0.406])
+    g.add_argument("--std", type=float, nargs=3, default=[0.229, 0.224, 0.225])
+    g.add_argument("--scale", type=float, default=1 / 255)
+    g.add_argument("--layout", choices=["NCHW", "NHWC"], default="NCHW")
+    g.add_argument("--bgr", action="store_true")
+
+
 def build_parser() -> argparse.ArgumentParser:
     from . import __version__
 
@@ -226,14 +289,25 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--finetune", type=Path, metavar="TRAIN.npz",
                    help="then distil the original into the result (x, optional labels y; needs torch)")
     c.add_argument("--epochs", type=int, default=1, help="fine-tuning epochs with --finetune")
-    g = c.add_argument_group("image folder preprocessing (with --calib DIR)")
-    g.add_argument("--image-size", type=int, nargs=2, default=[224, 224], metavar=("H", "W"))
-    g.add_argument("--mean", type=float, nargs=3, default=[0.485, 0.456, 0.406])
-    g.add_argument("--std", type=float, nargs=3, default=[0.229, 0.224, 0.225])
-    g.add_argument("--scale", type=float, default=1 / 255)
-    g.add_argument("--layout", choices=["NCHW", "NHWC"], default="NCHW")
-    g.add_argument("--bgr", action="store_true")
+    _recovery_flags(c)
+    c.add_argument("--min-fidelity", type=float, metavar="C",
+                   help="refuse to write a model whose held-back cosine is below C (exit 2)")
+    _image_flags(c)
     c.set_defaults(func=cmd_compress)
+
+    r = sub.add_parser("recover", help="give back accuracy from unlabeled samples: statistics, block-wise "
+                                       "reconstruction, distillation (only weights change)")
+    r.add_argument("model", type=Path, help="compressed ONNX model")
+    r.add_argument("--teacher", type=Path, required=True, help="the original ONNX model")
+    r.add_argument("--calib", required=True, help=".npy / .npz / image folder of unlabeled samples")
+    r.add_argument("-o", "--output", type=Path, required=True, help="recovered model path")
+    r.add_argument("--input-shape", action="append", metavar="[NAME:]DIMS", help=shape_help)
+    r.add_argument("--provider", choices=["cpu", "cuda"], default="cpu")
+    r.add_argument("--seed", type=int, default=0)
+    r.add_argument("--force", action="store_true", help="allow overwriting an input model")
+    _recovery_flags(r, default="blocks")
+    _image_flags(r)
+    r.set_defaults(func=cmd_recover)
 
     f = sub.add_parser("finetune", help="recover accuracy: distil the original model into the compressed one (needs torch)")
     f.add_argument("model", type=Path, help="compressed ONNX model (the student)")

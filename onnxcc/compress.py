@@ -22,7 +22,8 @@ from .analysis.view import graph_inputs
 from .bench import benchmark
 from .calib import Calibration, ImagePreprocess, load_calibration
 from .config import Budget, CompressConfig, Progress
-from .errors import UnsupportedModelError
+from .allocate import faithful_share
+from .errors import FidelityError, UnsupportedModelError
 from .inspect import inspect_model, quantized_ops
 from .io import load_model
 from .latency import best_multiple, latency_table
@@ -30,6 +31,7 @@ from .latency_model import LatencyModel
 from .passes.factorize import FactorizeConvPass
 from .passes.prune import PruneChannelsPass
 from .passes.weights import ReplaceInitializersPass
+from .recover import channel_map, recover_checked, with_channel_map
 from .report import build_report
 from .search import check_reachable, search_plan, tries_for
 from .sensitivity import Plan, WeightProbe
@@ -47,6 +49,7 @@ class CompressResult:
     report: dict[str, Any]
     plan: Plan = field(default_factory=Plan)
     weights: dict[str, np.ndarray] = field(default_factory=dict)  # emulated weights made physical
+    stages: dict[str, onnx.ModelProto] = field(default_factory=dict)  # the model after the cut and each recovery stage
 
 
 def compress(model: onnx.ModelProto | str | Path, flops: float | None = None,
@@ -95,12 +98,18 @@ def compress(model: onnx.ModelProto | str | Path, flops: float | None = None,
     reweighted = ReplaceInitializersPass(weights)(ins.model)
     pruned = PruneChannelsPass(a, plan.keep)(reweighted.model)
     fact = FactorizeConvPass(plan.ranks)(pruned.model)
-    result = verify(ins.model, fact.model, held, shapes, provider)
-    timing = _measure(original, fact.model, shapes, cfg, progress)
+    tensors = [o for n in fact.model.graph.node for o in n.output]
+    with_channel_map(fact.model, channel_map(a, plan.keep, tensors))
+    recovered = recover_checked(fact.model, ins.model, fit, held, mode=cfg.recover or "blocks",
+                                seconds=cfg.recover_seconds, macs=int(a.macs(plan.kept(), plan.ranks)), seed=seed,
+                                provider=provider, device=cfg.device, progress=progress, teacher_normalized=True)
+    result = verify(ins.model, recovered.model, held, shapes, provider)
+    timing = _measure(original, recovered.model, shapes, cfg, progress)
     report = build_report(a, plan, cfg, curves, result, pruned.record, fact.record, data, lat, timing,
                           search, time.perf_counter() - t0)
-    _warn_results(cfg, report)
-    return CompressResult(fact.model, report, plan, weights)
+    report["recovery"] = recovered.record
+    _judge_results(cfg, report)
+    return CompressResult(recovered.model, report, plan, weights, recovered.stages)
 
 
 def _best_search(a: Analysis, model: onnx.ModelProto, fit: Calibration, cfg: CompressConfig, budget: Budget,
@@ -162,19 +171,35 @@ def _measure(original: onnx.ModelProto, compressed: onnx.ModelProto, shapes: dic
 
 
 LOW_FIDELITY = 0.9   # held-out cosine below which the user is told the result is poor
+
+
+def _faithful_hint(cfg: CompressConfig, report: dict[str, Any]) -> str:
+    """What the first step's measured curves say would stay faithful (the damage that, at equal
+    norms, means a cosine of the asked-for fidelity: 2·(1 − cos))."""
+    cosine = cfg.min_fidelity if cfg.min_fidelity is not None else LOW_FIDELITY
+    curves = report["sensitivity"][0] if report["sensitivity"] else {}
+    share = faithful_share(curves, 2 * (1 - cosine))
+    what = "MACs" if cfg.flops is not None else "latency"
+    return (f"The measured curves say about {share:.0%} less {what} keeps a cosine of {cosine} (--{'flops' if cfg.flops is not None else 'latency'} {share:.2f}); "
+            "more real calibration samples or fine-tuning (--finetune) would also help")
 # ... or relative L2 above what that cosine means at equal norms (√(2 − 2·0.9)): a cosine per
 # sample says nothing of an output with one value per sample (a VAD's speech score)
 HIGH_ERROR = 0.45
 
 
-def _warn_results(cfg: CompressConfig, report: dict[str, Any]) -> None:
+def _judge_results(cfg: CompressConfig, report: dict[str, Any]) -> None:
+    """Warn where the result is poor, saying what would stay faithful; refuse it under
+    ``min_fidelity``."""
     t = report["totals"]
     f = report["fidelity"]
+    hint = _faithful_hint(cfg, report)
+    if cfg.min_fidelity is not None and f["cosine_mean"] < cfg.min_fidelity:
+        raise FidelityError(f"held-back cosine {f['cosine_mean']:.3f} is below --min-fidelity {cfg.min_fidelity}; "
+                            f"nothing written. {hint}")
     for out in f.get("outputs", [f]):
         if out["cosine_mean"] < LOW_FIDELITY or out["rel_l2"] > HIGH_ERROR:
-            log.warning("held-out fidelity is low%s: cosine %.3f, relative error %.3f; a smaller target, more "
-                        "real calibration samples or fine-tuning (--finetune) would help",
-                        f" on output {out['output']}" if "output" in out else "", out["cosine_mean"], out["rel_l2"])
+            log.warning("held-out fidelity is low%s: cosine %.3f, relative error %.3f. %s",
+                        f" on output {out['output']}" if "output" in out else "", out["cosine_mean"], out["rel_l2"], hint)
     if cfg.flops is not None and abs(t["mac_reduction"] - cfg.flops) > 0.01:
         log.warning("achieved MAC reduction %.3f differs from the target %.3f by more than 1 point",
                     t["mac_reduction"], cfg.flops)

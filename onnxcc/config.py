@@ -11,6 +11,7 @@ if TYPE_CHECKING:
 
 Progress = Callable[[str, int, int], None]
 METHODS = ("cc", "prune", "decompose")
+RECOVER_MODES = ("none", "stats", "blocks")
 
 
 @dataclass
@@ -32,6 +33,10 @@ class CompressConfig:
     latency_aware: bool = True         # measure layer latencies; never keep a slower factorization
     speed_weight: float = 1.0          # under --flops: worth of a removal's latency share vs its MAC share
     tries: int | None = None           # searches on rotated calibration splits; None: by the model's cost
+    recover: str | None = None         # none | stats | blocks; None: blocks where torch is installed
+    recover_seconds: float | None = None   # the gradient stages' time; None: by the model's size
+    min_fidelity: float | None = None  # refuse to write a model whose held-back cosine is below this
+    device: str = "auto"               # where recovery trains: auto | cpu | cuda
 
     def validate(self) -> None:
         if (self.flops is None) == (self.latency is None):
@@ -47,6 +52,12 @@ class CompressConfig:
             raise UsageError("--steps must be at least 1")
         if self.tries is not None and self.tries < 1:
             raise UsageError("--tries must be at least 1")
+        if self.recover not in (None,) + RECOVER_MODES:
+            raise UsageError(f"--recover must be one of {', '.join(RECOVER_MODES)}")
+        if self.recover_seconds is not None and self.recover_seconds < 0:
+            raise UsageError("--recover-time must not be negative")
+        if self.min_fidelity is not None and not -1 <= self.min_fidelity <= 1:
+            raise UsageError(f"--min-fidelity is a cosine in [-1, 1], got {self.min_fidelity}")
 
 
 @dataclass

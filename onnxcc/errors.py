@@ -34,6 +34,10 @@ class UsageError(OnnxccError):
     """Arguments that contradict each other or the file system (output path, rates, ...)."""
 
 
+class FidelityError(OnnxccError):
+    """The compressed model is less faithful than the user allowed (--min-fidelity)."""
+
+
 class VerificationError(OnnxccError):
     """An emitted model failed its checks (checker, onnxruntime run, shapes)."""
 

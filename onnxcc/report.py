@@ -54,6 +54,7 @@ def to_markdown(r: dict[str, Any]) -> str:
         f"{', synthetic' if r['calibration']['synthetic'] else ''})",
         f"- fidelity on {f['samples']} held-back samples: cosine {f['cosine_mean']} (min {f['cosine_min']}), "
         f"relative L2 {f['rel_l2']}" + (f", top-1 agreement {f['top1_agreement']:.1%}" if "top1_agreement" in f else ""),
+        *_recovery_lines(r.get("recovery", {})),
         "", "| layer | op | in | out | rank | MACs before | MACs after |", "|---|---|---|---|---|---|---|",
     ]
     for l in r["layers"]:
@@ -62,6 +63,32 @@ def to_markdown(r: dict[str, Any]) -> str:
                   if not l.get("folded") else f"{l['in_channels'][0]} | {l['out_channels'][0]} (folded away)")
         lines.append(f"| {l['name']} | {l['op']} | {widths} | {rank} | {l['macs'][0]:,} | {l['macs'][1]:,} |")
     return "\n".join(lines) + "\n"
+
+
+STAGES = ("cut", "statistics", "blocks", "end-to-end")
+
+
+def _recovery_lines(rec: dict[str, Any]) -> list[str]:
+    """Held-back fidelity after the cut and after each recovery stage, and the blocks' losses."""
+    held = rec.get("held_out")
+    if not held:
+        return [f"- recovery: {rec.get('skipped', 'none')}"] if rec else []
+    lines = ["", f"## Recovery ({rec['mode']}, {rec['seconds']} s; kept: {rec['kept']})", "",
+             f"Trained on {rec['train_samples']} calibration samples, stopped on {rec['held_back_samples']} others; "
+             "the fidelity below is on the held-back samples neither saw.", "",
+             "| after | cosine | relative L2 | top-1 agreement | damage on the stopping samples |", "|---|---|---|---|---|"]
+    for stage in STAGES:
+        if stage in held:
+            f = held[stage]
+            top1 = f"{f['top1_agreement']:.1%}" if "top1_agreement" in f else "-"
+            lines.append(f"| {stage} | {f['cosine_mean']} | {f['rel_l2']} | {top1} | {rec['damage'][stage]:.4g} |")
+    blocks = [b for b in rec.get("blocks", []) if b.get("steps")]
+    if blocks:
+        lines += ["", "![recovery](recovery.png)", "",
+                  "| block | nodes | weight layers | steps | held-back loss before | after |", "|---|---|---|---|---|---|"]
+        lines += [f"| {b['block']} | {b['nodes'][0]}–{b['nodes'][1] - 1} | {b['layers']} | {b['steps']} | "
+                  f"{b['loss_before']:.4g} | {b['loss_after']:.4g} |" for b in blocks]
+    return lines
 
 
 def _emptied(t: dict[str, Any]) -> str:
@@ -121,6 +148,22 @@ def _plots(r: dict[str, Any], folder: Path) -> list[Path]:
     out.append(folder / "allocation.png")
     fig.savefig(out[-1], dpi=110)
     plt.close(fig)
+
+    blocks = [b for b in r.get("recovery", {}).get("blocks", []) if b.get("steps")]
+    if blocks:
+        fig, ax = plt.subplots(figsize=(max(6, len(blocks) * 0.3), 3.5))
+        x = np.arange(len(blocks))
+        ax.bar(x - 0.2, [b["loss_before"] for b in blocks], 0.4, color="lightgray", label="fed the compressed upstream")
+        ax.bar(x + 0.2, [b["loss_after"] for b in blocks], 0.4, color="tab:green", label="after reconstruction")
+        ax.set_xticks(x, [str(b["block"]) for b in blocks])
+        ax.set_xlabel("block (graph order)")
+        ax.set_ylabel("held-back loss (MSE / variance)")
+        ax.legend(fontsize=8)
+        ax.set_title("block-wise reconstruction")
+        fig.tight_layout()
+        out.append(folder / "recovery.png")
+        fig.savefig(out[-1], dpi=110)
+        plt.close(fig)
     return out
 
 

@@ -96,7 +96,7 @@ def test_tries_keep_the_plan_with_least_damage_on_all_fit_samples():
 
     model = GRAPHS["tiny_resnet"](13)
     x = np.random.default_rng(1).standard_normal((40, *random_feeds(model)["x"].shape[1:])).astype(np.float32)
-    res = compress(model, 0.4, steps=1, round_to=1, tries=3, calib=Calibration({"x": x}, "test"))
+    res = compress(model, 0.4, steps=1, round_to=1, tries=3, calib=Calibration({"x": x}, "test"), recover="none")
     s = res.report["search"]
     assert s["tries"] == 3 and len(s["damages"]) == 3
     assert s["kept"] == 1 + int(np.argmin(s["damages"]))
@@ -212,7 +212,8 @@ def test_cli_compress_writes_model_and_report(tmp_path):
     np.save(calib, np.random.default_rng(0).standard_normal((12, 3, 16, 16)).astype(np.float32))
     out = tmp_path / "m.cc.onnx"
     before = src.read_bytes()
-    r = _cli("compress", src, "--flops", "0.4", "--calib", calib, "-o", out, "--report", tmp_path / "rep", "--steps", "2")
+    r = _cli("compress", src, "--flops", "0.4", "--calib", calib, "-o", out, "--report", tmp_path / "rep", "--steps", "2",
+             "--recover", "none")
     assert r.returncode == 0, r.stderr
     assert src.read_bytes() == before
     check_model_full(onnx.load(out))
@@ -260,7 +261,7 @@ def test_cli_compress_then_finetune(tmp_path):
     np.savez(train, x=rng.standard_normal((16, 3, 16, 16)).astype(np.float32))
     out = tmp_path / "m.cc.onnx"
     r = _cli("compress", src, "--flops", "0.4", "--calib", calib, "-o", out, "--round-to", "1",
-             "--finetune", train, "--epochs", "1", "--report", tmp_path / "rep")
+             "--finetune", train, "--epochs", "1", "--report", tmp_path / "rep", "--recover", "none")
     assert r.returncode == 0, r.stderr
     check_model_full(onnx.load(out))
     rep = json.loads((tmp_path / "rep" / "report.json").read_text())
@@ -336,11 +337,27 @@ def test_ir3_model_with_initializers_as_inputs(name, opset):
 @pytest.mark.parametrize("cosine,rel_l2,warned", [(0.99, 0.1, False), (0.8, 0.6, True), (1.0, 0.69, True)])
 def test_low_fidelity_is_reported_by_cosine_or_relative_error(caplog, cosine, rel_l2, warned):
     """A speech score, one value per sample: every per-sample cosine is 1 whatever the error."""
-    from onnxcc.compress import CompressConfig, _warn_results
-    report = {"totals": {"mac_reduction": 0.3, "latency": {"speedup": 1.2}},
+    from onnxcc.compress import CompressConfig, _judge_results
+    report = {"totals": {"mac_reduction": 0.3, "latency": {"speedup": 1.2}}, "sensitivity": [],
               "fidelity": {"cosine_mean": cosine, "rel_l2": rel_l2}}
-    _warn_results(CompressConfig(flops=0.3), report)
+    _judge_results(CompressConfig(flops=0.3), report)
     assert ("fidelity is low" in caplog.text) == warned
+
+
+def test_min_fidelity_refuses_and_names_what_stays_faithful():
+    """Under --min-fidelity the result is refused; the message names the share of MACs the
+    measured curves say keeps that cosine. A cosine of 0.9 allows damage 0.2: the cheapest
+    removals per share first, all of unit a (40% for 0.17), then b's first 10% costs 0.1, of
+    which 0.03 is left: 3% more, 43% in all."""
+    from onnxcc.compress import CompressConfig, _judge_results
+    from onnxcc.errors import FidelityError
+    curves = {"a": {"saved_fraction": [0.1, 0.2, 0.4], "damage": [0.01, 0.03, 0.17]},
+              "b": {"saved_fraction": [0.1, 0.2], "damage": [0.1, 0.5]}}
+    report = {"totals": {"mac_reduction": 0.5, "latency": {"speedup": 1.2}}, "sensitivity": [curves],
+              "fidelity": {"cosine_mean": 0.7, "rel_l2": 0.7}}
+    with pytest.raises(FidelityError, match=r"about 43% less MACs keeps a cosine of 0.9 \(--flops 0.43\)"):
+        _judge_results(CompressConfig(flops=0.5, min_fidelity=0.9), report)
+    _judge_results(CompressConfig(flops=0.5, min_fidelity=0.6), report)   # allowed: only a warning
 
 
 def test_a_useless_residual_branch_is_emptied_and_folded():
@@ -361,7 +378,7 @@ def test_a_useless_residual_branch_is_emptied_and_folded():
     share = 1 - a.macs({gid: 0}) / a.total_macs
     x = np.random.default_rng(0).standard_normal((40, 3, 16, 16)).astype(np.float32)
     res = compress(model, round(share - 0.005, 3), method="prune", steps=1, tries=1,
-                   calib=Calibration({"x": x}, "test"))
+                   calib=Calibration({"x": x}, "test"), recover="none")
     assert res.report["groups"][str(gid)]["channels"] == [8, 0]
     assert res.report["totals"]["groups_emptied"] >= 1 and res.report["totals"]["layers_folded"] >= 2
     check_model_full(res.model)
@@ -397,7 +414,7 @@ def test_emptying_is_measured_besides_the_narrowest_width():
     model = GRAPHS["tiny_resnet"](13)
     _, a = normalized_analysis(model)
     x = np.random.default_rng(0).standard_normal((24, 3, 16, 16)).astype(np.float32)
-    res = compress(model, 0.3, method="prune", steps=1, tries=1, calib=Calibration({"x": x}, "test"))
+    res = compress(model, 0.3, method="prune", steps=1, tries=1, calib=Calibration({"x": x}, "test"), recover="none")
     curves = res.report["sensitivity"][0]
     for gid, g in a.groups.items():
         if g.droppable:

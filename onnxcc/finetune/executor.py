@@ -23,7 +23,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from ..errors import UnsupportedModelError
 
-__all__ = ["OPS", "OnnxModule", "export_weights"]
+__all__ = ["OPS", "OnnxModule", "export_weights", "unsupported_ops"]
 
 Tensor = torch.Tensor
 
@@ -655,9 +655,14 @@ def _default_opset(model: onnx.ModelProto) -> int:
     raise UnsupportedModelError("model imports no default-domain (ai.onnx) opset")
 
 
-def _check_supported(graph: onnx.GraphProto) -> None:
-    bad = sorted({f"{n.domain}:{n.op_type}" if n.domain not in ("", "ai.onnx") else n.op_type
-                  for n in graph.node if n.domain not in ("", "ai.onnx") or n.op_type not in OPS})
+def unsupported_ops(model: onnx.ModelProto) -> list[str]:
+    """The op types of ``model`` that :class:`OnnxModule` cannot run."""
+    return sorted({f"{n.domain}:{n.op_type}" if n.domain not in ("", "ai.onnx") else n.op_type
+                   for n in model.graph.node if n.domain not in ("", "ai.onnx") or n.op_type not in OPS})
+
+
+def _check_supported(model: onnx.ModelProto) -> None:
+    bad = unsupported_ops(model)
     if bad:
         raise UnsupportedModelError(f"fine-tuning does not support ONNX op(s) {', '.join(bad)}")
 
@@ -704,7 +709,7 @@ class OnnxModule(torch.nn.Module):
         super().__init__()
         graph = model.graph
         opset = _default_opset(model)
-        _check_supported(graph)
+        _check_supported(model)
         values = {t.name: _from_proto(t) for t in graph.initializer}
         writable = set(values)
         for proto in graph.node:
@@ -726,38 +731,51 @@ class OnnxModule(torch.nn.Module):
         self.output_names = [o.name for o in graph.output]
         self._nodes = [_node(p, opset) for p in graph.node if p.op_type != "Constant"]
         self._produced = {o for n in self._nodes for o in n.outputs if o}
-        self._plans: dict[tuple[str, ...], list[tuple[Node, list[str]]]] = {}
+        self._plans: dict[tuple[tuple[str, ...], frozenset[str]], list[tuple[Node, list[str]]]] = {}
 
     def onnx_parameters(self) -> dict[str, torch.nn.Parameter]:
         """The trainable tensors keyed by their ONNX names."""
         return {self.onnx_names[k]: p for k, p in self.named_parameters()}
 
-    def _plan(self, names: tuple[str, ...]) -> list[tuple[Node, list[str]]]:
-        """The nodes needed for ``names``, each with the values that die after it (saves memory)."""
-        if names not in self._plans:
+    def _plan(self, names: tuple[str, ...], given: frozenset[str] = frozenset()
+              ) -> list[tuple[Node, list[str]]]:
+        """The nodes needed for ``names`` from the graph inputs or the ``given`` tensors, each
+        with the values that die after it (saves memory)."""
+        key = (names, given)
+        if key not in self._plans:
             unknown = [n for n in names if n not in self._produced and n not in self.torch_names
                        and n not in self.input_names]
             if unknown:
                 raise ValueError(f"not tensors of this graph: {unknown}")
-            needed, steps = set(names), []
+            needed, steps = set(names) - given, []
             for node in reversed(self._nodes):
                 if needed.intersection(node.outputs):
                     steps.append(node)
-                    needed.update(i for i in node.inputs if i)
+                    needed.update(i for i in node.inputs if i and i not in given)
             steps.reverse()
             last = {i: k for k, node in enumerate(steps) for i in node.inputs if i}
-            self._plans[names] = [(node, [i for i in set(node.inputs) if i and last[i] == k and i not in names])
-                                  for k, node in enumerate(steps)]
-        return self._plans[names]
+            self._plans[key] = [(node, [i for i in set(node.inputs) if i and last[i] == k and i not in names])
+                                for k, node in enumerate(steps)]
+        return self._plans[key]
+
+    def parameters_for(self, names: Sequence[str], given: Sequence[str] = ()) -> dict[str, torch.nn.Parameter]:
+        """The trainable tensors (by ONNX name) that computing ``names`` from ``given`` reads."""
+        params = self.onnx_parameters()
+        used = {i for node, _ in self._plan(tuple(names), frozenset(given)) for i in node.inputs}
+        return {k: p for k, p in params.items() if k in used}
 
     def run(self, feeds: Mapping[str, Tensor], names: Sequence[str]) -> list[Tensor]:
-        """Compute the named tensors from ``{input name: tensor}``."""
-        missing = [n for n in self.input_names if n not in feeds]
+        """Compute the named tensors from ``{tensor name: tensor}``: the graph inputs, or any
+        tensors of the graph that the computation should start from."""
+        given = frozenset(feeds)
+        plan = self._plan(tuple(names), given)
+        missing = sorted({i for node, _ in plan for i in node.inputs
+                          if i in self.input_names and i not in given})
         if missing:
             raise ValueError(f"missing graph inputs {missing}")
         env: dict[str, Tensor] = {name: getattr(self, safe) for name, safe in self.torch_names.items()}
         env.update(feeds)
-        for node, dead in self._plan(tuple(names)):
+        for node, dead in plan:
             result = OPS[node.op](node, *(env[i] if i else None for i in node.inputs))
             results = [result] if isinstance(result, Tensor) else list(result)
             for k, out in enumerate(node.outputs):

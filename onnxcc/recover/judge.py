@@ -1,0 +1,53 @@
+"""How far a compressed model's outputs are from the original's, judged as compress judges them.
+
+The compared tensors are :func:`onnxcc.outputs.targets` (the logits behind a Softmax, each dense
+output standardised per channel by the original's statistics); the damage is their mean relative
+squared error, the quantity the search minimises.
+"""
+from __future__ import annotations
+
+from typing import Mapping
+
+import numpy as np
+import onnx
+
+from ..analysis.view import graph_inputs
+from ..outputs import Standardizer, targets
+from ..runtime import expose_outputs, make_session
+
+BATCH = 8
+
+
+def run_outputs(model: onnx.ModelProto, names: list[str], feeds: Mapping[str, np.ndarray],
+                provider: str = "cpu") -> list[np.ndarray]:
+    """The named tensors of ``model`` on ``feeds`` (a leading sample axis), in small batches."""
+    return run_batched(make_session(expose_outputs(model, names), provider), names, feeds, batch_size(model))
+
+
+def batch_size(model: onnx.ModelProto) -> int:
+    """BATCH, or 1 for a model with an input fixed at batch 1."""
+    for vi in graph_inputs(model):
+        dims = vi.type.tensor_type.shape.dim
+        if dims and dims[0].HasField("dim_value") and dims[0].dim_value == 1:
+            return 1
+    return BATCH
+
+
+def run_batched(sess, names: list[str], feeds: Mapping[str, np.ndarray], batch: int) -> list[np.ndarray]:
+    """``sess``'s named outputs over ``feeds`` (a leading sample axis), ``batch`` samples a run."""
+    n = len(next(iter(feeds.values())))
+    parts = [sess.run(names, {k: v[i:i + batch] for k, v in feeds.items()}) for i in range(0, n, batch)]
+    return [np.concatenate([p[j] for p in parts]) for j in range(len(names))]
+
+
+class OutputJudge:
+    """The original's outputs on a fixed set of samples; the damage of any candidate on them."""
+
+    def __init__(self, teacher: onnx.ModelProto, feeds: Mapping[str, np.ndarray], provider: str = "cpu"):
+        self.names = [t.tensor for t in targets(teacher)]
+        self.feeds, self.provider = dict(feeds), provider
+        self.standardizers = [Standardizer(r) for r in run_outputs(teacher, self.names, self.feeds, provider)]
+
+    def damage(self, model: onnx.ModelProto) -> float:
+        outs = run_outputs(model, self.names, self.feeds, self.provider)
+        return float(np.mean([s.relative_error(o) for s, o in zip(self.standardizers, outs)]))

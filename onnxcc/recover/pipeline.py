@@ -1,0 +1,244 @@
+"""Post-training recovery of a compressed model from unlabeled calibration samples.
+
+    cut ─ statistics (numpy) ─ blocks (torch) ─ end to end (torch)
+
+Each stage starts from the best model so far and is kept only where it lowers the damage on
+samples held back from the calibration set (early stopping, also against overfitting a few
+hundred samples). Only initializer values change: the nodes, shapes and names of the compressed
+model stay as they are, so its speed does too.
+"""
+from __future__ import annotations
+
+import importlib.util
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Any, Mapping
+
+import numpy as np
+import onnx
+
+from ..analysis.costs import node_macs
+from ..calib import Calibration
+from ..analysis.view import build_view, graph_inputs
+from ..config import RECOVER_MODES as MODES, Progress
+from ..errors import PassContractError, UsageError
+from ..passes.base import Pass, PassRecord, PassResult
+from ..passes.normalize import normalize
+from ..runtime import expose_outputs, make_session
+from .blocks import partition
+from .channels import ChannelMap, read_channel_map
+from .judge import OutputJudge
+from ..verify import fidelity
+from .stats import recover_statistics
+
+log = logging.getLogger(__name__)
+
+STOP_FRACTION = 1 / 8       # of the samples recovery gets, held back to decide what is kept
+MIN_STOP = 4
+TRAIN_MEMORY = 2 << 30      # bytes of activations one training batch may hold (forward + backward)
+CACHE_MEMORY = 3 << 30      # bytes of block inputs cached for every training sample
+MAX_VIEWS = 4               # each sample as given plus up to 3 augmented copies
+BLOCK_SHARE = 0.55          # of the gradient stages' time: block reconstruction; the rest end to end
+
+
+def torch_available() -> bool:
+    return importlib.util.find_spec("torch") is not None
+
+
+def default_seconds(macs: int) -> float:
+    """The gradient stages' default time: a minute plus ~33 minutes per GMAC of the compressed
+    model, at most 10 minutes (a MobileNetV2 at 30% fewer MACs: about 8)."""
+    return float(min(600.0, 60.0 + 2000.0 * macs / 1e9))
+
+
+@dataclass
+class RecoverResult:
+    model: onnx.ModelProto
+    record: dict[str, Any]
+    stages: dict[str, onnx.ModelProto] = field(default_factory=dict)   # each stage's result, kept or not
+
+
+def _activations(model: onnx.ModelProto, feed: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Every node output of ``model`` on one sample (shapes and dtypes to plan with)."""
+    names = [o for n in model.graph.node if n.op_type != "Constant" for o in n.output if o]
+    sess = make_session(expose_outputs(model, names), optimize="none")
+    outs = sess.run(None, dict(feed))
+    vals = {o.name: np.asarray(v) for o, v in zip(sess.get_outputs(), outs)}
+    vals.update(feed)
+    return vals
+
+
+def _macs(model: onnx.ModelProto, feed: Mapping[str, np.ndarray]) -> int:
+    view = build_view(model, {k: v.shape for k, v in feed.items()}, dict(feed))
+    return sum(node_macs(view, n) for n in view.nodes)
+
+
+def structure(model: onnx.ModelProto) -> tuple:
+    """What recovery must not change: nodes with their wiring and attributes, initializer names,
+    types and shapes, inputs and outputs."""
+    g = model.graph
+    return (tuple(n.SerializeToString() for n in g.node if n.op_type != "Constant"),
+            tuple((i.name, i.data_type, tuple(i.dims)) for i in g.initializer),
+            tuple(i.SerializeToString() for i in g.input), tuple(o.SerializeToString() for o in g.output))
+
+
+def comparable(student: Mapping[str, np.ndarray], teacher: Mapping[str, np.ndarray], kept: ChannelMap) -> set[str]:
+    """Float tensors both models compute whose values line up (the kept channels of the original's)."""
+    out = set()
+    for name, s in student.items():
+        t = teacher.get(name)
+        if t is None or s.dtype.kind != "f":
+            continue
+        if name in kept:
+            t = kept[name].take(t) if kept[name].index.max() < t.shape[kept[name].axis] else None
+        if t is not None and t.shape == s.shape:
+            out.add(name)
+    return out
+
+
+def _split(feeds: Mapping[str, np.ndarray], seed: int) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+    """Training and stopping samples, the latter drawn at random: files sorted by class or by
+    source must not leave one kind of sample out of either."""
+    n = len(next(iter(feeds.values())))
+    if n < 2 * MIN_STOP:
+        raise UsageError(f"recovery needs at least {2 * MIN_STOP} calibration samples, got {n}")
+    k = max(MIN_STOP, int(round(n * STOP_FRACTION)))
+    stop = np.zeros(n, bool)
+    stop[np.random.default_rng(seed).choice(n, k, replace=False)] = True
+    return {a: v[~stop] for a, v in feeds.items()}, {a: v[stop] for a, v in feeds.items()}
+
+
+def recover(student: onnx.ModelProto, teacher: onnx.ModelProto, feeds: Mapping[str, np.ndarray], *,
+            mode: str = "blocks", seconds: float | None = None, macs: int | None = None, seed: int = 0,
+            provider: str = "cpu", device: str = "auto", progress: Progress | None = None,
+            teacher_normalized: bool = False) -> RecoverResult:
+    """Give back what compressing ``teacher`` into ``student`` cost, from unlabeled ``feeds``
+    (graph input name → samples). ``mode``: ``stats`` (no torch needed) or ``blocks`` (statistics,
+    then block-wise reconstruction and end-to-end distillation for ``seconds``, by default
+    :func:`default_seconds` of ``macs``)."""
+    if mode not in MODES:
+        raise UsageError(f"--recover must be one of {', '.join(MODES)}")
+    t0 = time.perf_counter()
+    teacher = teacher if teacher_normalized else normalize(teacher).model
+    names = {i.name for i in graph_inputs(student)}
+    if names != {i.name for i in graph_inputs(teacher)} or not names <= set(feeds):
+        raise UsageError("the compressed model and the original must have the same inputs, and the samples "
+                         f"must feed them: {sorted(names)}")
+    if mode == "none":
+        return RecoverResult(student, {"mode": "none"})
+    train, stop = _split({k: feeds[k] for k in names}, seed)
+    kept = read_channel_map(student)
+    if progress:
+        progress("recover: the original on held-back samples", 0, 1)
+    judge = OutputJudge(teacher, stop, provider)
+    one = {k: v[:1] for k, v in train.items()}
+    s_vals, t_vals = _activations(student, one), _activations(teacher, one)
+    same = comparable(s_vals, t_vals, kept)
+    record: dict[str, Any] = {"mode": mode, "train_samples": len(next(iter(train.values()))),
+                              "held_back_samples": len(next(iter(stop.values()))), "damage": {}}
+    stages = {"cut": student}
+    record["damage"]["cut"] = best_damage = judge.damage(student)
+    best = student
+    if progress:
+        progress("recover: statistics", 0, 1)
+    stat_model, record["statistics"] = recover_statistics(student, teacher, same, kept, train, s_vals, judge, provider)
+    stages["statistics"] = stat_model
+    record["damage"]["statistics"] = d = judge.damage(stat_model)
+    if d < best_damage:
+        best, best_damage = stat_model, d
+    if mode == "blocks":
+        why_not = _why_no_gradients(student, teacher)
+        if why_not:
+            log.warning("recovery ran its statistics stage only: %s", why_not)
+            record["mode"], record["why_stats_only"] = "stats", why_not
+        else:
+            best, best_damage = _gradient_stages(best, best_damage, teacher, kept, train, judge, s_vals, same,
+                                                 record, stages, seconds, macs, seed, provider, device, progress)
+    record["kept"] = min(record["damage"], key=record["damage"].get)
+    if structure(best) != structure(student):
+        raise PassContractError("recovery changed the compressed model's graph, not only its weights")
+    record["seconds"] = round(time.perf_counter() - t0, 1)
+    log.info("recovery: held-back damage %s; keeping %s", ", ".join(f"{k} {v:.4g}" for k, v in record["damage"].items()),
+             record["kept"])
+    return RecoverResult(best, record, stages)
+
+
+def _why_no_gradients(student: onnx.ModelProto, teacher: onnx.ModelProto) -> str | None:
+    """Why block reconstruction cannot run here (None: it can)."""
+    if not torch_available():
+        return "torch is not installed (pip install 'onnxcc[torch]' adds block-wise reconstruction and distillation)"
+    from ..finetune.executor import unsupported_ops
+
+    bad = sorted(set(unsupported_ops(student)) | set(unsupported_ops(teacher)))
+    return f"the torch executor does not run {', '.join(bad)}" if bad else None
+
+
+def _gradient_stages(start: onnx.ModelProto, start_damage: float, teacher: onnx.ModelProto, kept: ChannelMap,
+                     train: dict, judge: OutputJudge, s_vals: dict, same: set[str], record: dict, stages: dict,
+                     seconds: float | None, macs: int | None, seed: int, provider: str, device: str,
+                     progress: Progress | None) -> tuple[onnx.ModelProto, float]:
+    from .train import Budget, Reconstructor, device_for
+
+    if seconds is None:
+        seconds = default_seconds(macs if macs is not None else _macs(start, {k: v[:1] for k, v in train.items()}))
+    floats = {k for k, v in s_vals.items() if v.dtype.kind == "f"}
+    blocks = partition(start, floats, same)
+    per_sample = sum(v.nbytes for k, v in s_vals.items() if k in floats)
+    batch = int(np.clip(TRAIN_MEMORY // (3 * per_sample + 1), 1, 16))
+    n = len(next(iter(train.values()))) + len(next(iter(judge.feeds.values())))
+    widest = max([sum(s_vals[t].nbytes for t in set(b.inputs) | set(b.live)) for b in blocks] + [1])
+    views = int(np.clip(CACHE_MEMORY // (n * widest), 1, MAX_VIEWS))
+    rec = Reconstructor(start, teacher, kept, train, judge, views=views, batch=batch, seed=seed,
+                        device=device_for(device), provider=provider, progress=progress)
+    budget = Budget(seconds * BLOCK_SHARE)
+    record["blocks"] = rec.blocks(blocks, budget)
+    record["budget_seconds"] = round(seconds, 1)
+    record["views"], record["batch"] = views, rec.batch
+    stages["blocks"] = m = rec.export()
+    record["damage"]["blocks"] = d = judge.damage(m)
+    best, best_damage = (m, d) if d < start_damage else (start, start_damage)
+    if best is not m:   # the end-to-end stage starts from the best weights so far
+        rec = Reconstructor(best, teacher, kept, train, judge, views=views, batch=batch, seed=seed,
+                            device=device_for(device), provider=provider, progress=progress)
+    record["end_to_end"] = rec.end_to_end(Budget(seconds - (budget.seconds - budget.left())))
+    stages["end-to-end"] = m = rec.export()
+    record["damage"]["end-to-end"] = d = judge.damage(m)
+    return (m, d) if d < best_damage else (best, best_damage)
+
+
+def recover_checked(student: onnx.ModelProto, teacher: onnx.ModelProto, fit: Calibration, held: Calibration,
+                    **options: Any) -> RecoverResult:
+    """:func:`recover` on ``fit``, with every stage's fidelity on ``held`` (samples recovery never
+    saw) in the record. Too few samples, or synthetic ones, leave the model as it is."""
+    if fit.synthetic or len(fit) < 2 * MIN_STOP:
+        why = "no calibration samples were given" if fit.synthetic else f"only {len(fit)} calibration samples"
+        (log.info if fit.synthetic else log.warning)(
+            "recovery skipped: %s (it tunes weights on %d or more real ones)", why, 2 * MIN_STOP)
+        return RecoverResult(student, {"mode": "none", "skipped": why})
+    res = recover(student, teacher, fit.samples, **options)
+    provider = options.get("provider", "cpu")
+    res.record["held_out"] = {stage: fidelity(teacher, m, held, provider) for stage, m in res.stages.items()}
+    return res
+
+
+@dataclass(frozen=True)
+class RecoverRecord(PassRecord):
+    record: dict = field(default_factory=dict)
+
+    @property
+    def changes(self) -> int:
+        return int(self.record.get("kept", "cut") != "cut")
+
+
+class RecoverPass(Pass):
+    """``RecoverPass(original, samples)(compressed)``: :func:`recover` as a pass."""
+
+    name = "Recover"
+
+    def __init__(self, teacher: onnx.ModelProto, feeds: Mapping[str, np.ndarray], **options: Any) -> None:
+        self.teacher, self.feeds, self.options = teacher, feeds, options
+
+    def call(self, model: onnx.ModelProto) -> PassResult:
+        res = recover(model, self.teacher, self.feeds, **self.options)
+        return PassResult(res.model, RecoverRecord(self.name, res.record))

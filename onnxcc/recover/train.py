@@ -1,0 +1,303 @@
+"""Recovery with gradients (torch): block-wise reconstruction, then end-to-end distillation.
+
+Blocks (:mod:`.blocks`) are fitted in order, each fed what the *compressed* network before it
+really produces and fitted to what the *original* computes at the same tensors (kept channels
+only), in mean squared error relative to the original's variance: the upstream error is
+undone where it arises instead of being left to the layers after it (BRECQ's order, for pruned
+and factorized weights). Then the whole network is distilled on its outputs, judged as
+:mod:`onnxcc.outputs` judges them. Image inputs are augmented so a few hundred samples are not
+learnt by heart, and held-back samples decide which weights are kept (early stopping). The
+graph itself is never changed: only its trained initializers are written back.
+"""
+from __future__ import annotations
+
+import logging
+import math
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Mapping
+
+import numpy as np
+import onnx
+import torch
+
+from ..config import Progress
+from ..finetune.executor import OnnxModule, export_weights
+from .augment import augment, image_layout
+from .blocks import Block
+from .channels import ChannelMap
+from .judge import OutputJudge, batch_size, run_outputs
+
+log = logging.getLogger(__name__)
+
+LR_BLOCKS = 1e-4
+LR_END = 2e-5
+MIN_STEPS, MAX_STEPS = 20, 2000       # per block
+MAX_END_STEPS = 4000
+EVALS = 8                             # held-back checks per block / end-to-end run
+
+
+@dataclass
+class Budget:
+    """The wall-clock budget of the gradient stages."""
+
+    seconds: float
+    start: float = field(default_factory=time.perf_counter)
+
+    def left(self) -> float:
+        return self.seconds - (time.perf_counter() - self.start)
+
+
+def device_for(name: str = "auto") -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def _views(feeds: Mapping[str, np.ndarray], views: int, seed: int) -> dict[str, np.ndarray]:
+    """The samples as given, then ``views - 1`` augmented copies of each (image inputs only)."""
+    g = torch.Generator().manual_seed(seed)
+    out = {}
+    for name, x in feeds.items():
+        layout = image_layout(x.shape)
+        parts = [x]
+        for _ in range(views - 1):
+            parts.append(augment(torch.from_numpy(x), layout, g).numpy() if layout else x)
+        out[name] = np.concatenate(parts)
+    return out
+
+
+class _Targets:
+    """The original's values of the compared tensors on every sample, kept on disk (memmap):
+    computed once by onnxruntime, read block by block."""
+
+    def __init__(self, teacher: onnx.ModelProto, names: list[str], feeds: Mapping[str, np.ndarray],
+                 kept: ChannelMap, folder: Path, provider: str):
+        self.arrays: dict[str, np.ndarray] = {}
+        n = len(next(iter(feeds.values())))
+        step = 8
+        for i in range(0, n, step):
+            outs = run_outputs(teacher, names, {k: v[i:i + step] for k, v in feeds.items()}, provider) if names else []
+            for name, y in zip(names, outs):
+                y = kept[name].take(y) if name in kept else y
+                if name not in self.arrays:
+                    self.arrays[name] = np.lib.format.open_memmap(
+                        folder / f"{len(self.arrays)}.npy", "w+", np.float32, (n,) + y.shape[1:])
+                self.arrays[name][i:i + len(y)] = y
+        # relative MSE needs each tensor's spread: from the first samples, in float64
+        self.scale = {k: float(np.var(v[: min(n, 64)].astype(np.float64))) + 1e-12 for k, v in self.arrays.items()}
+
+    def batch(self, names: tuple[str, ...], idx: np.ndarray, device: torch.device) -> list[torch.Tensor]:
+        return [torch.from_numpy(np.ascontiguousarray(self.arrays[n][np.sort(idx)])).to(device) for n in names]
+
+
+class _Best:
+    """The parameters at the lowest held-back score seen, to restore at the end (early stopping)."""
+
+    def __init__(self, params: dict[str, torch.nn.Parameter], score: float):
+        self.params, self.score, self.first = params, score, score
+        self.saved = {n: p.detach().clone() for n, p in params.items()}
+
+    def offer(self, score: float) -> None:
+        if score < self.score:
+            self.score, self.saved = score, {n: p.detach().clone() for n, p in self.params.items()}
+
+    def restore(self) -> None:
+        with torch.no_grad():
+            for n, p in self.params.items():
+                p.copy_(self.saved[n])
+
+
+def _relative_mse(outs: list[torch.Tensor], targets: list[torch.Tensor], scales: list[float]) -> torch.Tensor:
+    return sum(((o - t) ** 2).mean() / s for o, t, s in zip(outs, targets, scales)) / len(outs)
+
+
+def _cosine_lr(opt: torch.optim.Optimizer, base: float, step: int, steps: int) -> None:
+    for group in opt.param_groups:
+        group["lr"] = base * 0.5 * (1 + math.cos(math.pi * step / steps))
+
+
+class Reconstructor:
+    """The compressed model in torch, fitted block by block, then end to end."""
+
+    def __init__(self, student: onnx.ModelProto, teacher: onnx.ModelProto, kept: ChannelMap,
+                 train: Mapping[str, np.ndarray], judge: OutputJudge, *, views: int, batch: int, seed: int,
+                 device: torch.device, provider: str, progress: Progress | None = None):
+        torch.manual_seed(seed)
+        self.student, self.teacher, self.kept = student, teacher, kept
+        self.judge, self.seed, self.device, self.provider, self.progress = judge, seed, device, provider, progress
+        self.train = dict(train)
+        self.n_train = len(next(iter(train.values())))
+        self.views = views
+        self.module = OnnxModule(student).to(device)
+        self.module.eval()
+        self.batch = min(batch, self.n_train)
+        # a graph exported at batch 1 (Reshape targets with a literal 1) runs one sample at a time
+        self.chunk = batch_size(student)
+
+    def _run(self, module: OnnxModule, feeds: Mapping[str, torch.Tensor], names) -> list[torch.Tensor]:
+        n = len(next(iter(feeds.values())))
+        if n <= self.chunk:
+            return module.run(feeds, list(names))
+        parts = [module.run({k: v[i:i + self.chunk] for k, v in feeds.items()}, list(names))
+                 for i in range(0, n, self.chunk)]
+        return [torch.cat([p[j] for p in parts]) for j in range(len(names))]
+
+    # ------------------------------------------------------------------ helpers
+    def _to(self, feeds: Mapping[str, np.ndarray], idx: np.ndarray | slice) -> dict[str, torch.Tensor]:
+        return {k: torch.from_numpy(np.ascontiguousarray(v[idx])).to(self.device) for k, v in feeds.items()}
+
+    def _say(self, message: str, done: int, total: int) -> None:
+        if self.progress:
+            self.progress(message, done, total)
+
+    def _steps(self, budget: Budget, step, least: int, most: int) -> int:
+        """How many training steps fit ``budget``, timed on two steps (whose gradients are dropped)."""
+        step()
+        t0 = time.perf_counter()
+        step()
+        self.module.zero_grad(set_to_none=True)
+        return int(np.clip(budget.left() / (time.perf_counter() - t0), least, most))
+
+    def export(self) -> onnx.ModelProto:
+        return export_weights(self.module, self.student)
+
+    # ------------------------------------------------------------------ blocks
+    def blocks(self, blocks: list[Block], budget: Budget) -> list[dict]:
+        """Fit each block in turn; a record per block (held-back loss before and after)."""
+        data = _views(self.train, self.views, self.seed)
+        n_tr = len(next(iter(data.values())))
+        stop = self.judge.feeds
+        feeds = {k: np.concatenate([data[k], stop[k]]) for k in data}
+        tr_idx, st_idx = np.arange(n_tr), np.arange(n_tr, n_tr + len(next(iter(stop.values()))))
+        compared = list(dict.fromkeys(t for b in blocks for t in b.compared))
+        with tempfile.TemporaryDirectory(prefix="onnxcc-recover-") as folder:
+            self._say("recover: the original's block outputs", 0, 1)
+            targets = _Targets(self.teacher, compared, feeds, self.kept, Path(folder), self.provider)
+            cache = {k: torch.from_numpy(v) for k, v in feeds.items()}
+            log.info("block reconstruction: %d blocks in %.0f s", len(blocks), budget.left())
+            records = []
+            for k, b in enumerate(blocks):
+                # each block gets an equal share of the time left; a cheap block leaves the rest to later ones
+                share = Budget(budget.left() / (len(blocks) - k))
+                records.append(self._fit_block(b, cache, targets, tr_idx, st_idx, share, k, len(blocks)))
+                cache = self._advance(b, cache)
+        return records
+
+    def _block_loss(self, b: Block, cache: dict[str, torch.Tensor], targets: _Targets,
+                    idx: np.ndarray, grad: bool) -> torch.Tensor:
+        idx = np.sort(idx)
+        feeds = {t: cache[t][idx].to(self.device) for t in b.inputs}
+        with torch.set_grad_enabled(grad):
+            outs = self._run(self.module, feeds, b.compared)
+        return _relative_mse(outs, targets.batch(b.compared, idx, self.device), [targets.scale[t] for t in b.compared])
+
+    def _held_loss(self, b: Block, cache, targets, st_idx) -> float:
+        return float(np.mean([self._block_loss(b, cache, targets, st_idx[i:i + self.batch], False).item()
+                              for i in range(0, len(st_idx), self.batch)]))
+
+    def _fit_block(self, b: Block, cache, targets: _Targets, tr_idx, st_idx, budget: Budget, k: int, of: int) -> dict:
+        rec = {"block": k + 1, "nodes": [b.start, b.end], "layers": b.layers, "compared": list(b.compared)}
+        params = self.module.parameters_for(b.compared, b.inputs) if b.compared else {}
+        if not params:
+            return {**rec, "steps": 0}
+        best = _Best(params, self._held_loss(b, cache, targets, st_idx))
+        opt = torch.optim.Adam(params.values(), lr=LR_BLOCKS)
+        rng = np.random.default_rng(self.seed + k)
+        steps = self._steps(budget, lambda: self._block_loss(b, cache, targets, tr_idx[: self.batch], True).backward(),
+                            MIN_STEPS, MAX_STEPS)
+        every = max(1, steps // EVALS)
+        for s in range(steps):
+            _cosine_lr(opt, LR_BLOCKS, s, steps)
+            loss = self._block_loss(b, cache, targets, rng.choice(tr_idx, min(self.batch, len(tr_idx)), replace=False), True)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            last = s + 1 == steps or (s + 1 >= MIN_STEPS and budget.left() < 0)
+            if (s + 1) % every == 0 or last:
+                held = self._held_loss(b, cache, targets, st_idx)
+                best.offer(held)
+                self._say(f"recover: block {k + 1}/{of} loss {loss.item():.4g}, held-back {held:.4g}", s + 1, steps)
+            if last:
+                break
+        best.restore()
+        log.info("block %d/%d (%d layers): held-back loss %.4g -> %.4g", k + 1, of, b.layers, best.first, best.score)
+        return {**rec, "steps": s + 1, "loss_before": round(best.first, 6), "loss_after": round(best.score, 6)}
+
+    def _advance(self, b: Block, cache: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """The cached activations after block ``b``: what crosses the cut after it."""
+        new = [t for t in b.live if t not in cache]
+        n = len(next(iter(cache.values())))
+        parts: list[list[torch.Tensor]] = [[] for _ in new]
+        with torch.no_grad():
+            for i in range(0, n, self.batch):
+                outs = self._run(self.module, {t: cache[t][i:i + self.batch].to(self.device) for t in b.inputs}, new) if new else []
+                for p, o in zip(parts, outs):
+                    p.append(o.cpu())
+        produced = {t: torch.cat(p) for t, p in zip(new, parts)}
+        return {t: cache[t] if t in cache else produced[t] for t in b.live}
+
+    # ------------------------------------------------------------------ end to end
+    def end_to_end(self, budget: Budget) -> dict:
+        """Distil the whole network on its outputs with fresh augmentations; keep the weights
+        that do least damage on the held-back samples."""
+        teacher = OnnxModule(self.teacher).to(self.device).eval()
+        for p in teacher.parameters():
+            p.requires_grad_(False)
+        names = self.judge.names
+        # the judge's per-channel statistics of the original's outputs (keepdims: they broadcast)
+        mu = [torch.as_tensor(np.asarray(s.mu), dtype=torch.float32, device=self.device) for s in self.judge.standardizers]
+        sd = [torch.as_tensor(np.asarray(s.sd), dtype=torch.float32, device=self.device) for s in self.judge.standardizers]
+        layouts = {k: image_layout(v.shape) for k, v in self.train.items()}
+        g = torch.Generator().manual_seed(self.seed + 7)
+        rng = np.random.default_rng(self.seed + 7)
+
+        def loss_of() -> torch.Tensor:
+            x = self._to(self.train, rng.choice(self.n_train, self.batch, replace=False))
+            x = {k: augment(v, layouts[k], g) if layouts[k] else v for k, v in x.items()}
+            with torch.no_grad():
+                ref = self._run(teacher, x, names)
+            out = self._run(self.module, x, names)
+            return sum((((o - r) / d) ** 2).sum() / (((r - m) / d) ** 2).sum().clamp_min(1e-12)
+                       for o, r, m, d in zip(out, ref, mu, sd)) / len(names)
+
+        params = self.module.onnx_parameters()
+        steps = self._steps(budget, lambda: loss_of().backward(), 0, MAX_END_STEPS)
+        if steps < EVALS or not params:
+            return {"steps": 0}
+        opt = torch.optim.Adam(params.values(), lr=LR_END)
+        best = _Best(params, self._damage())
+        every = max(1, steps // EVALS)
+        history = []
+        for s in range(steps):
+            _cosine_lr(opt, LR_END, s, steps)
+            loss = loss_of()
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            last = s + 1 == steps or budget.left() < 0
+            if (s + 1) % every == 0 or last:
+                d = self._damage()
+                history.append(round(d, 6))
+                best.offer(d)
+                self._say(f"recover: end-to-end loss {loss.item():.4g}, held-back damage {d:.4g}", s + 1, steps)
+            if last:
+                break
+        best.restore()
+        log.info("end-to-end distillation, %d steps: held-back damage %.4g -> %.4g", s + 1, best.first, best.score)
+        return {"steps": s + 1, "damage_before": round(best.first, 6), "damage_after": round(best.score, 6),
+                "history": history}
+
+    def _damage(self) -> float:
+        """The judge's damage, computed in torch (the same weights onnxruntime would run)."""
+        feeds = self.judge.feeds
+        n = len(next(iter(feeds.values())))
+        parts = []
+        with torch.no_grad():
+            for i in range(0, n, self.batch):
+                parts.append([o.cpu().numpy() for o in self._run(self.module, self._to(feeds, slice(i, i + self.batch)),
+                                                                 self.judge.names)])
+        outs = [np.concatenate([p[j] for p in parts]) for j in range(len(self.judge.names))]
+        return float(np.mean([s.relative_error(o) for s, o in zip(self.judge.standardizers, outs)]))
