@@ -134,7 +134,7 @@ def _fidelity_text(f: dict) -> str:
 
 
 def _recovery_text(rec: dict) -> str:
-    """'(cosine 0.83 after the cut; recovery kept blocks)' where recovery ran."""
+    """' (cosine 0.83 after the cut, recovery kept blocks)' where recovery ran."""
     cut = rec.get("held_out", {}).get("cut")
     return f" (cosine {cut['cosine_mean']} after the cut, recovery kept {rec['kept']})" if cut else ""
 
@@ -149,7 +149,7 @@ def _preprocess(args: argparse.Namespace):
 def cmd_recover(args: argparse.Namespace) -> int:
     from .calib import load_calibration
     from .io import check_output_path, load_model, save_model
-    from .recover import recover_checked
+    from .recover import MIN_SAMPLES, recover_checked
 
     if args.recover_time is not None and args.recover_time < 0:
         raise UsageError("--recover-time must not be negative")
@@ -160,6 +160,9 @@ def cmd_recover(args: argparse.Namespace) -> int:
     if data.synthetic:
         raise UsageError("recover needs real samples: give --calib")
     fit, held = data.split()
+    if len(fit) < MIN_SAMPLES:
+        raise UsageError(f"recovery needs more samples: {len(data)} given, {len(held)} of them held back to verify, "
+                         f"{len(fit)} left to tune on ({MIN_SAMPLES} at least)")
     with _progress() as progress:
         res = recover_checked(student, teacher, fit, held, mode=args.recover, seconds=args.recover_time,
                               seed=args.seed, provider=args.provider, device=args.device, progress=progress)

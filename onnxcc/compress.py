@@ -171,6 +171,9 @@ def _measure(original: onnx.ModelProto, compressed: onnx.ModelProto, shapes: dic
 
 
 LOW_FIDELITY = 0.9   # held-out cosine below which the user is told the result is poor
+# ... or relative L2 above what that cosine means at equal norms (√(2 − 2·0.9)): a cosine per
+# sample says nothing of an output with one value per sample (a VAD's speech score)
+HIGH_ERROR = 0.45
 
 
 def _faithful_hint(cfg: CompressConfig, report: dict[str, Any]) -> str:
@@ -179,12 +182,9 @@ def _faithful_hint(cfg: CompressConfig, report: dict[str, Any]) -> str:
     cosine = cfg.min_fidelity if cfg.min_fidelity is not None else LOW_FIDELITY
     curves = report["sensitivity"][0] if report["sensitivity"] else {}
     share = faithful_share(curves, 2 * (1 - cosine))
-    what = "MACs" if cfg.flops is not None else "latency"
-    return (f"The measured curves say about {share:.0%} less {what} keeps a cosine of {cosine} (--{'flops' if cfg.flops is not None else 'latency'} {share:.2f}); "
+    what, flag = ("MACs", "flops") if cfg.flops is not None else ("latency", "latency")
+    return (f"The measured curves say about {share:.0%} less {what} keeps a cosine of {cosine} (--{flag} {share:.2f}); "
             "more real calibration samples or fine-tuning (--finetune) would also help")
-# ... or relative L2 above what that cosine means at equal norms (√(2 − 2·0.9)): a cosine per
-# sample says nothing of an output with one value per sample (a VAD's speech score)
-HIGH_ERROR = 0.45
 
 
 def _judge_results(cfg: CompressConfig, report: dict[str, Any]) -> None:

@@ -125,6 +125,11 @@ def test_cli_recover_writes_a_better_model_and_refuses_bad_input(tmp_path):
                          capture_output=True, text=True, timeout=120)
     assert bad.returncode == 2 and len(bad.stderr.strip().splitlines()) == 1
     assert not (tmp_path / "o2.onnx").exists()
+    np.save(tmp_path / "few.npy", next(iter(data.samples.values()))[:6])
+    few = subprocess.run(cmd[:-4] + ["-o", str(tmp_path / "o3.onnx"), "--calib", str(tmp_path / "few.npy")],
+                         capture_output=True, text=True, timeout=120)
+    assert few.returncode == 2 and "more samples" in few.stderr and len(few.stderr.strip().splitlines()) == 1
+    assert not (tmp_path / "o3.onnx").exists()
 
 
 def test_an_op_the_torch_executor_lacks_leaves_the_statistics_stage_with_a_reason():

@@ -36,6 +36,7 @@ log = logging.getLogger(__name__)
 
 STOP_FRACTION = 1 / 8       # of the samples recovery gets, held back to decide what is kept
 MIN_STOP = 4
+MIN_SAMPLES = 2 * MIN_STOP  # recovery trains on at least as many samples as it stops on
 TRAIN_MEMORY = 2 << 30      # bytes of activations one training batch may hold (forward + backward)
 CACHE_MEMORY = 3 << 30      # bytes of block inputs cached for every training sample
 MAX_VIEWS = 4               # each sample as given plus up to 3 augmented copies
@@ -101,8 +102,8 @@ def _split(feeds: Mapping[str, np.ndarray], seed: int) -> tuple[dict[str, np.nda
     """Training and stopping samples, the latter drawn at random: files sorted by class or by
     source must not leave one kind of sample out of either."""
     n = len(next(iter(feeds.values())))
-    if n < 2 * MIN_STOP:
-        raise UsageError(f"recovery needs at least {2 * MIN_STOP} calibration samples, got {n}")
+    if n < MIN_SAMPLES:
+        raise UsageError(f"recovery needs at least {MIN_SAMPLES} calibration samples, got {n}")
     k = max(MIN_STOP, int(round(n * STOP_FRACTION)))
     stop = np.zeros(n, bool)
     stop[np.random.default_rng(seed).choice(n, k, replace=False)] = True
@@ -211,10 +212,10 @@ def recover_checked(student: onnx.ModelProto, teacher: onnx.ModelProto, fit: Cal
                     **options: Any) -> RecoverResult:
     """:func:`recover` on ``fit``, with every stage's fidelity on ``held`` (samples recovery never
     saw) in the record. Too few samples, or synthetic ones, leave the model as it is."""
-    if fit.synthetic or len(fit) < 2 * MIN_STOP:
+    if fit.synthetic or len(fit) < MIN_SAMPLES:
         why = "no calibration samples were given" if fit.synthetic else f"only {len(fit)} calibration samples"
         (log.info if fit.synthetic else log.warning)(
-            "recovery skipped: %s (it tunes weights on %d or more real ones)", why, 2 * MIN_STOP)
+            "recovery skipped: %s (it tunes weights on %d or more real ones)", why, MIN_SAMPLES)
         return RecoverResult(student, {"mode": "none", "skipped": why})
     res = recover(student, teacher, fit.samples, **options)
     provider = options.get("provider", "cpu")
