@@ -105,14 +105,9 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=3)
     p.add_argument("--curve", type=float, nargs="*", default=[0.1, 0.2], help="smaller cc targets to plot")
     p.add_argument("--recovery", action="store_true", help="the recovery table instead of the ablations")
-    p.add_argument("--corpus", action="store_true",
-                   help="recovery on the corpus detectors, OCR and TF/Paddle-style models: held-back fidelity "
-                        "after the cut (least squares only) and after recovery")
     args = p.parse_args()
     if args.recovery:
         return recovery_table()
-    if args.corpus:
-        return corpus_table()
     photos = load_photos(models.data_dir() / "photos")
     calib, held = photos[:50], photos[50:]
     orig = onnx.load(str(models.model_path("mobilenetv2")))
@@ -208,36 +203,6 @@ def recovery_table() -> None:
     md += [f"| {r['model']} | {r['flops']} | {r['mac_reduction']:.1%} | {r['speedup']}× | {r['compress_seconds']} | "
            f"{r['recovery_seconds']} |" for r in rows if r["kept"]]
     (out_dir / "compress_recovery.md").write_text("\n".join(md) + "\n")
-
-
-CORPUS_CASES = ("yolo_like", "dbnet_like", "paddle_style_dbnet", "tf_style_mobilenet", "paddle_style_resnet")
-
-
-def corpus_table() -> None:
-    """64 unlabeled samples per model (random inputs: these corpus models have random weights),
-    --flops 0.3; fidelity on the 16 compress holds back, which recovery never sees."""
-    rows = []
-    for name in CORPUS_CASES:
-        orig = onnx.load(str(models.model_path(name)))
-        shape = models.CORPUS[name][1]
-        x = np.random.default_rng(1).standard_normal((64, *shape[1:])).astype(np.float32)
-        t0 = time.perf_counter()
-        res = compress(orig, 0.3, calib=_calibration(orig, x))
-        rec = res.report["recovery"]
-        for out in ("cut", rec["kept"]):
-            f = rec["held_out"][out]
-            rows.append({"model": name, "after": out, "cosine_mean": f["cosine_mean"], "rel_l2": f["rel_l2"],
-                         "seconds": round(time.perf_counter() - t0, 1), "recovery_seconds": rec["seconds"]})
-            print(json.dumps(rows[-1]), flush=True)
-    out_dir = REPO / "tools" / "results"
-    (out_dir / "recovery_corpus.json").write_text(json.dumps({"machine": _machine(), "rows": rows}, indent=1))
-    md = ["# Recovery on the corpus detectors, OCR and export styles (--flops 0.3)", "",
-          "64 random-normal samples each (these corpus models carry random weights); fidelity on the 16 samples "
-          f"compress holds back, which recovery never sees. Machine: {_machine()}.", "",
-          "| model | after | held-back cosine | relative L2 | compress time (s) | recovery (s) |", "|---|---|---|---|---|---|"]
-    md += [f"| {r['model']} | {r['after']} | {r['cosine_mean']} | {r['rel_l2']} | {r['seconds']} | {r['recovery_seconds']} |"
-           for r in rows]
-    (out_dir / "recovery_corpus.md").write_text("\n".join(md) + "\n")
 
 
 def _machine() -> str:
