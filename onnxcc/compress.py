@@ -18,7 +18,7 @@ import numpy as np
 import onnx
 
 from .analysis.groups import Analysis
-from .analysis.view import graph_inputs
+from .analysis.view import batch_fixed_at_one
 from .bench import benchmark
 from .calib import Calibration, ImagePreprocess, load_calibration
 from .config import Budget, CompressConfig, Progress
@@ -92,7 +92,7 @@ def compress(model: onnx.ModelProto | str | Path, flops: float | None = None,
     speed = lat if cfg.latency is not None or cfg.method == "cc" else None
 
     (plan, curves, weights), search = _best_search(a, ins.model, fit, cfg, budget, speed,
-                                                   _dynamic_batch(original), progress)
+                                                   not batch_fixed_at_one(original), progress)
     # The emulated weights go into the graph, pruning slices them, and a plain SVD at rank r
     # recovers the (already rank-r) factors exactly.
     reweighted = ReplaceInitializersPass(weights)(ins.model)
@@ -252,12 +252,4 @@ def _subgraph_nodes(graph: onnx.GraphProto) -> Iterator[onnx.NodeProto]:
             for g in list(attr.graphs) + ([attr.g] if attr.HasField("g") else []):
                 yield from g.node
                 yield from _subgraph_nodes(g)
-
-
-def _dynamic_batch(model: onnx.ModelProto) -> bool:
-    for vi in graph_inputs(model):
-        dims = vi.type.tensor_type.shape.dim
-        if dims and dims[0].HasField("dim_value") and dims[0].dim_value == 1:
-            return False
-    return True
 

@@ -36,6 +36,16 @@ def graph_inputs(model: onnx.ModelProto) -> list[onnx.ValueInfoProto]:
     return [i for i in model.graph.input if i.name not in inits]
 
 
+def batch_fixed_at_one(model: onnx.ModelProto) -> bool:
+    """Whether an input of ``model`` is declared with batch 1 (its graph may then hold literal
+    1s in Reshape targets, so samples must go through one at a time)."""
+    for vi in graph_inputs(model):
+        dims = vi.type.tensor_type.shape.dim
+        if dims and dims[0].HasField("dim_value") and dims[0].dim_value == 1:
+            return True
+    return False
+
+
 def resolve_input_shapes(model: onnx.ModelProto,
                          pinned: dict[str, tuple[int, ...]] | None = None) -> dict[str, tuple[int, ...]]:
     """Concrete shape per input: pins win; a symbolic leading (batch) dim becomes 1."""

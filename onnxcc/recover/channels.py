@@ -36,9 +36,9 @@ ChannelMap = Mapping[str, Kept]
 
 def channel_map(analysis: Analysis, keep: Mapping[int, np.ndarray], tensors: Iterable[str]) -> dict[str, Kept]:
     """The narrowed ``tensors`` under the kept-channel masks ``keep`` (per channel group)."""
-    out = {}
+    out, keep = {}, dict(keep)
     for t in tensors:
-        mask = analysis.mask(t, dict(keep))
+        mask = analysis.mask(t, keep)
         if mask is None or mask.all() or not mask.any():
             continue
         out[t] = Kept(analysis.layout(t).axis, np.flatnonzero(mask))

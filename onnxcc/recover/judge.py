@@ -11,7 +11,7 @@ from typing import Mapping
 import numpy as np
 import onnx
 
-from ..analysis.view import graph_inputs
+from ..analysis.view import batch_fixed_at_one
 from ..outputs import Standardizer, targets
 from ..runtime import expose_outputs, make_session
 
@@ -26,11 +26,7 @@ def run_outputs(model: onnx.ModelProto, names: list[str], feeds: Mapping[str, np
 
 def batch_size(model: onnx.ModelProto) -> int:
     """BATCH, or 1 for a model with an input fixed at batch 1."""
-    for vi in graph_inputs(model):
-        dims = vi.type.tensor_type.shape.dim
-        if dims and dims[0].HasField("dim_value") and dims[0].dim_value == 1:
-            return 1
-    return BATCH
+    return 1 if batch_fixed_at_one(model) else BATCH
 
 
 def run_batched(sess, names: list[str], feeds: Mapping[str, np.ndarray], batch: int) -> list[np.ndarray]:

@@ -19,17 +19,17 @@ import numpy as np
 import onnx
 
 from ..analysis.costs import node_macs
-from ..calib import Calibration
 from ..analysis.view import build_view, graph_inputs
+from ..calib import Calibration
 from ..config import RECOVER_MODES as MODES, Progress
 from ..errors import PassContractError, UsageError
 from ..passes.base import Pass, PassRecord, PassResult
 from ..passes.normalize import normalize
 from ..runtime import expose_outputs, make_session
+from ..verify import fidelity
 from .blocks import partition
 from .channels import ChannelMap, read_channel_map
 from .judge import OutputJudge
-from ..verify import fidelity
 from .stats import recover_statistics
 
 log = logging.getLogger(__name__)

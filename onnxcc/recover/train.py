@@ -25,10 +25,11 @@ import torch
 
 from ..config import Progress
 from ..finetune.executor import OnnxModule, export_weights
+from ..runtime import expose_outputs, make_session
 from .augment import augment, image_layout
 from .blocks import Block
 from .channels import ChannelMap
-from .judge import OutputJudge, batch_size, run_outputs
+from .judge import OutputJudge, batch_size, run_batched
 
 log = logging.getLogger(__name__)
 
@@ -77,9 +78,10 @@ class _Targets:
                  kept: ChannelMap, folder: Path, provider: str):
         self.arrays: dict[str, np.ndarray] = {}
         n = len(next(iter(feeds.values())))
-        step = 8
+        sess = make_session(expose_outputs(teacher, names), provider) if names else None
+        step = batch_size(teacher)
         for i in range(0, n, step):
-            outs = run_outputs(teacher, names, {k: v[i:i + step] for k, v in feeds.items()}, provider) if names else []
+            outs = run_batched(sess, names, {k: v[i:i + step] for k, v in feeds.items()}, step) if names else []
             for name, y in zip(names, outs):
                 y = kept[name].take(y) if name in kept else y
                 if name not in self.arrays:
