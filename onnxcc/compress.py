@@ -183,6 +183,11 @@ def _faithful_hint(cfg: CompressConfig, report: dict[str, Any]) -> str:
     curves = report["sensitivity"][0] if report["sensitivity"] else {}
     share = faithful_share(curves, 2 * (1 - cosine))
     what, flag = ("MACs", "flops") if cfg.flops is not None else ("latency", "latency")
+    asked = cfg.flops if cfg.flops is not None else cfg.latency
+    if share >= asked:   # the curves are one unit at a time: here the units' damages compound
+        return (f"The measured curves, one layer at a time, predicted --{flag} {asked} faithful: the layers' "
+                f"damages compound on this model, so try a smaller --{flag}; more real calibration samples "
+                "or fine-tuning (--finetune) would also help")
     return (f"The measured curves say about {share:.0%} less {what} keeps a cosine of {cosine} (--{flag} {share:.2f}); "
             "more real calibration samples or fine-tuning (--finetune) would also help")
 
@@ -200,8 +205,12 @@ def _judge_results(cfg: CompressConfig, report: dict[str, Any]) -> None:
         if out["cosine_mean"] < LOW_FIDELITY or out["rel_l2"] > HIGH_ERROR:
             log.warning("held-out fidelity is low%s: cosine %.3f, relative error %.3f. %s",
                         f" on output {out['output']}" if "output" in out else "", out["cosine_mean"], out["rel_l2"], hint)
-    if cfg.flops is not None and abs(t["mac_reduction"] - cfg.flops) > 0.01:
-        log.warning("achieved MAC reduction %.3f differs from the target %.3f by more than 1 point",
+    if cfg.flops is not None and t["mac_reduction"] > cfg.flops + 0.01:
+        log.warning("removed %.3f of the MACs for --flops %.3f: no plan on these channel widths lands nearer "
+                    "without far more damage%s", t["mac_reduction"], cfg.flops,
+                    " (--round-to 1 allows finer widths)" if cfg.round_to != 1 else "")
+    elif cfg.flops is not None and t["mac_reduction"] < cfg.flops - 0.01:
+        log.warning("achieved MAC reduction %.3f falls short of the target %.3f by more than 1 point",
                     t["mac_reduction"], cfg.flops)
     if cfg.latency is not None:
         achieved = 1 - 1 / t["latency"]["speedup"] if t["latency"]["speedup"] > 0 else 0.0

@@ -1,6 +1,7 @@
 """onnx-graphsurgeon round trip that keeps what gs would drop (metadata, opset list, IR version)."""
 from __future__ import annotations
 
+import hashlib
 import itertools
 
 import numpy as np
@@ -49,6 +50,7 @@ class Namer:
     def __init__(self, graph: gs.Graph) -> None:
         self.used = set(graph.tensors().keys()) | {n.name for n in graph.nodes}
         self.counter = itertools.count()
+        self.made: dict[tuple, gs.Constant] = {}
 
     def __call__(self, base: str) -> str:
         name = base
@@ -65,4 +67,45 @@ def set_inputs(node: gs.Node, tensors: list[gs.Tensor]) -> None:
 
 
 def constant(namer: Namer, base: str, values: np.ndarray) -> gs.Constant:
-    return gs.Constant(namer(base), np.ascontiguousarray(values))
+    """A new initializer named after ``base`` — or the one already made from ``base`` with the
+    same values: nodes that shared a weight (a Siamese branch) and change it alike keep sharing
+    it, instead of each holding a copy."""
+    values = np.ascontiguousarray(values)
+    key = (base, values.dtype.str, values.shape, hashlib.sha1(values.tobytes()).digest())
+    made = namer.made.get(key)
+    if made is None or not np.array_equal(made.values, values):
+        made = namer.made[key] = gs.Constant(namer(base), values)
+    return made
+
+
+def pad_spec(node: gs.Node, rank: int | None = None, const=None) -> tuple[list[int], list[int], float] | None:
+    """(begin pads, end pads, value) per axis of a constant-mode Pad, or None when its amounts or
+    value are not constants (``const`` reads a tensor's value; gs constants by default). The
+    input's ``rank`` is needed only where an ``axes`` input names the padded axes."""
+    const = const or (lambda t: np.asarray(t.values) if isinstance(t, gs.Constant) else None)
+    if node.attrs.get("mode", "constant") != "constant":
+        return None
+    if "pads" in node.attrs:   # opset < 11
+        pads, value = [int(p) for p in node.attrs["pads"]], float(node.attrs.get("value", 0.0))
+    else:
+        raw = const(node.inputs[1])
+        if raw is None:
+            return None
+        pads, value = [int(v) for v in raw.reshape(-1)], 0.0
+        if len(node.inputs) > 2 and node.inputs[2].name:
+            v = const(node.inputs[2])
+            if v is None:
+                return None
+            value = float(v.reshape(-1)[0]) if v.size else 0.0
+        if len(node.inputs) > 3 and node.inputs[3].name:   # explicit axes (opset 18)
+            axes = const(node.inputs[3])
+            if axes is None or rank is None:
+                return None
+            full = [0] * (2 * rank)
+            for i, a in enumerate(int(a) % rank for a in axes.reshape(-1)):
+                full[a], full[rank + a] = pads[i], pads[len(pads) // 2 + i]
+            pads = full
+    half = len(pads) // 2
+    if rank is not None and half != rank:
+        return None
+    return pads[:half], pads[half:], value

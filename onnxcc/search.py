@@ -109,6 +109,10 @@ def emulate(probe: WeightProbe, plan: Plan, prev: dict[str, np.ndarray],
 TARGET_TOLERANCE = 0.004   # share of the total the last step may fall short by (twice it beyond) before grids get finer
 STEP_OVERSHOOT = 0.5       # share of a step's budget a step before the last may remove beyond it
 FINER_GRID_GAIN = 0.8      # a finer grid's plan must measure at most this share of a coarser one's damage
+OUT_OF_PROPORTION = 3.0    # a plan landing on the budget may measure this many times the damage of one beyond it ...
+NOISE_DAMAGE = 0.005       # ... plus this much, before removing more than asked wins
+COMPOUNDING = 3.0          # a step's plan may measure this many times its units' summed damage (+ NOISE_DAMAGE) ...
+BACKOFF_SUSPECTS = 8       # ... before its most damaging units are undone one at a time to find the one to leave out
 
 
 @dataclass
@@ -235,6 +239,23 @@ def _take_step(a: Analysis, probe: WeightProbe, plan: Plan, prev: dict[str, np.n
     if not units:
         return plan, {}
 
+    new, curves = _land(a, probe, stats, plan, cfg, budget, lat, scores, coarse, target, step)
+    culprit, damage = _compounding(a, probe, stats, plan, new, units, base, step)
+    rest = [c for c in coarse if c[0] is not culprit]
+    if culprit is None or not rest:
+        return new, curves
+    other = _land(a, probe, stats, plan, cfg, budget, lat, scores, rest, target, step)[0]
+    d_other = probe.damage(plan_weights(probe, other, stats))
+    log.info("step %d: without %s the plan measures damage %.4g (%.4g with it)", step, culprit.name, d_other, damage)
+    return (other if d_other < damage and budget.of(other) <= budget.of(new) + TARGET_TOLERANCE * budget.total
+            else new), curves
+
+
+def _land(a: Analysis, probe: WeightProbe, stats: Stats, plan: Plan, cfg: CompressConfig, budget: Budget,
+          lat: LatencyModel | None, scores: dict[int, np.ndarray], coarse: list, target: float,
+          step: int) -> tuple[Plan, dict]:
+    """This step's plan from the units' measured curves (``coarse``: unit, grid, apply)."""
+    units = [u for u, _, _ in coarse]
     # The budget is met on the backend-friendly grid when it can be; where its steps are too
     # coarse to land (narrow layers, small models), the same measurements are interpolated on
     # finer grids, down to single channels. Steps before the last may remove up to
@@ -243,21 +264,96 @@ def _take_step(a: Analysis, probe: WeightProbe, plan: Plan, prev: dict[str, np.n
     slack = TARGET_TOLERANCE * budget.total
     over = 0.0 if step == cfg.steps else STEP_OVERSHOOT
     band = (min(target - 2 * slack, budget.target((step + over) / cfg.steps)), target + slack)
-    landed, nearest = [], None
+    landed, nearest, beyond = [], None, None
     for multiple in _finer(cfg.round_to):
         grids = ([(grid, apply) for _, grid, apply in coarse] if multiple == cfg.round_to
                  else [_grid(a, plan, cfg, budget, lat, scores, u, multiple) for u in units])
-        new, curves = _allocate(a, plan, cfg, budget, lat, units, grids, multiple, band, target, step)
+        new, curves, free = _allocate(a, plan, cfg, budget, lat, units, grids, multiple, band, target, step)
+        if beyond is None and budget.of(free) <= band[1]:
+            beyond = _Measured(probe, stats, free, curves)
         miss = outside(budget.of(new), *band)
-        if miss == (False, 0.0):
+        if miss == (False, 0.0) and not (beyond and beyond.dwarfs(new, multiple, step)):
             landed.append((multiple, new, curves))
             if len(landed) == 2:
                 break
-        elif nearest is None or miss < nearest[0]:
+        elif miss != (False, 0.0) and (nearest is None or miss < nearest[0]):
             nearest = (miss, new, curves)
-    if not landed:
-        return nearest[1], nearest[2]
-    return landed[0][1:] if len(landed) == 1 else _measured_pick(probe, stats, landed, step)
+    if landed:
+        return landed[0][1:] if len(landed) == 1 else _measured_pick(probe, stats, landed, step)
+    if beyond is not None and (nearest is None or budget.of(nearest[1]) > band[1]
+                               or beyond.dwarfs(nearest[1], cfg.round_to, step)):
+        log.info("step %d: no plan near the budget without a disproportionate removal: removing more", step)
+        return beyond.plan, beyond.curves
+    return nearest[1], nearest[2]
+
+
+def _compounding(a: Analysis, probe: WeightProbe, stats: Stats, plan: Plan, new: Plan, units: list[_Unit],
+                 base: float, step: int) -> tuple[_Unit | None, float]:
+    """The unit to leave out of this step, where the plan measures far more damage than its units'
+    curves add up to: removals that each cost little can together break a layer (the last
+    channels of a narrow hidden layer behind several thinned ones). Each changed unit, most
+    damaging first, is undone in turn; the one whose undoing lowers the damage most is it."""
+    changed = [(u, k) for u in units if (k := _amount(a, plan, new, u)) > 0]
+    if len(changed) < 2:
+        return None, 0.0
+    predicted = base + sum(float(np.interp(k, [0] + u.measured, [0.0] + u.damage)) for u, k in changed)
+    measured = probe.damage(plan_weights(probe, new, stats))
+    if measured <= COMPOUNDING * max(predicted, 0.0) + NOISE_DAMAGE:
+        return None, measured
+    suspects = sorted(changed, key=lambda c: -float(np.interp(c[1], [0] + c[0].measured, [0.0] + c[0].damage)))
+    undone = [(probe.damage(plan_weights(probe, _undo(plan, new, u), stats)), i, u)
+              for i, (u, _) in enumerate(suspects[:BACKOFF_SUSPECTS])]
+    best, _, culprit = min(undone)
+    log.info("step %d: the plan measures damage %.4g where its units' curves add up to %.4g; undoing %s: "
+             "%.4g; allocating again without it", step, measured, predicted, culprit.name, best)
+    return culprit, measured
+
+
+def _amount(a: Analysis, before: Plan, after: Plan, u: _Unit) -> int:
+    """How much ``u`` removes going from ``before`` to ``after`` (channels, or rank steps)."""
+    if u.kind == "prune":
+        size = a.groups[u.unit].size
+        return before.kept().get(u.unit, size) - after.kept().get(u.unit, size)
+    key = u.unit.key
+    if key not in after.ranks:
+        return 0
+    start = before.ranks.get(key, u.unit.max_useful_rank(*a.channels(u.unit, before.kept())) + 1)
+    return start - after.ranks[key]
+
+
+def _undo(before: Plan, after: Plan, u: _Unit) -> Plan:
+    """``after`` with ``u`` as it was in ``before``."""
+    p = after.copy()
+    store, key = (p.keep, u.unit) if u.kind == "prune" else (p.ranks, u.unit.key)
+    old = before.keep.get(key) if u.kind == "prune" else before.ranks.get(key)
+    if old is None:
+        store.pop(key, None)
+    else:
+        store[key] = old.copy() if u.kind == "prune" else old
+    return p
+
+
+class _Measured:
+    """A plan of λ's hull that removes at least the step's budget, against which plans landing
+    nearer the target are judged: coarse widths can leave a narrow layer's last channels (a few
+    millionths of the MACs) as the only way into the tolerance band, at many times the damage."""
+
+    def __init__(self, probe: WeightProbe, stats: Stats, plan: Plan, curves: dict) -> None:
+        self.probe, self.stats, self.plan, self.curves = probe, stats, plan, curves
+        self.damage: float | None = None
+
+    def dwarfs(self, landed: Plan, multiple: int, step: int) -> bool:
+        """Whether ``landed`` measures out of all proportion more damage than this plan."""
+        if (landed.kept(), landed.ranks) == (self.plan.kept(), self.plan.ranks):
+            return False
+        if self.damage is None:
+            self.damage = self.probe.damage(plan_weights(self.probe, self.plan, self.stats))
+        d = self.probe.damage(plan_weights(self.probe, landed, self.stats))
+        if d <= OUT_OF_PROPORTION * self.damage + NOISE_DAMAGE:
+            return False
+        log.info("step %d: the plan on multiples of %d measures damage %.4g, one removing more %.4g",
+                 step, multiple, d, self.damage)
+        return True
 
 
 def _empties(a: Analysis, plan: Plan, u: _Unit) -> bool:
@@ -344,15 +440,15 @@ def _allocate(a: Analysis, plan: Plan, cfg: CompressConfig, budget: Budget, lat:
         return budget.of(build(choice))
 
     choice, lam = solve(options, cost_of, target)
-    choice = land_near(options, give_back(options, choice, cost_of, target), cost_of, target,
-                       TARGET_TOLERANCE * budget.total)
+    free = give_back(options, choice, cost_of, target)
+    choice = land_near(options, free, cost_of, target, TARGET_TOLERANCE * budget.total)
     # λ's plans are the hull of the units' curves; where the hull steps over the band the exact
     # knapsack finds the combinations between. It charges damage alone: λ from a coarse grid's
     # last jump can be many times the marginal damage, and its speed bonus would outweigh it.
     new = build(settle(savings, [o.damage for o in options], cost_of, cost_now, *band, choice))
     log.info("step %d (multiples of %d): %s cost %.4g -> %.4g (target %.4g), lambda %.3g", step, multiple,
              budget.kind, cost_now, budget.of(new), target, lam)
-    return new, curves
+    return new, curves, build(free)
 
 
 def _pays(a: Analysis, lat: LatencyModel, layer, kept: dict[int, int], rank: int, strict: bool) -> bool:

@@ -26,7 +26,10 @@ def verify(original: onnx.ModelProto, compressed: onnx.ModelProto, held: Calibra
     except Exception as e:  # noqa: BLE001
         raise VerificationError(f"compressed model does not run: {e}") from None
     macs = sum(node_macs(view, n) for n in view.nodes)
-    return {"macs": int(macs), "params_before": model_params(original), "params_after": model_params(compressed),
+    before, after = model_params(original), model_params(compressed)
+    if after > before:   # e.g. a shared weight copied per reader: never what compression means
+        raise VerificationError(f"compressed model has more parameters than the original ({before} -> {after})")
+    return {"macs": int(macs), "params_before": before, "params_after": after,
             "fidelity": fidelity(original, compressed, held, provider)}
 
 

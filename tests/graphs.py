@@ -116,15 +116,19 @@ class GraphBuilder:
 
     # ------------------------------------------------------------ layers
     def conv(self, x: str, cout: int, k: int = 3, stride: int = 1, pad=None, group: int = 1,
-             bias: bool = True, dilation: int = 1, weight_as_node: bool = False) -> str:
-        """Conv. ``pad`` is None (same-ish: k//2), an int, or 4 pads (t, l, b, r)."""
+             bias: bool = True, dilation: int = 1, weight_as_node: bool = False, weight: str | None = None) -> str:
+        """Conv. ``pad`` is None (same-ish: k//2), an int, or 4 pads (t, l, b, r); ``weight``
+        names an existing initializer to read (shared with another Conv)."""
         n, cin, h, w = self.shapes[x]
         assert cin % group == 0 and cout % group == 0, (cin, cout, group)
         if pad is None:
             pad = (k // 2) * dilation
         pads = [pad] * 4 if isinstance(pad, int) else list(pad)
-        W = self.weight((cout, cin // group, k, k), fan_in=cin // group * k * k)
-        wname = self.const_node(W, "W") if weight_as_node else self.init(W, "W")
+        if weight is not None:
+            wname = weight
+        else:
+            W = self.weight((cout, cin // group, k, k), fan_in=cin // group * k * k)
+            wname = self.const_node(W, "W") if weight_as_node else self.init(W, "W")
         ins = [x, wname]
         if bias:
             ins.append(self.init((self.rng.standard_normal(cout) * 0.1).astype(np.float32), "B"))
@@ -328,12 +332,13 @@ class GraphBuilder:
         roi = self.f32(np.zeros(0, np.float32), "roi") if self.opset < 13 else ""
         return self.node("Resize", [x, roi, scales], out, mode="nearest")
 
-    def pad(self, x: str, pads: Sequence[int]) -> str:
-        """Constant-zero Pad; ``pads`` = (top, left, bottom, right) on H, W."""
+    def pad(self, x: str, pads: Sequence[int], channels: tuple[int, int] = (0, 0)) -> str:
+        """Constant-zero Pad; ``pads`` = (top, left, bottom, right) on H, W; ``channels`` =
+        (before, after) on the channel axis (a ResNet shortcut widened with zeros)."""
         t, l, b, r = pads
         n, c, h, w = self.shapes[x]
-        full = [0, 0, t, l, 0, 0, b, r]
-        out = (n, c, h + t + b, w + l + r)
+        full = [0, channels[0], t, l, 0, channels[1], b, r]
+        out = (n, c + sum(channels), h + t + b, w + l + r)
         if self.opset < 11:
             return self.node("Pad", [x], out, pads=full, mode="constant", value=0.0)
         return self.node("Pad", [x, self.i64(full, "pads"), self.f32(0.0, "pad_value")], out, mode="constant")
@@ -697,6 +702,48 @@ def pad(opset: int = 13, *, seed: int = 0) -> onnx.ModelProto:
     y = g.pad(y, (0, 1, 2, 0))
     y = g.conv(y, 5, 3, pad=0)
     return g.build(y)
+
+
+@_register()
+def channel_pad_residual(opset: int = 13, *, seed: int = 0) -> onnx.ModelProto:
+    """ResNet "option A" shortcuts: the narrower input is zero-padded on the channel axis
+    (before and after) and added to the wider block output."""
+    g = GraphBuilder(opset, seed, "channel_pad_residual")
+    x = g.input((1, 3, 10, 10))
+    s = g.relu(g.conv(x, 8, 3))
+    y = g.conv(g.relu(g.conv(s, 12, 3)), 12, 3)
+    s = g.relu(g.add(y, g.pad(s, (0, 0, 0, 0), channels=(0, 4))))
+    y = g.conv(g.relu(g.conv(s, 16, 3)), 16, 3)
+    s = g.relu(g.add(g.pad(s, (0, 0, 0, 0), channels=(2, 2)), y))
+    return g.build(g.conv(s, 4, 1))
+
+
+@_register()
+def shared_weights(opset: int = 13, *, seed: int = 0) -> onnx.ModelProto:
+    """One weight read by three Convs: twice on two different tensors (a Siamese trunk), once
+    dilated on the first (a filter bank)."""
+    g = GraphBuilder(opset, seed, "shared_weights")
+    x = g.input((1, 3, 12, 12))
+    a, b = g.relu(g.conv(x, 8, 3)), g.relu(g.conv(x, 8, 3))
+    w = g.init(g.weight((10, 8, 3, 3), 72), "W_shared")
+    ya = g.relu(g.conv(a, 10, 3, bias=False, weight=w))
+    yb = g.relu(g.conv(b, 10, 3, bias=False, weight=w))
+    yd = g.relu(g.conv(a, 10, 3, bias=False, weight=w, dilation=2))
+    return g.build(g.conv(g.concat([ya, yb, yd]), 4, 1))
+
+
+@_register()
+def spectrogram(opset: int = 13, *, seed: int = 0) -> onnx.ModelProto:
+    """A Conv1D filter bank over frames, its filters turned into the frequency axis of a Conv2D
+    (Transpose + Reshape), as keras audio nets export an STFT front end."""
+    g = GraphBuilder(opset, seed, "spectrogram")
+    x = g.input((1, 16, 20))
+    bank = g.init(g.weight((12, 16, 1), 16), "W_bank")
+    f = g.node("Conv", [x, bank], (1, 12, 20), kernel_shape=[1])
+    f = g.node("Transpose", [g.node("Abs", [f], (1, 12, 20))], (1, 20, 12), perm=[0, 2, 1])
+    y = g.node("Reshape", [f, g.i64([1, 1, 20, 12], "shape")], (1, 1, 20, 12))
+    y = g.maxpool(g.relu(g.conv(y, 8, 3)))
+    return g.build(g.conv(g.relu(g.conv(y, 8, 3)), 4, 1))
 
 
 @_register()

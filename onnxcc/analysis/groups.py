@@ -205,6 +205,8 @@ def analyse(view: ModelView) -> Analysis:
     for node in view.nodes:
         rule = CHANNEL_RULES.get(node.op, unknown) if node.domain in (None, "", "ai.onnx") else unknown
         rule(ctx, node)
+        if node.op in LAYER_OPS:
+            _tie_shared_weight(ctx, node)
         _freeze_subgraph_captures(ctx, node)
     for out in view.graph.outputs:
         ctx.freeze(ctx.layout(out), f"graph output {out.name}")
@@ -215,6 +217,38 @@ def analyse(view: ModelView) -> Analysis:
         layer.prunable = any(groups[g].prunable for g in layer.out_groups + layer.in_groups)
     _mark_droppable(view, groups, layers)
     return Analysis(view, ctx.atoms, dict(ctx.layouts), groups, layers, total)
+
+
+def _reduced_layout(ctx: RuleContext, node: gs.Node) -> Layout | None:
+    """The layout of the channels a layer sums over (None: it reads none that can change)."""
+    lin = ctx.layout(node.inputs[0])
+    if lin is None:
+        return None
+    if node.op == "Conv":
+        return lin if lin.axis == 1 and node.attrs.get("group", 1) == 1 else None
+    if node.op == "ConvTranspose":
+        return lin if lin.axis == 1 else None
+    return lin if lin.axis == ctx.rank(node.inputs[0]) - 1 else None
+
+
+def _tie_shared_weight(ctx: RuleContext, node: gs.Node) -> None:
+    """Nodes reading one weight initializer (a Siamese branch, a filter bank applied at several
+    dilations) lose the same channels, so that the weight stays one initializer: their output
+    channels are united, and so are the channels they sum over."""
+    w = node.inputs[1] if len(node.inputs) > 1 else None
+    if not isinstance(w, gs.Constant):
+        return
+    red, out = _reduced_layout(ctx, node), ctx.layout(node.outputs[0])
+    first = ctx.weight_readers.setdefault(w.name, (node, red, out))
+    if first[0] is node:
+        return
+    why = f"{node.op} {node.name}: shares weight {w.name} with {first[0].name}, channels cannot be matched"
+    for a, b in ((first[1], red), (first[2], out)):
+        if a is None and b is None:
+            continue
+        if a is None or b is None or ctx.alg.unify(a, b) is None:
+            for lay in (a, b):
+                ctx.freeze(lay, why)
 
 
 def _mark_droppable(view: ModelView, groups: dict[int, ChannelGroup], layers: list[Layer]) -> None:
@@ -261,20 +295,17 @@ def _layer(ctx: RuleContext, node: gs.Node) -> Layer:
     xs, ys = view.shape(x) or (), view.shape(y) or ()
     group = node.attrs.get("group", 1)
     out_layout = ctx.layout(y)
-    lin = ctx.layout(x)
+    red = _reduced_layout(ctx, node)
     if node.op == "Conv":
         cout, cin, kernel = wshape[0], wshape[1] * group, tuple(wshape[2:])
-        red = lin if group == 1 else None
     elif node.op == "ConvTranspose":
         cin, cout, kernel = wshape[0], wshape[1] * group, tuple(wshape[2:])
-        red = lin
     else:
         trans_b = node.attrs.get("transB", 0) if node.op == "Gemm" else 0
         k_dim = len(wshape) - 2 if len(wshape) >= 2 else 0
         cin = wshape[k_dim + trans_b] if len(wshape) >= 2 else 0
         cout = wshape[k_dim + 1 - trans_b] if len(wshape) >= 2 else 0
         kernel = ()
-        red = lin if lin is not None and lin.axis == len(xs) - 1 else None
     atoms = ctx.atoms
     groups_of = lambda lay: tuple(dict.fromkeys(atoms.find(a) for a in atoms.expand(lay.atoms))) if lay else ()
     layer = Layer(
@@ -285,8 +316,6 @@ def _layer(ctx: RuleContext, node: gs.Node) -> Layer:
         in_size=tuple(int(d) for d in xs[2:]) if node.op in ("Conv", "ConvTranspose") else (),
         strides=tuple(node.attrs.get("strides", [1] * len(kernel))) if node.op in ("Conv", "ConvTranspose") else (),
         out_groups=groups_of(out_layout), in_groups=groups_of(red))
-    if node.op == "Conv" and red is None and group > 1:
-        layer.in_groups = ()
     layer.factorizable, why = _factorizable(view, node, layer)
     if why:
         layer.notes.append(why)
@@ -298,6 +327,8 @@ def _factorizable(view: ModelView, node: gs.Node, layer: Layer) -> tuple[bool, s
         return False, ""
     if view.const(node.inputs[1]) is None:
         return False, "not factorized: weights are not constant"
+    if len(node.inputs[1].outputs) > 1:   # two factor pairs would hold more than the one weight
+        return False, f"not factorized: weight shared by {len(node.inputs[1].outputs)} nodes"
     if layer.group != 1:
         return False, "not factorized: " + ("depthwise" if layer.cin == layer.group else "grouped") + " conv"
     if layer.max_useful_rank() < 1:

@@ -16,6 +16,7 @@ from typing import Callable
 import numpy as np
 import onnx_graphsurgeon as gs
 
+from ..graph import pad_spec
 from .layout import Atoms, Layout, LayoutAlgebra
 from .view import ModelView
 
@@ -39,6 +40,8 @@ class RuleContext:
     view: ModelView
     atoms: Atoms = field(default_factory=Atoms)
     layouts: dict[str, Layout] = field(default_factory=dict)
+    # weight name -> (first reader, the layout it sums over, its output layout)
+    weight_readers: dict[str, tuple[gs.Node, Layout | None, Layout | None]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         self.alg = LayoutAlgebra(self.atoms)
@@ -112,20 +115,43 @@ def pass_through(ctx: RuleContext, node: gs.Node) -> None:
     if len(node.outputs) > 1 and node.op == "MaxPool" and node.outputs[1].outputs:
         ctx.freeze(layout, _why(node, "MaxPool indices encode channel positions"))
         return
+    if node.op in POOLS and _on_spatial_axis(ctx, node, layout):
+        return
     ctx.set(node.outputs[0], layout)
+
+
+def _on_spatial_axis(ctx: RuleContext, node: gs.Node, layout: Layout | None) -> bool:
+    """Channels that a windowed op (Conv, pooling) slides over as a spatial axis — a spectrogram's
+    frequency bins made by a Conv1D and read by a Conv2D, say — mix with their neighbours, and
+    removing one would change the spatial size: they are frozen."""
+    if layout is None or layout.axis < 2:
+        return False
+    ctx.freeze(layout, _why(node, f"slides over the channels as spatial axis {layout.axis}"))
+    return True
 
 
 @channel_rule("Resize", "Upsample", "Pad", params=True)
 def spatial_only(ctx: RuleContext, node: gs.Node) -> None:
-    """Resize/Pad keep channels only if they leave the channel axis alone (checked on shapes)."""
+    """Resize/Pad keep channels if they leave the channel axis alone (checked on shapes); a
+    constant Pad on the channel axis (a ResNet shortcut widened with zero channels) adds fixed
+    channels around the ones it passes on."""
     layout = ctx.layout(node.inputs[0])
     if layout is None:
         return
     si, so = ctx.shape(node.inputs[0]), ctx.shape(node.outputs[0])
-    if si is None or so is None or si[layout.axis] != so[layout.axis]:
+    if si is None or so is None:
+        ctx.freeze(layout, _why(node, "unknown shapes"))
+        return
+    if si[layout.axis] == so[layout.axis]:
+        ctx.set(node.outputs[0], layout)
+        return
+    spec = pad_spec(node, len(si), ctx.view.const) if node.op == "Pad" else None
+    if spec is None or layout.inner != 1 or layout.outer != 1 or min(spec[0][layout.axis], spec[1][layout.axis]) < 0:
         ctx.freeze(layout, _why(node, "changes the channel axis"))
         return
-    ctx.set(node.outputs[0], layout)
+    made = [(ctx.atoms.new(n, node.name, _why(node, "channels made by padding")),) if n else ()
+            for n in (spec[0][layout.axis], spec[1][layout.axis])]
+    ctx.set(node.outputs[0], Layout(layout.axis, made[0] + layout.atoms + made[1]))
 
 
 @channel_rule("BatchNormalization", "InstanceNormalization", params=True)
@@ -422,6 +448,8 @@ def shape_of(ctx: RuleContext, node: gs.Node) -> None:
 def conv(ctx: RuleContext, node: gs.Node) -> None:
     x, w, y = node.inputs[0], node.inputs[1], node.outputs[0]
     lin = ctx.layout(x)
+    if _on_spatial_axis(ctx, node, lin):
+        lin = None
     group = attr(node, "group", 1)
     W = ctx.view.const(w)
     bias_ok = len(node.inputs) < 3 or not node.inputs[2].name or ctx.is_const(node.inputs[2])
@@ -447,6 +475,7 @@ def conv(ctx: RuleContext, node: gs.Node) -> None:
 @channel_rule("ConvTranspose", params=True)
 def conv_transpose(ctx: RuleContext, node: gs.Node) -> None:
     lin, y = ctx.layout(node.inputs[0]), node.outputs[0]
+    _on_spatial_axis(ctx, node, lin)
     W = ctx.view.const(node.inputs[1])
     bias_ok = len(node.inputs) < 3 or not node.inputs[2].name or ctx.is_const(node.inputs[2])
     if W is None or not bias_ok or attr(node, "group", 1) != 1:

@@ -23,7 +23,7 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
-from ..graph import Namer, constant, export_model, import_graph, set_inputs
+from ..graph import Namer, constant, export_model, import_graph, pad_spec, set_inputs
 from .base import Pass, PassRecord, PassResult, Sequence, SequenceRecord
 
 log = logging.getLogger(__name__)
@@ -274,25 +274,13 @@ class FusePadIntoConvPass(Pass):
     @staticmethod
     def _spatial_pads(pad: gs.Node) -> list[int] | None:
         """The spatial [begin..., end...] pads of a zero constant Pad, or None."""
-        if pad.attrs.get("mode", "constant") != "constant":
+        shape = pad.inputs[0].shape
+        spec = pad_spec(pad, len(shape) if shape is not None else None)
+        if spec is None:
             return None
-        if "pads" in pad.attrs:
-            pads, value = list(pad.attrs["pads"]), pad.attrs.get("value", 0.0)
-        else:
-            if not isinstance(pad.inputs[1], gs.Constant):
-                return None
-            pads = [int(v) for v in np.asarray(pad.inputs[1].values).reshape(-1)]
-            value = 0.0
-            if len(pad.inputs) > 2 and pad.inputs[2].name:
-                if not isinstance(pad.inputs[2], gs.Constant):
-                    return None
-                value = float(np.asarray(pad.inputs[2].values).reshape(-1)[0]) if np.asarray(pad.inputs[2].values).size else 0.0
-            if len(pad.inputs) > 3 and pad.inputs[3].name:
-                return None  # explicit axes (opset 18): rare enough to leave alone
-        rank = len(pads) // 2
-        if value != 0.0 or rank < 3 or any(p < 0 for p in pads):
+        begin, end, value = spec
+        if value != 0.0 or len(begin) < 3 or any(p < 0 for p in begin + end):
             return None
-        begin, end = pads[:rank], pads[rank:]
         if begin[:2] != [0, 0] or end[:2] != [0, 0]:
             return None
         return begin[2:] + end[2:]

@@ -15,6 +15,7 @@ import logging
 import math
 import tempfile
 import time
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Mapping
@@ -138,6 +139,8 @@ class Reconstructor:
         self.batch = min(batch, self.n_train)
         # a graph exported at batch 1 (Reshape targets with a literal 1) runs one sample at a time
         self.chunk = batch_size(student)
+        readers = Counter(i for n in student.graph.node for i in n.input)
+        self.shared = {i.name for i in student.graph.initializer if readers[i.name] > 1}
 
     def _run(self, module: OnnxModule, feeds: Mapping[str, torch.Tensor], names) -> list[torch.Tensor]:
         n = len(next(iter(feeds.values())))
@@ -203,6 +206,8 @@ class Reconstructor:
     def _fit_block(self, b: Block, cache, targets: _Targets, tr_idx, st_idx, budget: Budget, k: int, of: int) -> dict:
         rec = {"block": k + 1, "nodes": [b.start, b.end], "layers": b.layers, "compared": list(b.compared)}
         params = self.module.parameters_for(b.compared, b.inputs) if b.compared else {}
+        # a weight other nodes read too is left to end-to-end distillation, which sees every reader
+        params = {k: p for k, p in params.items() if k not in self.shared}
         if not params:
             return {**rec, "steps": 0}
         best = _Best(params, self._held_loss(b, cache, targets, st_idx))
