@@ -721,12 +721,12 @@ def channel_pad_residual(opset: int = 13, *, seed: int = 0) -> onnx.ModelProto:
 @_register()
 def shared_weights(opset: int = 13, *, seed: int = 0) -> onnx.ModelProto:
     """One weight read by three Convs: twice on two different tensors (a Siamese trunk), once
-    dilated on the first (a filter bank)."""
+    dilated on the first (a filter bank); one reader has its own BatchNorm."""
     g = GraphBuilder(opset, seed, "shared_weights")
     x = g.input((1, 3, 12, 12))
     a, b = g.relu(g.conv(x, 8, 3)), g.relu(g.conv(x, 8, 3))
     w = g.init(g.weight((10, 8, 3, 3), 72), "W_shared")
-    ya = g.relu(g.conv(a, 10, 3, bias=False, weight=w))
+    ya = g.relu(g.bn(g.conv(a, 10, 3, bias=False, weight=w)))   # folding it would copy the weight
     yb = g.relu(g.conv(b, 10, 3, bias=False, weight=w))
     yd = g.relu(g.conv(a, 10, 3, bias=False, weight=w, dilation=2))
     return g.build(g.conv(g.concat([ya, yb, yd]), 4, 1))

@@ -165,6 +165,8 @@ class FoldBatchNormPass(Pass):
             return "producer output has other consumers"
         if not all(isinstance(t, gs.Constant) for t in prod.inputs[1:3] if t.name):
             return "producer weights are not constant"
+        if any(len(t.outputs) > 1 for t in prod.inputs[1:3] if t.name):
+            return "producer weights are shared with other nodes (folding would copy them)"
         if prod.op == "Gemm" and (prod.attrs.get("transA", 0) or prod.attrs.get("alpha", 1.0) != 1.0
                                   or prod.attrs.get("beta", 1.0) != 1.0):
             return "Gemm with transA/alpha/beta"
