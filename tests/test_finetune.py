@@ -297,6 +297,32 @@ ZOO = {
     "DepthToSpace-DCR": _one("DepthToSpace", 13, {"x": (1, 8, 3, 3)}, blocksize=2),
     "DepthToSpace-CRD": _one("DepthToSpace", 13, {"x": (1, 8, 3, 3)}, blocksize=2, mode="CRD"),
     "SpaceToDepth": _one("SpaceToDepth", 13, {"x": (1, 2, 4, 6)}, blocksize=2),
+    # the ops the channel analysis accepts beyond the corpus (compress --finetune must run them all)
+    **{op: _one(op, 13, {"x": X}) for op in ("Sin", "Cos", "Sign", "Softsign", "Elu", "Selu", "Round")},
+    "Celu": _one("Celu", 13, {"x": X}, alpha=0.7),
+    "ThresholdedRelu": _one("ThresholdedRelu", 13, {"x": X}, alpha=0.3),
+    "IsNaN": _one("IsNaN", 13, {"x": X}, out_type=TensorProto.BOOL),
+    "IsInf-negative": _one("IsInf", 13, {"x": _f(1, -np.inf, np.inf, 0)}, out_type=TensorProto.BOOL,
+                           detect_positive=0),
+    "Xor": _one("Xor", 13, {"a": np.array([True, False, True]), "b": np.array([True, True, False])},
+                out_type=TensorProto.BOOL),
+    "Mod-int": _one("Mod", 13, {"a": _i(7, -7, 9), "b": _i(2, 3, -4)}, out_type=TensorProto.INT64),
+    "Mod-fmod": _one("Mod", 13, {"a": X, "b": _f(0.7)}, fmod=1),
+    "BitShift": _one("BitShift", 13, {"a": np.array([1, 8, 3], np.uint8), "b": np.array([2, 1, 0], np.uint8)},
+                     out_type=TensorProto.UINT8, direction="LEFT"),
+    "Size": _one("Size", 13, {"x": X}, out_type=TensorProto.INT64),
+    "Hardmax-13": _one("Hardmax", 13, {"x": X}, axis=1),
+    "Hardmax-11-coerced": _one("Hardmax", 11, {"x": X}, axis=1),
+    "ArgMax-last": _one("ArgMax", 13, {"x": _f(1, 3, 3, 0)}, out_type=TensorProto.INT64, select_last_index=1),
+    "ArgMin": _one("ArgMin", 13, {"x": X}, out_type=TensorProto.INT64, axis=2, keepdims=0),
+    "LpPool": _one("LpPool", 13, {"x": IMG}, kernel_shape=[3, 3], strides=[2, 2], pads=[1, 1, 1, 1], p=2),
+    "GlobalLpPool": _one("GlobalLpPool", 13, {"x": IMG}, p=1),
+    "ReduceProd": _one("ReduceProd", 13, {"x": X}, axes=[0, 2]),
+    "ReduceL1": _one("ReduceL1", 13, {"x": X}, axes=[1]),
+    "ReduceL2": _one("ReduceL2", 18, {"x": X, "a": _i(-1)}, keepdims=0),
+    "ReduceSumSquare": _one("ReduceSumSquare", 13, {"x": X}),
+    "ReduceLogSum": _one("ReduceLogSum", 13, {"x": X}, axes=[2]),
+    "ReduceLogSumExp": _one("ReduceLogSumExp", 13, {"x": X}, axes=[0, 1]),
 }
 
 
@@ -306,7 +332,7 @@ def test_op_matches_onnxruntime(case):
     model = ZOO[case]
     rng = np.random.default_rng(0)
     # positive inputs keep Log/Sqrt/Reciprocal/Pow finite; the sign still varies for the others
-    low = 0.2 if case in ("Log", "Sqrt", "Reciprocal", "Pow") else -2.0
+    low = 0.2 if case in ("Log", "Sqrt", "Reciprocal", "Pow", "ReduceLogSum") else -2.0
     feeds = {i.name: rng.uniform(low, 2.0, [d.dim_value for d in i.type.tensor_type.shape.dim]).astype(F32)
              for i in model.graph.input}
     for k, (g, w) in enumerate(zip(_torch_outputs(model, feeds), run(model, feeds))):
@@ -344,6 +370,19 @@ def _dynamic_shape_model() -> onnx.ModelProto:
 def test_shape_subgraph_with_dynamic_batch(batch):
     model = _dynamic_shape_model()
     _check_round_trip(model, random_feeds(model, batch=batch))
+
+
+@needs_torch
+def test_every_op_the_channel_analysis_accepts_runs_in_the_executor():
+    """compress --finetune trains what compress accepted: an op the analysis has a rule for and
+    the executor lacks would fail only after minutes of compression."""
+    from onnxcc.analysis.op_rules import CHANNEL_RULES
+    from onnxcc.finetune.executor import OPS
+
+    assert set(CHANNEL_RULES) <= set(OPS), sorted(set(CHANNEL_RULES) - set(OPS))
+    tested = {n.op_type for m in ZOO.values() for n in m.graph.node}
+    corpus = {n.op_type for name in GRAPHS for n in GRAPHS[name](13).graph.node}
+    assert set(CHANNEL_RULES) <= tested | corpus, sorted(set(CHANNEL_RULES) - tested - corpus)
 
 
 @needs_torch

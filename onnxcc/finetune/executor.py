@@ -121,13 +121,15 @@ OPS.update({op: _unary(fn) for op, fn in {
     "Relu": torch.relu, "Sigmoid": torch.sigmoid, "Tanh": torch.tanh, "Erf": torch.erf,
     "Exp": torch.exp, "Log": torch.log, "Sqrt": torch.sqrt, "Neg": torch.neg, "Abs": torch.abs,
     "Reciprocal": torch.reciprocal, "Floor": torch.floor, "Ceil": torch.ceil, "Not": torch.logical_not,
-    "Softplus": F.softplus, "Mish": F.mish, "Identity": lambda x: x,
+    "Softplus": F.softplus, "Mish": F.mish, "Identity": lambda x: x, "Sin": torch.sin, "Cos": torch.cos,
+    "Sign": torch.sign, "Softsign": F.softsign, "IsNaN": torch.isnan,
+    "Round": torch.round,   # half to even, as ONNX asks
 }.items()})
 
 OPS.update({op: _binary(fn) for op, fn in {
     "Add": torch.add, "Sub": torch.sub, "Mul": torch.mul, "Equal": torch.eq, "Greater": torch.gt,
     "Less": torch.lt, "GreaterOrEqual": torch.ge, "LessOrEqual": torch.le,
-    "And": torch.logical_and, "Or": torch.logical_or,
+    "And": torch.logical_and, "Or": torch.logical_or, "Xor": torch.logical_xor,
 }.items()})
 
 OPS.update({op: _variadic(fn) for op, fn in {
@@ -151,6 +153,28 @@ def _pow(n: Node, a: Tensor, b: Tensor) -> Tensor:
     return torch.pow(a, b).to(a.dtype)  # the result has the base's type, whatever the exponent's
 
 
+@_op("Mod")
+def _mod(n: Node, a: Tensor, b: Tensor) -> Tensor:
+    # fmod=1 keeps the dividend's sign (C fmod), fmod=0 the divisor's (Python %)
+    return torch.fmod(a, b) if n.attr("fmod", 0) else torch.remainder(a, b)
+
+
+@_op("BitShift")
+def _bit_shift(n: Node, a: Tensor, b: Tensor) -> Tensor:
+    return torch.bitwise_left_shift(a, b) if n.attr("direction") == "LEFT" else torch.bitwise_right_shift(a, b)
+
+
+@_op("IsInf")
+def _is_inf(n: Node, x: Tensor) -> Tensor:
+    pos, neg = n.attr("detect_positive", 1), n.attr("detect_negative", 1)
+    return torch.isinf(x) & (((x > 0) & bool(pos)) | ((x < 0) & bool(neg)))
+
+
+@_op("Size")
+def _size(n: Node, x: Tensor) -> Tensor:
+    return torch.tensor(x.numel(), dtype=torch.int64, device=x.device)
+
+
 @_op("Where")
 def _where(n: Node, cond: Tensor, a: Tensor, b: Tensor) -> Tensor:
     return torch.where(cond, a, b)
@@ -165,6 +189,27 @@ def _leaky_relu(n: Node, x: Tensor) -> Tensor:
 @_op("PRelu")
 def _prelu(n: Node, x: Tensor, slope: Tensor) -> Tensor:
     return torch.where(x < 0, x * slope, x)  # slope broadcasts (C,1,1), (1,C,1,1), ... unlike F.prelu
+
+
+@_op("Elu")
+def _elu(n: Node, x: Tensor) -> Tensor:
+    return F.elu(x, n.attr("alpha", 1.0))
+
+
+@_op("Celu")
+def _celu(n: Node, x: Tensor) -> Tensor:
+    return F.celu(x, n.attr("alpha", 1.0))
+
+
+@_op("Selu")
+def _selu(n: Node, x: Tensor) -> Tensor:
+    alpha, gamma = n.attr("alpha", 1.67326319217681884765625), n.attr("gamma", 1.05070102214813232421875)
+    return gamma * torch.where(x > 0, x, alpha * torch.expm1(x))
+
+
+@_op("ThresholdedRelu")
+def _thresholded_relu(n: Node, x: Tensor) -> Tensor:
+    return torch.where(x > n.attr("alpha", 1.0), x, torch.zeros_like(x))
 
 
 @_op("HardSigmoid")
@@ -202,6 +247,26 @@ def _softmax_like(fn: Callable[..., Tensor]) -> Handler:
 
 OPS["Softmax"] = _softmax_like(torch.softmax)
 OPS["LogSoftmax"] = _softmax_like(torch.log_softmax)
+
+
+@_op("Hardmax")
+def _hardmax(n: Node, x: Tensor) -> Tensor:
+    def one_hot(t: Tensor, *, dim: int) -> Tensor:   # the first maximum, as onnxruntime picks it
+        return F.one_hot(t.argmax(dim), t.shape[dim]).movedim(-1, dim).to(t.dtype)
+    return _softmax_like(one_hot)(n, x)
+
+
+def _arg(fn: Callable[..., Tensor]) -> Handler:
+    def run(n: Node, x: Tensor) -> Tensor:
+        axis, keep = n.attr("axis", 0), bool(n.attr("keepdims", 1))
+        if n.attr("select_last_index", 0):
+            flipped = fn(x.flip(axis), dim=axis, keepdim=keep)
+            return x.shape[axis] - 1 - flipped
+        return fn(x, dim=axis, keepdim=keep)
+    return run
+
+
+OPS.update({"ArgMax": _arg(torch.argmax), "ArgMin": _arg(torch.argmin)})
 
 
 @_op("LpNormalization")
@@ -358,6 +423,21 @@ def _avg_pool(n: Node, x: Tensor) -> Tensor:
     return _crop(y, out)
 
 
+@_op("LpPool")
+def _lp_pool(n: Node, x: Tensor) -> Tensor:
+    k, strides, dilations, pads, ceil, out = _pool_geometry(n, x)
+    if any(d != 1 for d in dilations):
+        raise UnsupportedModelError(f"LpPool node {n.name!r}: dilations are not supported for fine-tuning")
+    p = n.attr("p", 2)
+    y = _AVG_POOL[len(k)](_pad_spatial(x.abs() ** p, pads), k, strides, 0, ceil) * math.prod(k)
+    return _crop(y ** (1.0 / p), out)
+
+
+@_op("GlobalLpPool")
+def _global_lp_pool(n: Node, x: Tensor) -> Tensor:
+    return torch.linalg.vector_norm(x, ord=n.attr("p", 2), dim=tuple(range(2, x.ndim)), keepdim=True)
+
+
 @_op("GlobalAveragePool")
 def _global_avg_pool(n: Node, x: Tensor) -> Tensor:
     return x.mean(dim=tuple(range(2, x.ndim)), keepdim=True)
@@ -379,8 +459,20 @@ def _reduce(fn: Callable[..., Tensor]) -> Handler:
     return run
 
 
+def _prod(x: Tensor, dim: list[int], keepdim: bool) -> Tensor:
+    for d in sorted((d % x.ndim for d in dim), reverse=True):
+        x = torch.prod(x, dim=d, keepdim=keepdim)
+    return x
+
+
 OPS.update({op: _reduce(fn) for op, fn in {
     "ReduceMean": torch.mean, "ReduceMax": torch.amax, "ReduceMin": torch.amin, "ReduceSum": torch.sum,
+    "ReduceProd": _prod,
+    "ReduceL1": lambda x, dim, keepdim: x.abs().sum(dim=dim, keepdim=keepdim),
+    "ReduceL2": lambda x, dim, keepdim: torch.sqrt((x * x).sum(dim=dim, keepdim=keepdim)),
+    "ReduceSumSquare": lambda x, dim, keepdim: (x * x).sum(dim=dim, keepdim=keepdim),
+    "ReduceLogSum": lambda x, dim, keepdim: torch.log(x.sum(dim=dim, keepdim=keepdim)),
+    "ReduceLogSumExp": torch.logsumexp,
 }.items()})
 
 
