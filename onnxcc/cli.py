@@ -290,7 +290,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "for speed)")
     c.add_argument("--force", action="store_true", help="allow overwriting the input model")
     c.add_argument("--finetune", type=Path, metavar="TRAIN.npz",
-                   help="then distil the original into the result (x, optional labels y; needs torch)")
+                   help="then distil the original into the result (.npz: x or one array per input name, "
+                        "optional labels y; or a memory-mapped .npy; needs torch)")
     c.add_argument("--epochs", type=int, default=1, help="fine-tuning epochs with --finetune")
     _recovery_flags(c)
     c.add_argument("--min-fidelity", type=float, metavar="C",
@@ -315,7 +316,9 @@ def build_parser() -> argparse.ArgumentParser:
     f = sub.add_parser("finetune", help="recover accuracy: distil the original model into the compressed one (needs torch)")
     f.add_argument("model", type=Path, help="compressed ONNX model (the student)")
     f.add_argument("--teacher", type=Path, required=True, help="the original ONNX model")
-    f.add_argument("--data", type=Path, required=True, help=".npz with x (N, ...) and optional integer labels y (N,)")
+    f.add_argument("--data", type=Path, required=True,
+                   help=".npz with x (N, ...) or one array per input name, optional integer labels y (N,); "
+                        "or a .npy of inputs, memory-mapped (only the batches in use are read)")
     f.add_argument("-o", "--output", type=Path, required=True, help="fine-tuned model path")
     f.add_argument("--epochs", type=int, default=1)
     f.add_argument("--lr", type=float, default=1e-4)

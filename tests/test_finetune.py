@@ -15,7 +15,7 @@ from graphs import GRAPHS, cases
 from oracles import check_model_full, random_feeds, run
 
 from onnxcc.errors import CalibrationError, UnsupportedModelError, UsageError
-from onnxcc.finetune import finetune, load_npz, run_finetune_cli
+from onnxcc.finetune import finetune, finetune_verified, load_npz, run_finetune_cli
 
 try:
     import torch
@@ -571,6 +571,47 @@ def test_finetune_rejects_data_of_the_wrong_shape():
         finetune(model, model, {"x": np.zeros((2, 3, 16, 16), F32), "y": np.array([0, 10])})
 
 
+def _two_inputs() -> onnx.ModelProto:
+    """A Siamese-style classifier: two images, one shared trunk, a dense head on their difference."""
+    from graphs import GraphBuilder
+
+    g = GraphBuilder(13, 0, "two_inputs")
+    a, b = g.input((1, 3, 8, 8), "a"), g.input((1, 3, 8, 8), "b")
+    w = g.init(g.weight((6, 3, 3, 3), 27), "W_trunk")
+    fa, fb = (g.flatten(g.gap(g.relu(g.conv(t, 6, 3, bias=False, weight=w)))) for t in (a, b))
+    return g.build(g.gemm(g.node("Sub", [fa, fb], g.shapes[fa]), 4))
+
+
+@needs_torch
+def test_a_two_input_model_fine_tunes_from_arrays_named_after_its_inputs(tmp_path):
+    teacher = _two_inputs()
+    student = _perturbed(teacher, scale=0.5)
+    rng = np.random.default_rng(0)
+    data = {k: rng.standard_normal((48, 3, 8, 8)).astype(F32) for k in ("a", "b")}
+
+    def kd(model):   # the graph is declared at batch 1
+        one = [{k: v[i:i + 1] for k, v in data.items()} for i in range(len(data["a"]))]
+        return float(np.mean([((run(model, f)[0] - run(teacher, f)[0]) ** 2).mean() for f in one]))
+    tuned, history = finetune_verified(student, teacher, data, epochs=4, lr=3e-3, batch_size=16)
+    assert kd(tuned) < 0.7 * kd(student)
+    assert [i.name for i in tuned.graph.initializer] == [i.name for i in student.graph.initializer]
+    with pytest.raises(CalibrationError, match=r"no array for input\(s\) \['b'\]"):
+        finetune(student, teacher, {"a": data["a"]})
+    np.savez(tmp_path / "pairs.npz", **data)
+    assert set(load_npz(tmp_path / "pairs.npz")) == {"a", "b"}
+
+
+@needs_torch
+def test_a_npy_trains_memory_mapped(tmp_path):
+    teacher = GRAPHS["tiny_resnet"](13)
+    x = np.random.default_rng(0).standard_normal((24, 3, 16, 16)).astype(F32)
+    np.save(tmp_path / "x.npy", x)
+    data = load_npz(tmp_path / "x.npy")
+    assert isinstance(data["x"], np.memmap)
+    tuned, _ = finetune(_perturbed(teacher), teacher, data, epochs=1, batch_size=8)
+    check_model_full(tuned)
+
+
 def test_verify_rejects_non_finite_weights():
     from onnxcc.errors import VerificationError
     from onnxcc.finetune.train import _verify
@@ -580,7 +621,7 @@ def test_verify_rejects_non_finite_weights():
     broken.CopyFrom(model)
     w = broken.graph.initializer[0]
     w.CopyFrom(numpy_helper.from_array(np.full(tuple(w.dims), np.nan, F32), w.name))
-    x = np.zeros((1, 3, 16, 16), F32)
+    x = {"x": np.zeros((1, 3, 16, 16), F32)}
     _verify(model, model, x)
     with pytest.raises(VerificationError, match="NaN"):
         _verify(broken, model, x)
@@ -609,7 +650,8 @@ def test_load_npz_ok(tmp_path):
 
 
 @pytest.mark.parametrize("arrays,match", [
-    (dict(images=np.ones((2, 3), F32)), "no array 'x'.*images"),
+    (dict(y=np.array([0, 1])), "no input arrays.*y"),
+    (dict(a=np.ones((2, 3), F32), b=np.ones((3, 3), F32)), "'a' must be .* like the others"),
     (dict(x=np.array([[1.0, np.nan]], F32)), "NaN or Inf"),
     (dict(x=np.array([[1.0, np.inf]], F32)), "NaN or Inf"),
     (dict(x=np.ones((3, 2), F32), y=np.array([0, 1])), r"'y' must have shape \(3,\)"),
@@ -630,8 +672,12 @@ def test_load_npz_rejects_bad_files(tmp_path):
     with pytest.raises(CalibrationError, match="not a readable .npz"):
         load_npz(tmp_path / "garbage.npz")
     np.save(tmp_path / "plain.npy", np.ones((2, 3), F32))
+    (tmp_path / "plain.npy").rename(tmp_path / "plain.npz")
     with pytest.raises(CalibrationError, match="plain array"):
-        load_npz(tmp_path / "plain.npy")
+        load_npz(tmp_path / "plain.npz")
+    (tmp_path / "bad.npy").write_bytes(b"\x93NUMPY garbage")
+    with pytest.raises(CalibrationError, match="not a readable .npy"):
+        load_npz(tmp_path / "bad.npy")
 
 
 def test_auto_device_trains_on_the_cpu_when_torch_sees_no_gpu(monkeypatch):

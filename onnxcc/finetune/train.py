@@ -2,8 +2,8 @@
 
 The student is executed by :class:`~onnxcc.finetune.executor.OnnxModule`, so training changes only
 the numbers inside its weight tensors: the returned model has the student's exact structure.
-The teacher runs in onnxruntime once over the data before training (its outputs are the same every
-epoch); its per-sample outputs are kept in memory.
+The teacher runs in onnxruntime on each batch as it is used, so memory does not grow with the
+data set: a ``.npy`` is memory-mapped and only the batches in use are read.
 
 Loss per graph output: KL divergence at ``temperature`` on class scores (the input of a final
 Softmax/LogSoftmax, or a 2-D ``(N, classes)`` output), mean squared error on anything else (boxes,
@@ -45,27 +45,38 @@ def _torch():
 
 # ==================================================================================== data
 def load_npz(path: str | Path) -> dict[str, np.ndarray]:
-    """Read ``{'x': (N, ...) inputs, 'y': optional (N,) integer labels}`` and validate it."""
+    """Read training data: an ``.npz`` with ``x`` (one input) or one array per input name, and
+    optional ``y`` (N,) integer labels; or an ``.npy`` of inputs, memory-mapped."""
     p = Path(path)
     if not p.is_file():
         raise CalibrationError(f"data file not found: {p}")
-    arrays = _read_npz(p)
-    if "x" not in arrays:
-        raise CalibrationError(f"{p} has no array 'x' (found: {', '.join(sorted(arrays)) or 'none'})")
-    x = arrays["x"]
-    if x.dtype.kind not in "fiu" or x.ndim < 2 or len(x) == 0:
-        raise CalibrationError(f"{p}: 'x' must be a numeric (N, ...) array with N >= 1, got {x.dtype} {x.shape}")
-    if x.dtype.kind == "f" and not np.isfinite(x).all():
-        raise CalibrationError(f"{p}: 'x' holds NaN or Inf values")
-    data = {"x": x}
+    arrays = _read_npy(p) if p.suffix == ".npy" else _read_npz(p)
+    feeds = {k: v for k, v in arrays.items() if k != "y"}
+    if not feeds:
+        raise CalibrationError(f"{p} has no input arrays (found: {', '.join(sorted(arrays)) or 'none'})")
+    n = max(len(x) if x.ndim else 0 for x in feeds.values())
+    for k, x in feeds.items():
+        if x.dtype.kind not in "fiub" or x.ndim < 2 or len(x) == 0 or len(x) != n:
+            raise CalibrationError(f"{p}: {k!r} must be a numeric (N, ...) array with N >= 1 like the others, "
+                                   f"got {x.dtype} {x.shape}")
+        if x.dtype.kind == "f" and not isinstance(x, np.memmap) and not np.isfinite(x).all():
+            raise CalibrationError(f"{p}: {k!r} holds NaN or Inf values")
+    data = dict(feeds)
     if "y" in arrays:
         y = arrays["y"]
-        if y.shape != (len(x),):
-            raise CalibrationError(f"{p}: 'y' must have shape ({len(x)},) to match 'x', got {y.shape}")
+        if y.shape != (n,):
+            raise CalibrationError(f"{p}: 'y' must have shape ({n},) to match the inputs, got {y.shape}")
         if y.dtype.kind not in "iu" or (y < 0).any():
             raise CalibrationError(f"{p}: 'y' must hold non-negative integer class indices, got {y.dtype}")
         data["y"] = y.astype(np.int64)
     return data
+
+
+def _read_npy(p: Path) -> dict[str, np.ndarray]:
+    try:
+        return {"x": np.load(p, mmap_mode="r", allow_pickle=False)}
+    except (OSError, ValueError) as e:
+        raise CalibrationError(f"not a readable .npy file: {p} ({str(e).strip().splitlines()[0][:120]})") from None
 
 
 def _read_npz(p: Path) -> dict[str, np.ndarray]:
@@ -80,26 +91,46 @@ def _read_npz(p: Path) -> dict[str, np.ndarray]:
         raise CalibrationError(f"not a readable .npz file: {p} ({reason})") from None
 
 
-def _single_input(model: onnx.ModelProto, role: str) -> onnx.ValueInfoProto:
+def _inputs(model: onnx.ModelProto) -> list[onnx.ValueInfoProto]:
     inits = {t.name for t in model.graph.initializer}
-    inputs = [i for i in model.graph.input if i.name not in inits]
-    if len(inputs) != 1:
-        raise UsageError(f"fine-tuning needs a {role} model with exactly one input, it has {len(inputs)}")
-    return inputs[0]
+    return [i for i in model.graph.input if i.name not in inits]
 
 
-def _fixed_batch(vi: onnx.ValueInfoProto) -> int | None:
-    dims = vi.type.tensor_type.shape.dim
-    return dims[0].dim_value if dims and dims[0].dim_value > 0 else None
+def _feeds_of(data: Mapping[str, np.ndarray], model: onnx.ModelProto, what: str) -> dict[str, np.ndarray]:
+    """The data's input arrays keyed by the model's input names (``x`` names a single input)."""
+    inputs = _inputs(model)
+    if "x" in data and len(inputs) == 1 and inputs[0].name not in data:
+        arrays = {inputs[0].name: data["x"]}
+    else:
+        missing = [i.name for i in inputs if i.name not in data]
+        if missing:
+            raise CalibrationError(f"{what} data has no array for input(s) {missing} (it has "
+                                   f"{sorted(k for k in data if k != 'y')}); name arrays after the inputs")
+        arrays = {i.name: data[i.name] for i in inputs}
+    return {vi.name: _as_input(np.asarray(arrays[vi.name]), vi, what) for vi in inputs}   # a memory map stays one
+
+
+def _fixed_batch(inputs: list[onnx.ValueInfoProto]) -> int | None:
+    """The batch size an input is declared with, if any (the graph may bake it into Reshapes)."""
+    for vi in inputs:
+        dims = vi.type.tensor_type.shape.dim
+        if dims and dims[0].dim_value > 0:
+            return dims[0].dim_value
+    return None
 
 
 def _as_input(x: np.ndarray, vi: onnx.ValueInfoProto, what: str) -> np.ndarray:
-    """``x`` cast to the input's type after checking its shape (batch dim excepted)."""
+    """``x`` after checking its shape (batch dim excepted); batches are cast as they are read."""
     dims = [d.dim_value for d in vi.type.tensor_type.shape.dim]
     if len(dims) != x.ndim or any(d > 0 and d != s for d, s in zip(dims[1:], x.shape[1:])):
         want = ", ".join(["N"] + [str(d) if d > 0 else "?" for d in dims[1:]])
-        raise CalibrationError(f"{what} 'x' has shape {x.shape}; input {vi.name!r} expects ({want})")
-    return x.astype(helper.tensor_dtype_to_np_dtype(vi.type.tensor_type.elem_type), copy=False)
+        raise CalibrationError(f"{what} data for input {vi.name!r} has shape {x.shape}; it expects ({want})")
+    return x
+
+
+def _batch(feeds: Mapping[str, np.ndarray], idx, types: Mapping[str, np.dtype]) -> dict[str, np.ndarray]:
+    """Rows ``idx`` of every input, read (from a memory map too) and cast to the input's type."""
+    return {k: np.ascontiguousarray(v[idx], dtype=types[k]) for k, v in feeds.items()}
 
 
 # ================================================================================== heads
@@ -143,44 +174,55 @@ def _rows(t, head: _Head):
 
 
 # ================================================================================ running
-def _teacher_outputs(teacher: onnx.ModelProto, x: np.ndarray, heads: list[_Head], chunk: int,
-                     provider: str) -> list[np.ndarray]:
-    names = [h.tensor for h in heads]
-    sess = make_session(expose_outputs(teacher, names), provider)
-    feed = _single_input(teacher, "teacher").name
-    parts = [sess.run(names, {feed: x[i:i + chunk]}) for i in range(0, len(x), chunk)]
-    return [np.concatenate(p) for p in zip(*parts)]
+class _Teacher:
+    """The original model in onnxruntime, run on each batch as training reaches it."""
+
+    def __init__(self, teacher: onnx.ModelProto, heads: list[_Head], chunk: int, provider: str):
+        self.names = [h.tensor for h in heads]
+        self.session = make_session(expose_outputs(teacher, self.names), provider)
+        self.chunk = chunk
+
+    def outputs(self, feeds: Mapping[str, np.ndarray]) -> list[np.ndarray]:
+        n = len(next(iter(feeds.values())))
+        parts = [self.session.run(self.names, {k: v[i:i + self.chunk] for k, v in feeds.items()})
+                 for i in range(0, n, self.chunk)]
+        return [np.concatenate(p) for p in zip(*parts)]
 
 
 @dataclass
 class _Split:
-    """One data set ready for training: inputs, optional labels, teacher outputs per head."""
+    """One data set: its inputs (in memory or memory-mapped), their types, optional labels."""
 
-    x: np.ndarray
+    x: dict[str, np.ndarray]
+    types: dict[str, np.dtype]
     y: np.ndarray | None
-    teacher: list[np.ndarray]
+
+    def __len__(self) -> int:
+        return len(next(iter(self.x.values())))
+
+    def batch(self, idx) -> dict[str, np.ndarray]:
+        return _batch(self.x, idx, self.types)
 
 
-def _prepare(data: Mapping[str, np.ndarray], what: str, student_in: onnx.ValueInfoProto,
-             teacher: onnx.ModelProto, heads_t: list[_Head], label_head: int | None, chunk_t: int,
-             provider: str) -> _Split:
-    if "x" not in data:
-        raise CalibrationError(f"{what} data has no 'x'")
-    x = _as_input(np.asarray(data["x"]), student_in, what)
-    _as_input(x, _single_input(teacher, "teacher"), what)
+def _prepare(data: Mapping[str, np.ndarray], what: str, student: onnx.ModelProto, teacher: onnx.ModelProto,
+             teach: _Teacher, heads_t: list[_Head], label_head: int | None) -> _Split:
+    x = _feeds_of(data, student, what)
+    _feeds_of(x, teacher, what)
+    types = {vi.name: helper.tensor_dtype_to_np_dtype(vi.type.tensor_type.elem_type) for vi in _inputs(student)}
+    split = _Split(x, types, None)
     y = data.get("y")
-    outs = _teacher_outputs(teacher, x, heads_t, chunk_t, provider)
     if y is not None:
         if label_head is None:
             raise UsageError(f"{what} data has labels 'y' but the model has no class-score output")
-        rows, classes = _rows_shape(outs[label_head].shape, heads_t[label_head])
-        if rows != len(x):
+        first = teach.outputs(split.batch(slice(0, 1)))[label_head]
+        rows, classes = _rows_shape(first.shape, heads_t[label_head])
+        if rows != 1:
             raise UsageError(f"{what} labels 'y' need one class-score row per sample; the model gives {rows} rows")
         y = np.asarray(y)
-        if y.shape != (len(x),) or y.dtype.kind not in "iu" or y.min() < 0 or y.max() >= classes:
-            raise CalibrationError(f"{what} labels 'y' must be {len(x)} class indices in [0, {classes})")
-        y = y.astype(np.int64)
-    return _Split(x, y, outs)
+        if y.shape != (len(split),) or y.dtype.kind not in "iu" or y.min() < 0 or y.max() >= classes:
+            raise CalibrationError(f"{what} labels 'y' must be {len(split)} class indices in [0, {classes})")
+        split.y = y.astype(np.int64)
+    return split
 
 
 def _score(metrics: dict[str, float]) -> tuple[float, float]:
@@ -191,18 +233,19 @@ def _score(metrics: dict[str, float]) -> tuple[float, float]:
 class _Distiller:
     """The student module and how it is scored against the teacher's outputs."""
 
-    def __init__(self, torch, module, heads: list[_Head], label_head: int | None, chunk: int,
+    def __init__(self, torch, module, teacher: _Teacher, heads: list[_Head], label_head: int | None, chunk: int,
                  batch_size: int, temperature: float, alpha: float, device: str):
-        self.torch, self.module, self.heads, self.label_head = torch, module, heads, label_head
+        self.torch, self.module, self.teacher, self.heads, self.label_head = torch, module, teacher, heads, label_head
         self.names = [h.tensor for h in heads]
         self.chunk, self.batch_size, self.device = chunk, batch_size, device
         self.temperature, self.alpha = temperature, alpha
 
-    def outputs(self, x: np.ndarray) -> list:
+    def outputs(self, feeds: Mapping[str, np.ndarray]) -> list:
         """Run in slices of the model's fixed batch size (if any): graphs may bake it into Reshapes."""
-        feed = self.module.input_names[0]
-        xt = self.torch.from_numpy(x).to(self.device)
-        parts = [self.module.run({feed: xt[i:i + self.chunk]}, self.names) for i in range(0, len(x), self.chunk)]
+        xt = {k: self.torch.from_numpy(v).to(self.device) for k, v in feeds.items()}
+        n = len(next(iter(feeds.values())))
+        parts = [self.module.run({k: v[i:i + self.chunk] for k, v in xt.items()}, self.names)
+                 for i in range(0, n, self.chunk)]
         return [self.torch.cat(p) for p in zip(*parts)]
 
     def distill_loss(self, student: list, teacher: list[np.ndarray]):
@@ -221,19 +264,21 @@ class _Distiller:
 
     def check_shapes(self, split: _Split) -> None:
         """Fail early, in one line, when the student does not produce the teacher's shapes."""
+        feeds = split.batch(slice(0, self.chunk))
         with self.torch.no_grad():
-            probe = self.outputs(split.x[:self.chunk])
-        for p, t, name in zip(probe, split.teacher, self.names):
-            if tuple(p.shape[1:]) != t.shape[1:]:
+            probe = self.outputs(feeds)
+        for p, t, name in zip(probe, self.teacher.outputs(feeds), self.names):
+            if tuple(p.shape) != t.shape:
                 raise UsageError(f"student tensor {name!r} has shape {tuple(p.shape)}, the teacher's "
-                                 f"{t[:len(p)].shape}: is the student compressed from this teacher?")
+                                 f"{t.shape}: is the student compressed from this teacher?")
 
     def train_epoch(self, split: _Split, opt, sched, order: np.ndarray, on_step: Callable[[], None]) -> float:
         total = 0.0
         for i in range(0, len(order), self.batch_size):
             idx = order[i:i + self.batch_size]
-            outs = self.outputs(split.x[idx])
-            loss = self.distill_loss(outs, [t[idx] for t in split.teacher])
+            feeds = split.batch(idx)
+            outs = self.outputs(feeds)
+            loss = self.distill_loss(outs, self.teacher.outputs(feeds))
             if split.y is not None:
                 head = self.heads[self.label_head]
                 ce = self.torch.nn.functional.cross_entropy(
@@ -252,16 +297,17 @@ class _Distiller:
     def evaluate(self, split: _Split) -> dict[str, float]:
         loss, correct = 0.0, 0
         with self.torch.no_grad():
-            for i in range(0, len(split.x), self.batch_size):
-                outs = self.outputs(split.x[i:i + self.batch_size])
+            for i in range(0, len(split), self.batch_size):
+                feeds = split.batch(slice(i, i + self.batch_size))
+                outs = self.outputs(feeds)
                 n = len(outs[0])
-                loss += float(self.distill_loss(outs, [t[i:i + n] for t in split.teacher])) * n
+                loss += float(self.distill_loss(outs, self.teacher.outputs(feeds))) * n
                 if split.y is not None:
                     scores = _rows(outs[self.label_head], self.heads[self.label_head])
                     correct += int((scores.argmax(dim=1).cpu().numpy() == split.y[i:i + n]).sum())
-        metrics = {"loss": loss / len(split.x)}
+        metrics = {"loss": loss / len(split)}
         if split.y is not None:
-            metrics["acc"] = correct / len(split.x)
+            metrics["acc"] = correct / len(split)
         return metrics
 
     def state(self) -> dict[str, Any]:
@@ -317,22 +363,24 @@ def finetune(student: onnx.ModelProto, teacher: onnx.ModelProto, train: Mapping[
         device = "cuda" if torch.cuda.is_available() else "cpu"
     if device == "cuda" and not torch.cuda.is_available():
         raise UsageError("--device cuda: torch sees no CUDA GPU (install a CUDA build of torch)")
-    s_in, t_in = _single_input(student, "student"), _single_input(teacher, "teacher")
+    s_ins, t_ins = _inputs(student), _inputs(teacher)
+    if sorted(i.name for i in s_ins) != sorted(i.name for i in t_ins):
+        raise UsageError("student and teacher inputs differ: is the student compressed from this teacher?")
     heads_s, heads_t = _heads(student), _heads(teacher)
     if [h.axis is None for h in heads_s] != [h.axis is None for h in heads_t]:
         raise UsageError("student and teacher outputs differ (count or kind): is the student compressed from "
                          "this teacher?")
     label_head = next((k for k, h in enumerate(heads_s) if h.axis is not None), None)
-    chunk_t, provider = _fixed_batch(t_in) or batch_size, _teacher_provider(device)
-    tr = _prepare(train, "train", s_in, teacher, heads_t, label_head, chunk_t, provider)
-    va = _prepare(val, "val", s_in, teacher, heads_t, label_head, chunk_t, provider) if val is not None else None
+    teach = _Teacher(teacher, heads_t, _fixed_batch(t_ins) or batch_size, _teacher_provider(device))
+    tr = _prepare(train, "train", student, teacher, teach, heads_t, label_head)
+    va = _prepare(val, "val", student, teacher, teach, heads_t, label_head) if val is not None else None
 
-    d = _Distiller(torch, OnnxModule(student).to(device), heads_s, label_head, _fixed_batch(s_in) or batch_size,
-                   batch_size, temperature, alpha, device)
+    d = _Distiller(torch, OnnxModule(student).to(device), teach, heads_s, label_head,
+                   _fixed_batch(s_ins) or batch_size, batch_size, temperature, alpha, device)
     d.check_shapes(tr)
     params = list(d.module.parameters())
     opt = torch.optim.Adam(params, lr=lr) if optimizer == "adam" else torch.optim.SGD(params, lr=lr, momentum=0.9)
-    steps = math.ceil(len(tr.x) / batch_size)
+    steps = math.ceil(len(tr) / batch_size)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=epochs * steps)
     rng = np.random.default_rng(seed)
     done = 0
@@ -347,7 +395,7 @@ def finetune(student: onnx.ModelProto, teacher: onnx.ModelProto, train: Mapping[
     best = (_score(initial), d.state(), 0) if va is not None else None
     history: dict[str, Any] = {"epochs": [], "initial": {f"val_{k}": v for k, v in initial.items()}}
     for epoch in range(1, epochs + 1):
-        row = {"epoch": epoch, "train_loss": d.train_epoch(tr, opt, sched, rng.permutation(len(tr.x)), on_step),
+        row = {"epoch": epoch, "train_loss": d.train_epoch(tr, opt, sched, rng.permutation(len(tr)), on_step),
                "lr": opt.param_groups[0]["lr"]}
         if va is not None:
             metrics = d.evaluate(va)
@@ -364,14 +412,13 @@ def finetune(student: onnx.ModelProto, teacher: onnx.ModelProto, train: Mapping[
 
 
 # ==================================================================================== CLI
-def _verify(tuned: onnx.ModelProto, student: onnx.ModelProto, sample: np.ndarray) -> None:
+def _verify(tuned: onnx.ModelProto, student: onnx.ModelProto, feed: dict[str, np.ndarray]) -> None:
     """The checker passes and onnxruntime gives finite outputs of the student's shapes."""
     try:
         onnx.checker.check_model(tuned, full_check=True)
     except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as e:
         reason = str(e).strip().splitlines()[0][:200]
         raise VerificationError(f"fine-tuned model fails the ONNX checker: {reason}") from None
-    feed = {_single_input(student, "student").name: sample}
     got, ref = make_session(tuned).run(None, feed), make_session(student).run(None, feed)
     if [o.shape for o in got] != [o.shape for o in ref]:
         raise VerificationError("fine-tuned model's output shapes differ from the input model's")
@@ -398,6 +445,8 @@ def finetune_verified(student: onnx.ModelProto, teacher: onnx.ModelProto, train:
                       val: Mapping[str, np.ndarray] | None = None, **options: Any) -> tuple[onnx.ModelProto, dict[str, Any]]:
     """:func:`finetune`, then the full checker and an onnxruntime run of the result."""
     tuned, history = finetune(student, teacher, train, val, **options)
-    s_in = _single_input(student, "student")
-    _verify(tuned, student, _as_input(train["x"][:_fixed_batch(s_in) or 1], s_in, "train"))
+    s_ins = _inputs(student)
+    feeds = _feeds_of(train, student, "train")
+    types = {vi.name: helper.tensor_dtype_to_np_dtype(vi.type.tensor_type.elem_type) for vi in s_ins}
+    _verify(tuned, student, _batch(feeds, slice(0, _fixed_batch(s_ins) or 1), types))
     return tuned, history
