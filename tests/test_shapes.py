@@ -168,7 +168,9 @@ def test_the_plan_is_never_worse_than_uniform_widths_at_the_same_budget(model, s
         return
     fit, _ = cal.split()
     searched, uniform = _uniform_damage(model, fit, res.plan, res.weights)
-    assert searched <= uniform * 1.05 + 1e-6, (searched, uniform)
+    # two damage measurements of nearby plans differ by noise of this order (the search's own
+    # NOISE_DAMAGE is 0.005); beyond it the search must not lose to the obvious plan
+    assert searched <= uniform * 1.05 + 0.002, (searched, uniform)
 
 
 # ---- trained networks of each shape ------------------------------------------------------------
