@@ -58,7 +58,6 @@ class LayerView:
     bias: str | None
     taps: int          # columns per input position (k·k for Conv, 1 for Gemm/MatMul)
     transposed: bool   # stored as D × Cout (Gemm without transB, MatMul)
-    shared: bool       # the weight is read by other nodes too
 
     def matrix(self, W: np.ndarray) -> np.ndarray:
         if self.layer.op == "ConvTranspose":
@@ -80,8 +79,7 @@ def _view(analysis: Analysis, layer: Layer) -> LayerView | None:
         b = None  # broadcast Gemm C: leave it alone
     taps = int(np.prod(w.shape[2:])) if layer.op in ("Conv", "ConvTranspose") else 1
     transposed = layer.op == "MatMul" or (layer.op == "Gemm" and not node.attrs.get("transB", 0))
-    shared = len(w.outputs) > 1 or (b is not None and len(b.outputs) > 1)
-    return LayerView(layer, node, w.name, b.name if b is not None else None, taps, transposed, shared)
+    return LayerView(layer, node, w.name, b.name if b is not None else None, taps, transposed)
 
 
 class WeightProbe:
@@ -268,7 +266,7 @@ def plan_weights(probe: WeightProbe, plan: Plan, stats: Stats | None = None,
         cols = np.ones(Wm.shape[1], bool) if in_m is None else np.repeat(in_m, v.taps)
         # a shared weight is one tensor for every reader: a refit to one reader's inputs would
         # be wrong for the others
-        moments = None if v.shared else stats.moments_for(key, int(cols.sum()))
+        moments = None if layer.shared else stats.moments_for(key, int(cols.sum()))
         S = moments[0] if moments is not None else None
         if in_m is not None and moments is not None:
             Wm, b = refit(Wm, b.astype(np.float64) if b is not None else None, *moments, cols)

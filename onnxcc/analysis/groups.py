@@ -75,6 +75,7 @@ class Layer:
     in_groups: tuple[int, ...] = ()
     prunable: bool = False
     factorizable: bool = False
+    shared: bool = False               # its weight or bias is read by other nodes too
     notes: list[str] = field(default_factory=list)
 
     @property
@@ -315,7 +316,8 @@ def _layer(ctx: RuleContext, node: gs.Node) -> Layer:
         hw_in=int(np.prod(xs[2:])) if len(xs) > 2 else 1, hw_out=int(np.prod(ys[2:])) if len(ys) > 2 else 1,
         in_size=tuple(int(d) for d in xs[2:]) if node.op in ("Conv", "ConvTranspose") else (),
         strides=tuple(node.attrs.get("strides", [1] * len(kernel))) if node.op in ("Conv", "ConvTranspose") else (),
-        out_groups=groups_of(out_layout), in_groups=groups_of(red))
+        out_groups=groups_of(out_layout), in_groups=groups_of(red),
+        shared=any(len(t.outputs) > 1 for t in node.inputs[1:3] if isinstance(t, gs.Constant)))
     layer.factorizable, why = _factorizable(view, node, layer)
     if why:
         layer.notes.append(why)
@@ -327,7 +329,7 @@ def _factorizable(view: ModelView, node: gs.Node, layer: Layer) -> tuple[bool, s
         return False, ""
     if view.const(node.inputs[1]) is None:
         return False, "not factorized: weights are not constant"
-    if len(node.inputs[1].outputs) > 1:   # two factor pairs would hold more than the one weight
+    if layer.shared:   # two factor pairs would hold more than the one weight
         return False, f"not factorized: weight shared by {len(node.inputs[1].outputs)} nodes"
     if layer.group != 1:
         return False, "not factorized: " + ("depthwise" if layer.cin == layer.group else "grouped") + " conv"

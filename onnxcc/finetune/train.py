@@ -23,6 +23,7 @@ import numpy as np
 import onnx
 from onnx import helper
 
+from ..analysis.view import graph_inputs
 from ..errors import CalibrationError, UsageError, VerificationError
 from ..io import check_output_path, load_model, save_model
 from ..runtime import expose_outputs, make_session, providers_for
@@ -91,14 +92,13 @@ def _read_npz(p: Path) -> dict[str, np.ndarray]:
         raise CalibrationError(f"not a readable .npz file: {p} ({reason})") from None
 
 
-def _inputs(model: onnx.ModelProto) -> list[onnx.ValueInfoProto]:
-    inits = {t.name for t in model.graph.initializer}
-    return [i for i in model.graph.input if i.name not in inits]
+def _input_types(model: onnx.ModelProto) -> dict[str, np.dtype]:
+    return {vi.name: helper.tensor_dtype_to_np_dtype(vi.type.tensor_type.elem_type) for vi in graph_inputs(model)}
 
 
 def _feeds_of(data: Mapping[str, np.ndarray], model: onnx.ModelProto, what: str) -> dict[str, np.ndarray]:
     """The data's input arrays keyed by the model's input names (``x`` names a single input)."""
-    inputs = _inputs(model)
+    inputs = graph_inputs(model)
     if "x" in data and len(inputs) == 1 and inputs[0].name not in data:
         arrays = {inputs[0].name: data["x"]}
     else:
@@ -208,8 +208,7 @@ def _prepare(data: Mapping[str, np.ndarray], what: str, student: onnx.ModelProto
              teach: _Teacher, heads_t: list[_Head], label_head: int | None) -> _Split:
     x = _feeds_of(data, student, what)
     _feeds_of(x, teacher, what)
-    types = {vi.name: helper.tensor_dtype_to_np_dtype(vi.type.tensor_type.elem_type) for vi in _inputs(student)}
-    split = _Split(x, types, None)
+    split = _Split(x, _input_types(student), None)
     y = data.get("y")
     if y is not None:
         if label_head is None:
@@ -363,7 +362,7 @@ def finetune(student: onnx.ModelProto, teacher: onnx.ModelProto, train: Mapping[
         device = "cuda" if torch.cuda.is_available() else "cpu"
     if device == "cuda" and not torch.cuda.is_available():
         raise UsageError("--device cuda: torch sees no CUDA GPU (install a CUDA build of torch)")
-    s_ins, t_ins = _inputs(student), _inputs(teacher)
+    s_ins, t_ins = graph_inputs(student), graph_inputs(teacher)
     if sorted(i.name for i in s_ins) != sorted(i.name for i in t_ins):
         raise UsageError("student and teacher inputs differ: is the student compressed from this teacher?")
     heads_s, heads_t = _heads(student), _heads(teacher)
@@ -445,8 +444,7 @@ def finetune_verified(student: onnx.ModelProto, teacher: onnx.ModelProto, train:
                       val: Mapping[str, np.ndarray] | None = None, **options: Any) -> tuple[onnx.ModelProto, dict[str, Any]]:
     """:func:`finetune`, then the full checker and an onnxruntime run of the result."""
     tuned, history = finetune(student, teacher, train, val, **options)
-    s_ins = _inputs(student)
     feeds = _feeds_of(train, student, "train")
-    types = {vi.name: helper.tensor_dtype_to_np_dtype(vi.type.tensor_type.elem_type) for vi in s_ins}
-    _verify(tuned, student, _batch(feeds, slice(0, _fixed_batch(s_ins) or 1), types))
+    first = slice(0, _fixed_batch(graph_inputs(student)) or 1)
+    _verify(tuned, student, _batch(feeds, first, _input_types(student)))
     return tuned, history
