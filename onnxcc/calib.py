@@ -28,6 +28,7 @@ class ImagePreprocess:
     scale: float = 1 / 255
     layout: str = "NCHW"
     bgr: bool = False
+    crop: float = 0.875   # the centre crop's side over the resized shorter side (ImageNet's 224/256); 1: whole image
 
 
 @dataclass
@@ -107,24 +108,36 @@ def _np_load(p: Path) -> np.ndarray:
         raise CalibrationError(f"cannot read {p.name}: {str(e).splitlines()[0][:200]}") from None
 
 
-def _load_images(folder: Path, pp: ImagePreprocess) -> np.ndarray:
+def image_files(folder: Path) -> list[Path]:
+    """The images directly in ``folder``, sorted by name."""
+    return sorted(f for f in folder.iterdir() if f.is_file() and f.suffix.lower() in IMAGE_SUFFIXES)
+
+
+def load_image(path: Path, pp: ImagePreprocess) -> np.ndarray:
+    """One image as the model reads it: shorter side resized to size / crop, centre-cropped to
+    size, scaled, normalised, in ``pp.layout`` without a batch axis (float32)."""
     try:
         from PIL import Image
     except ImportError:  # pragma: no cover - pillow comes with matplotlib
-        raise CalibrationError("reading an image folder needs pillow: pip install pillow") from None
-    files = sorted(f for f in folder.iterdir() if f.suffix.lower() in IMAGE_SUFFIXES)
+        raise CalibrationError("reading image folders needs pillow: pip install pillow") from None
+    h, w = pp.size
+    try:
+        with Image.open(path) as im:
+            img = im.convert("RGB")
+    except OSError as e:
+        raise CalibrationError(f"cannot read image {path}: {str(e).splitlines()[0][:120]}") from None
+    s = max(h, w) / pp.crop / min(img.size)
+    img = img.resize((max(w, round(img.size[0] * s)), max(h, round(img.size[1] * s))), Image.BILINEAR)
+    left, top = (img.size[0] - w) // 2, (img.size[1] - h) // 2
+    arr = np.asarray(img.crop((left, top, left + w, top + h)), np.float32)
+    if pp.bgr:
+        arr = arr[..., ::-1]
+    arr = (arr * pp.scale - np.asarray(pp.mean, np.float32)) / np.asarray(pp.std, np.float32)
+    return np.ascontiguousarray(arr if pp.layout == "NHWC" else arr.transpose(2, 0, 1), dtype=np.float32)
+
+
+def _load_images(folder: Path, pp: ImagePreprocess) -> np.ndarray:
+    files = image_files(folder)
     if not files:
         raise CalibrationError(f"no images ({', '.join(sorted(IMAGE_SUFFIXES))}) in {folder}")
-    h, w = pp.size
-    batch = []
-    for f in files:
-        img = Image.open(f).convert("RGB")
-        s = 256 / 224 * max(h, w) / min(img.size)
-        img = img.resize((max(w, round(img.size[0] * s)), max(h, round(img.size[1] * s))), Image.BILINEAR)
-        left, top = (img.size[0] - w) // 2, (img.size[1] - h) // 2
-        arr = np.asarray(img.crop((left, top, left + w, top + h)), np.float32)
-        if pp.bgr:
-            arr = arr[..., ::-1]
-        arr = (arr * pp.scale - np.asarray(pp.mean, np.float32)) / np.asarray(pp.std, np.float32)
-        batch.append(arr if pp.layout == "NHWC" else arr.transpose(2, 0, 1))
-    return np.stack(batch).astype(np.float32)
+    return np.stack([load_image(f, pp) for f in files])

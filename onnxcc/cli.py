@@ -100,9 +100,9 @@ def cmd_compress(args: argparse.Namespace) -> int:
     model = load_model(args.model)
     train = None
     if args.finetune:
-        from .finetune import load_npz
+        from .finetune import open_samples
 
-        train = load_npz(args.finetune)   # fail on bad data before minutes of compression
+        train = open_samples(args.finetune, model, _preprocess(args))   # bad data fails before minutes of work
     with _progress() as progress:
         result = compress(model, args.flops, latency=args.latency, calib=args.calib,
                           input_shape=parse_input_shapes(args.input_shape), method=args.method,
@@ -113,7 +113,8 @@ def cmd_compress(args: argparse.Namespace) -> int:
         if train is not None:
             from .finetune import finetune_verified
 
-            tuned, history = finetune_verified(result.model, model, train, epochs=args.epochs, progress=progress)
+            tuned, history = finetune_verified(result.model, model, train, config=_finetune_config(args),
+                                               progress=progress, on_epoch=_epoch_line)
             result.report["finetune"] = history
             result.model = tuned
     save_model(result.model, args.output)
@@ -143,7 +144,7 @@ def _preprocess(args: argparse.Namespace):
     from .calib import ImagePreprocess
 
     return ImagePreprocess(size=tuple(args.image_size), mean=tuple(args.mean), std=tuple(args.std),
-                           scale=args.scale, layout=args.layout, bgr=args.bgr)
+                           scale=args.scale, layout=args.layout, bgr=args.bgr, crop=args.center_crop)
 
 
 def cmd_recover(args: argparse.Namespace) -> int:
@@ -207,12 +208,31 @@ def cmd_finetune(args: argparse.Namespace) -> int:
     from .finetune import run_finetune_cli
 
     with _progress() as progress:
-        r = run_finetune_cli(args.model, args.teacher, args.data, args.output, epochs=args.epochs, lr=args.lr,
-                             batch_size=args.batch_size, val_path=args.val, device=args.device, progress=progress)
+        r = run_finetune_cli(args.model, args.teacher, args.data, args.output, args.val, _finetune_config(args),
+                             preprocess=_preprocess(args), resume=args.resume, progress=progress, on_epoch=_epoch_line)
+    if not r["main"]:
+        return 0
     h = r["history"]
     out.print(f"[bold green]wrote[/] {r['output']}: {len(h['epochs'])} epoch(s), kept epoch {h['best_epoch']} "
               f"(by {h['selected_by']}); last train loss {h['epochs'][-1]['train_loss']:.4g}")
     return 0
+
+
+def _finetune_config(args: argparse.Namespace):
+    from .config import FinetuneConfig
+
+    return FinetuneConfig(epochs=args.epochs, lr=args.lr, batch_size=args.batch_size, optimizer=args.optimizer,
+                          warmup=args.warmup, augment=not args.no_augment, device=args.device,
+                          workers=args.workers, seed=args.seed)
+
+
+def _epoch_line(row: dict) -> None:
+    """One line per epoch, on a terminal or not: the numbers a long run is watched by."""
+    metrics = "".join(f", {k.replace('_', ' ')} {row[k]:.2%}" if k.endswith("acc") else f", {k.replace('_', ' ')} {row[k]:.4g}"
+                      for k in ("val_acc", "val_loss") if k in row)
+    left = row["eta_seconds"]
+    out.print(f"epoch {row['epoch']}/{row['epochs']}: train loss {row['train_loss']:.4g}{metrics}, lr {row['lr']:.2e}, "
+              f"{row['seconds']:.0f} s" + (f", ~{left / 60:.1f} min left" if left else ""), highlight=False)
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
@@ -235,13 +255,34 @@ def _recovery_flags(p: argparse.ArgumentParser, default: str | None = None) -> N
 
 
 def _image_flags(p: argparse.ArgumentParser) -> None:
-    g = p.add_argument_group("image folder preprocessing (with --calib DIR)")
+    g = p.add_argument_group("image folder preprocessing (calibration and training folders)")
     g.add_argument("--image-size", type=int, nargs=2, default=[224, 224], metavar=("H", "W"))
     g.add_argument("--mean", type=float, nargs=3, default=[0.485, 0.456, 0.406])
     g.add_argument("--std", type=float, nargs=3, default=[0.229, 0.224, 0.225])
     g.add_argument("--scale", type=float, default=1 / 255)
     g.add_argument("--layout", choices=["NCHW", "NHWC"], default="NCHW")
     g.add_argument("--bgr", action="store_true")
+    g.add_argument("--center-crop", type=float, default=0.875, metavar="F",
+                   help="resize the shorter side to size / F, then crop the centre (0.875: ImageNet's 224 of 256; "
+                        "1: the whole image)")
+
+
+def _finetune_flags(p: argparse.ArgumentParser, epochs_help: str) -> None:
+    from .config import FinetuneConfig
+
+    d = FinetuneConfig()
+    g = p.add_argument_group("fine-tuning")
+    g.add_argument("--epochs", type=int, default=d.epochs, help=epochs_help)
+    g.add_argument("--lr", type=float, default=d.lr, help="peak learning rate")
+    g.add_argument("--batch-size", type=int, default=d.batch_size,
+                   help="global batch (split across torchrun's processes)")
+    g.add_argument("--optimizer", choices=["adam", "sgd"], default=d.optimizer)
+    g.add_argument("--warmup", type=float, default=d.warmup, metavar="SHARE",
+                   help="share of the steps with a linear warm-up before the cosine decay")
+    g.add_argument("--no-augment", action="store_true",
+                   help="train on the images as given (default: random resized crops and flips of image inputs)")
+    g.add_argument("--workers", type=int, default=None,
+                   help="data loading processes (default: up to 4 for image folders, none for arrays)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -289,10 +330,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="skip the layer latency measurements (MAC budget only; factorizations not checked "
                         "for speed)")
     c.add_argument("--force", action="store_true", help="allow overwriting the input model")
-    c.add_argument("--finetune", type=Path, metavar="TRAIN.npz",
-                   help="then distil the original into the result (.npz: x or one array per input name, "
-                        "optional labels y; or a memory-mapped .npy; needs torch)")
-    c.add_argument("--epochs", type=int, default=1, help="fine-tuning epochs with --finetune")
+    c.add_argument("--finetune", type=Path, metavar="DATA",
+                   help="then distil the original into the result, on the data of 'onnxcc finetune --data' "
+                        "(image folder, .npy, .npz; needs torch)")
+    _finetune_flags(c, "fine-tuning epochs with --finetune")
     _recovery_flags(c)
     c.add_argument("--min-fidelity", type=float, metavar="C",
                    help="refuse to write a model whose held-back cosine is below C (exit 2)")
@@ -317,15 +358,19 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("model", type=Path, help="compressed ONNX model (the student)")
     f.add_argument("--teacher", type=Path, required=True, help="the original ONNX model")
     f.add_argument("--data", type=Path, required=True,
-                   help=".npz with x (N, ...) or one array per input name, optional integer labels y (N,); "
-                        "or a .npy of inputs, memory-mapped (only the batches in use are read)")
-    f.add_argument("-o", "--output", type=Path, required=True, help="fine-tuned model path")
-    f.add_argument("--epochs", type=int, default=1)
-    f.add_argument("--lr", type=float, default=1e-4)
-    f.add_argument("--batch-size", type=int, default=32)
-    f.add_argument("--val", type=Path, help="validation .npz (same format); picks the best epoch")
+                   help="an image folder (class sub-folders give labels; with several inputs a sub-folder per "
+                        "input name), a .npy of inputs, or an .npz with x or one array per input name and "
+                        "optional integer labels y; read as used (memory-mapped arrays, images decoded by "
+                        "--workers), never whole")
+    f.add_argument("-o", "--output", type=Path, required=True,
+                   help="fine-tuned model path (checkpoints live in OUTPUT.ckpt/ until it is written)")
+    f.add_argument("--val", type=Path, help="validation data (same forms); picks the best epoch")
+    f.add_argument("--resume", action="store_true", help="continue from the last checkpoint in OUTPUT.ckpt/")
     f.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",
-                   help="where torch trains (auto: the GPU when torch sees one)")
+                   help="where torch trains (auto: the GPU when torch sees one; under torchrun one per process)")
+    f.add_argument("--seed", type=int, default=0, help="batch order and augmentation")
+    _finetune_flags(f, "passes over the training data")
+    _image_flags(f)
     f.set_defaults(func=cmd_finetune)
 
     b = sub.add_parser("bench", help="time models against each other: interleaved runs, p50/p90, speedup")

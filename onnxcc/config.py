@@ -74,3 +74,40 @@ class Budget:
 
     def of(self, plan: Plan) -> float:
         return self.cost(plan.kept(), plan.ranks)
+
+
+OPTIMIZERS = ("adam", "sgd")
+DEVICES = ("auto", "cpu", "cuda")
+
+
+@dataclass
+class FinetuneConfig:
+    """How a compressed model is distilled from its original (``onnxcc finetune``, ``--finetune``)."""
+
+    epochs: int = 1
+    lr: float = 1e-4
+    batch_size: int = 32               # the global batch: split across torchrun's processes
+    optimizer: str = "adam"
+    temperature: float = 4.0
+    alpha: float = 0.5                 # weight of distillation against cross-entropy on labels
+    warmup: float = 0.03               # share of the steps with a linear learning-rate warm-up
+    augment: bool = True               # random resized crops and flips of image inputs
+    device: str = "auto"
+    amp: bool = True                   # bfloat16 autocast on a CUDA device that supports it
+    workers: int | None = None         # DataLoader worker processes; None: by the data source
+    seed: int = 0
+
+    def validate(self) -> None:
+        if self.epochs < 1 or self.batch_size < 1:
+            raise UsageError(f"epochs and batch size must be >= 1, got {self.epochs} and {self.batch_size}")
+        if not self.lr > 0 or not self.temperature > 0 or not 0 <= self.alpha <= 1:
+            raise UsageError(f"need lr > 0, temperature > 0 and alpha in [0, 1]; got {self.lr}, "
+                             f"{self.temperature}, {self.alpha}")
+        if not 0 <= self.warmup < 1:
+            raise UsageError(f"--warmup is a share of the steps in [0, 1), got {self.warmup}")
+        if self.device not in DEVICES:
+            raise UsageError(f"unknown device {self.device!r}; use auto, cpu or cuda")
+        if self.optimizer not in OPTIMIZERS:
+            raise UsageError(f"unknown optimizer {self.optimizer!r}; use {' or '.join(OPTIMIZERS)}")
+        if self.workers is not None and self.workers < 0:
+            raise UsageError("--workers must not be negative")

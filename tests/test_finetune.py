@@ -15,6 +15,7 @@ from graphs import GRAPHS, cases
 from oracles import check_model_full, random_feeds, run
 
 from onnxcc.errors import CalibrationError, UnsupportedModelError, UsageError
+from onnxcc.config import FinetuneConfig
 from onnxcc.finetune import finetune, finetune_verified, load_npz, run_finetune_cli
 
 try:
@@ -496,7 +497,7 @@ def _with_softmax(model: onnx.ModelProto) -> onnx.ModelProto:
 
 
 def test_heads_distil_logits_before_softmax():
-    from onnxcc.finetune.train import _Head, _heads
+    from onnxcc.finetune.heads import Head as _Head, heads as _heads
 
     logits = GRAPHS["tiny_resnet"](11).graph.output[0].name
     assert _heads(GRAPHS["tiny_resnet"](11)) == [_Head(logits, 1, False)]
@@ -519,7 +520,7 @@ def test_finetune_with_labels_keeps_best_epoch(tmp_path):
     onnx.save(teacher, tmp_path / "teacher.onnx")
     out = tmp_path / "tuned.onnx"
     result = run_finetune_cli(tmp_path / "student.onnx", tmp_path / "teacher.onnx", tmp_path / "train.npz", out,
-                              epochs=2, lr=3e-3, batch_size=4, val_path=tmp_path / "val.npz")
+                              tmp_path / "val.npz", FinetuneConfig(epochs=2, lr=3e-3, batch_size=4))
     h = result["history"]
     assert result["output"] == str(out) and h["selected_by"] == "val_acc"
     accs = [h["initial"]["val_acc"]] + [r["val_acc"] for r in h["epochs"]]

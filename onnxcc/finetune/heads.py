@@ -1,0 +1,74 @@
+"""What each graph output is trained on, and the teacher that provides the targets.
+
+A final Softmax/LogSoftmax or a 2-D ``(N, classes)`` output is a class-score head (KL divergence
+on its logits, cross-entropy against labels); anything else (boxes, dense maps) is matched by
+mean squared error. No torch import here: :func:`rows` works on any tensor with torch's methods.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, Mapping
+
+import numpy as np
+import onnx
+from onnx import helper
+
+from ..runtime import expose_outputs, make_session
+
+__all__ = ["Head", "heads", "rows", "rows_shape", "Teacher"]
+
+
+@dataclass(frozen=True)
+class Head:
+    """What one graph output is trained on: its class scores (axis set) or its values (MSE)."""
+
+    tensor: str
+    axis: int | None
+    coerce: bool  # Softmax before opset 13: the classes are all dims from `axis` on
+
+
+def heads(model: onnx.ModelProto) -> list[Head]:
+    producers = {o: n for n in model.graph.node for o in n.output}
+    opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
+    found = []
+    for out in model.graph.output:
+        node = producers.get(out.name)
+        dims = [d.dim_value for d in out.type.tensor_type.shape.dim]
+        if node is not None and node.op_type in ("Softmax", "LogSoftmax"):
+            attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+            found.append(Head(node.input[0], attrs.get("axis", 1 if opset < 13 else -1), opset < 13))
+        elif len(dims) == 2 and dims[1] != 1:  # (N, classes) scores without a Softmax (a Gemm head)
+            found.append(Head(out.name, 1, False))
+        else:
+            found.append(Head(out.name, None, False))
+    return found
+
+
+def rows_shape(shape: tuple[int, ...], head: Head) -> tuple[int, int]:
+    a = head.axis % len(shape)
+    if head.coerce:
+        return math.prod(shape[:a]), math.prod(shape[a:])
+    return math.prod(shape) // shape[a], shape[a]
+
+
+def rows(t: Any, head: Head) -> Any:
+    """Class scores as (rows, classes), the layout KL divergence and cross-entropy work on."""
+    shape = rows_shape(tuple(t.shape), head)
+    return (t if head.coerce else t.movedim(head.axis % t.ndim, -1)).reshape(shape)
+
+
+class Teacher:
+    """The original model in onnxruntime, run on each batch as training reaches it (never stored
+    for the whole set), in slices of ``chunk`` samples."""
+
+    def __init__(self, teacher: onnx.ModelProto, found: list[Head], chunk: int, provider: str):
+        self.names = [h.tensor for h in found]
+        self.session = make_session(expose_outputs(teacher, self.names), provider)
+        self.chunk = chunk
+
+    def outputs(self, feeds: Mapping[str, np.ndarray]) -> list[np.ndarray]:
+        n = len(next(iter(feeds.values())))
+        parts = [self.session.run(self.names, {k: v[i:i + self.chunk] for k, v in feeds.items()})
+                 for i in range(0, n, self.chunk)]
+        return [np.concatenate(p) for p in zip(*parts)]
