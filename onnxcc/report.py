@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import json
 import logging
-import os
-import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
+
+from .io import atomic_write_text
 
 if TYPE_CHECKING:   # annotations only: writing a report needs none of them
     from .analysis.groups import Analysis
@@ -24,18 +24,10 @@ log = logging.getLogger(__name__)
 def write_report(report: dict[str, Any], folder: str | Path) -> list[Path]:
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    written = [_atomic_text(folder / "report.json", json.dumps(report, indent=1)),
-               _atomic_text(folder / "report.md", to_markdown(report))]
+    written = [atomic_write_text(folder / "report.json", json.dumps(report, indent=1)),
+               atomic_write_text(folder / "report.md", to_markdown(report))]
     written += _plots(report, folder)
     return written
-
-
-def _atomic_text(path: Path, text: str) -> Path:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)
-    return path
 
 
 def to_markdown(r: dict[str, Any]) -> str:

@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Accuracy benchmark on Animal-MNIST: onnxcc versus Torch-Pruning at the same MACs and fine-tuning budget.
 
-    python tools/bench_animal.py [--flops 0.5] [--epochs 4] [--tp-onnx-finetune] [--fresh] [--quick]
+    python tools/bench_animal.py [--flops 0.5 0.7] [--epochs 4] [--tp-onnx-finetune] [--fresh] [--quick]
     python tools/bench_animal.py --recovery [--fresh]   # post-training recovery only, no labels, no fine-tuning
 
 ``--recovery``: the baseline compressed by onnxcc cc at 50% and 70% fewer MACs with its default
@@ -22,13 +22,17 @@ exported to ONNX (BatchNorm fused, as users export). Then --flops of its MACs ar
   benchmark recipe: BasePruner, global pruning, pruning_ratio 1.0 spread over 400 iterative steps,
   stepping until the MAC target is met (Taylor gradients re-accumulated before every step),
   round_to=8 and the classifier ignored, as its README recommends; then exported to ONNX.
-Every compressed model is fine-tuned by the same code (``onnxcc.finetune.train.finetune``:
-distillation from the baseline + cross-entropy, same epochs/lr/batch/seed, best val epoch kept).
+onnxcc's models are fine-tuned as a user would, through the CLI: ``onnxcc finetune`` reading the
+train and val splits from an image folder (class sub-folders, 64x64 PNGs written once to the cache:
+the network's input before normalisation). Every compressed model gets the same budget
+(distillation from the baseline + cross-entropy, same epochs/lr/batch/seed, best val epoch kept).
+At the last --flops target the onnxcc cc model is also fine-tuned with other recipes (no
+augmentation, no warm-up): the rows that tell training recipes apart.
 That code trains the exported graph, whose BatchNorm is fused into the Convs; a pruned network
 that was not refit can lose its signal there (activations far off the BN statistics), so each
-Torch-Pruning model is fine-tuned by the same loop in torch with its BatchNorm layers training on
-batch statistics, its usual workflow ("torch fine-tuning" rows; ``--tp-onnx-finetune`` adds rows
-that fine-tune its exported graph as onnxcc's rows are).
+Torch-Pruning model is fine-tuned by the same loss, optimiser and schedule in torch with its
+BatchNorm layers training on batch statistics, its usual workflow ("torch fine-tuning" rows;
+``--tp-onnx-finetune`` adds rows that fine-tune its exported graph through onnxcc's CLI).
 
 Measured on the test split (never used for any choice): accuracy right after compression and
 after fine-tuning; MACs (Conv/Gemm/MatMul from onnxruntime's runtime shapes, the same counter for
@@ -45,6 +49,8 @@ import hashlib
 import json
 import os
 import platform
+import shutil
+import subprocess
 import sys
 import time
 from collections import defaultdict
@@ -71,7 +77,7 @@ import onnxcc  # noqa: E402
 from onnxcc.bench import benchmark  # noqa: E402
 from onnxcc.calib import Calibration  # noqa: E402
 from onnxcc.compress import compress  # noqa: E402
-from onnxcc.finetune.train import finetune  # noqa: E402
+from onnxcc.finetune.train import history_path  # noqa: E402
 
 SPLIT_FILE = REPO / "tools" / "data" / "animal_mnist_split.json"
 PREFIX = 10          # hex digits of sha1 kept per image in the split file (40 bits: checked unique)
@@ -149,6 +155,33 @@ def preprocess(images: np.ndarray) -> np.ndarray:
     x = F.interpolate(x, size=(SIZE, SIZE), mode="bilinear", align_corners=False).expand(-1, 3, -1, -1)
     mean, std = torch.tensor(MEAN).view(1, 3, 1, 1), torch.tensor(STD).view(1, 3, 1, 1)
     return ((x - mean) / std).numpy().astype(np.float32)
+
+
+def pixels(x: np.ndarray) -> np.ndarray:
+    """Normalised NCHW floats back to the uint8 HWC images they were made from."""
+    mean, std = np.asarray(MEAN).reshape(1, 3, 1, 1), np.asarray(STD).reshape(1, 3, 1, 1)
+    return np.clip(np.rint((x * std + mean) * 255), 0, 255).astype(np.uint8).transpose(0, 2, 3, 1)
+
+
+def image_folders(cache: Path, data: dict) -> dict[str, Path]:
+    """The train and val splits as class folders of 64x64 PNGs, written once (what onnxcc finetune reads)."""
+    from PIL import Image
+
+    root = cache / f"folders-{key_of('folders', SIZE, {k: len(v[1]) for k, v in data.items()})}"
+    if not (root / "done").is_file():
+        tmp = root.with_name(root.name + ".tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        for split in ("train", "val"):
+            x, y = data[split]
+            for k, (im, label) in enumerate(zip(pixels(x), y)):
+                folder = tmp / split / f"{label:02d}"
+                folder.mkdir(parents=True, exist_ok=True)
+                Image.fromarray(im).save(folder / f"{k:05d}.png")
+        (tmp / "done").write_text("")
+        shutil.rmtree(root, ignore_errors=True)
+        tmp.rename(root)
+        console.print(f"wrote the train and val images to {root}")
+    return {split: root / split for split in ("train", "val")}
 
 
 def load_data(limit: int | None) -> tuple[dict[str, tuple[np.ndarray, np.ndarray]], dict[str, Any]]:
@@ -366,6 +399,7 @@ class Entry:
     make: Callable[[Path], tuple[onnx.ModelProto, dict]]
     tune: str = "onnx"
     torch_module: bool = False  # make() also stores the torch module next to the ONNX file (.pt)
+    recipe: tuple[str, ...] = ()  # extra `onnxcc finetune` flags (onnx rows)
 
 
 def compressed(e: Entry, path: Path, fresh: bool) -> tuple[onnx.ModelProto, dict]:
@@ -382,39 +416,43 @@ def compressed(e: Entry, path: Path, fresh: bool) -> tuple[onnx.ModelProto, dict
     return model, extra
 
 
-def fine_tuned(e: Entry, student: onnx.ModelProto, comp_path: Path, path: Path, teacher: onnx.ModelProto,
-               data: dict, budget: dict, fresh: bool) -> tuple[onnx.ModelProto, dict]:
+def fine_tuned(e: Entry, comp_path: Path, path: Path, teacher_path: Path, teacher: onnx.ModelProto, data: dict,
+               folders: dict[str, Path], budget: dict, fresh: bool) -> tuple[onnx.ModelProto, dict]:
     meta = path.with_suffix(".json")
     if path.is_file() and meta.is_file() and not fresh:
         return onnx.load(str(path)), json.loads(meta.read_text())
     t0 = time.perf_counter()
     if e.tune == "onnx":
-        tuned, history = run_finetune(student, teacher, data, f"fine-tune {e.label}", budget)
+        history = cli_finetune(comp_path, teacher_path, folders, path, budget, e.recipe)
+        tuned = onnx.load(str(path))
     else:
         module = torch.load(comp_path.with_suffix(".pt"), weights_only=False)  # our own cache file
         module, history = finetune_torch(module, teacher, data, budget, f"fine-tune {e.label}")
         tuned = to_onnx(module, path)
+        onnxcc.save_model(tuned, path)
     done = {"finetune_seconds": round(time.perf_counter() - t0, 1), "history": history}
-    onnxcc.save_model(tuned, path)
     meta.write_text(json.dumps(done))
     return tuned, done
 
 
-def run_finetune(student: onnx.ModelProto, teacher: onnx.ModelProto, data: dict, label: str,
-                 budget: dict) -> tuple[onnx.ModelProto, dict]:
-    with progress_bar() as bar:
-        task = bar.add_task(label, total=1)
+def cli_finetune(student: Path, teacher: Path, folders: dict[str, Path], out: Path, budget: dict,
+                 recipe: tuple[str, ...]) -> dict:
+    """``onnxcc finetune`` on the image folders, as a user runs it; returns its history."""
+    cmd = [sys.executable, "-m", "onnxcc", "finetune", str(student), "--teacher", str(teacher),
+           "--data", str(folders["train"]), "--val", str(folders["val"]), "-o", str(out),
+           "--image-size", str(SIZE), str(SIZE), "--center-crop", "1", "--epochs", str(budget["epochs"]),
+           "--lr", str(budget["lr"]), "--batch-size", str(budget["batch_size"]), "--optimizer", budget["optimizer"],
+           "--device", "cpu", "--seed", "0", *recipe]
+    console.print("$ " + " ".join(cmd[1:]), highlight=False, soft_wrap=True)
+    env = {**os.environ, "OMP_NUM_THREADS": str(THREADS)}
+    r = subprocess.run(cmd, env=env, cwd=REPO)
+    if r.returncode:
+        raise RuntimeError(f"onnxcc finetune exited with {r.returncode}")
+    return json.loads(history_path(out).read_text())["history"]
 
-        def report(desc: str, done: int, total: int) -> None:
-            bar.update(task, description=f"{label}: {desc}", completed=done, total=total)
 
-        return finetune(student, teacher, {"x": data["train"][0], "y": data["train"][1]},
-                        {"x": data["val"][0], "y": data["val"][1]}, epochs=budget["epochs"], lr=budget["lr"],
-                        batch_size=budget["batch_size"], optimizer=budget["optimizer"], device="cpu",
-                        progress=report, seed=0)
-
-
-def compress_onnxcc(baseline: onnx.ModelProto, data: dict, method: str, args: argparse.Namespace) -> onnx.ModelProto:
+def compress_onnxcc(baseline: onnx.ModelProto, data: dict, method: str, flops: float,
+                    args: argparse.Namespace) -> onnx.ModelProto:
     calib = Calibration({baseline.graph.input[0].name: data["train"][0][:args.calib]},
                         f"{args.calib} Animal-MNIST train images")
     with progress_bar() as bar:
@@ -423,7 +461,7 @@ def compress_onnxcc(baseline: onnx.ModelProto, data: dict, method: str, args: ar
         def report(desc: str, done: int, total: int) -> None:
             bar.update(task, description=f"onnxcc {method}: {desc}", completed=done, total=total)
 
-        return compress(baseline, args.flops, calib=calib, method=method, steps=args.steps, progress=report,
+        return compress(baseline, flops, calib=calib, method=method, steps=args.steps, progress=report,
                         recover="none").model
 
 
@@ -509,40 +547,36 @@ def main() -> None:
     console.print(f"baseline: test acc {rows[0]['acc_after_ft']:.4f}, {macs0 / 1e6:.1f} M MACs")
 
     # -- compressed models -------------------------------------------------------------------
-    entries = [Entry(f"onnxcc {m}", f"onnxcc-{m}", lambda path, m=m: (compress_onnxcc(baseline, data, m, args), {}))
-               for m in ("cc", "prune", "decompose")]
-    for crit, name in (("l1", "L1"), ("taylor", "Taylor")):
-        def make(path: Path, c: str = crit) -> tuple[onnx.ModelProto, dict]:
-            return tp_model(torch_base, c, args, data, path)
-        if args.tp_onnx_finetune:
-            entries.append(Entry(f"Torch-Pruning {name}", f"tp-{crit}", make, torch_module=True))
-        entries.append(Entry(f"Torch-Pruning {name}, torch fine-tuning", f"tp-{crit}", make, tune="torch",
-                             torch_module=True))
+    folders = image_folders(cache, data)
+    base_path = cache / f"baseline-{base_key}.onnx"
     t_models = time.perf_counter()
-    for e in entries:
-        code = src if e.tag.startswith("onnxcc") else versions()["torch-pruning"]
-        ckey = key_of(e.tag, base_key, args.flops, args.steps, args.calib, args.taylor_batches, code)
-        comp_path = cache / f"{e.tag}-{ckey}.onnx"
-        try:
-            student, extra = compressed(e, comp_path, args.fresh)
-        except Exception as err:  # noqa: BLE001 - one failing method must not cost the other rows
-            console.print_exception()
-            first = str(err).splitlines()[0] if str(err) else ""
-            rows.append({"method": e.label, "error": f"{type(err).__name__}: {first}"})
-            tuned_models.append(None)
-            continue
-        macs = runtime_macs(student, xte)
-        row = {"method": e.label, "fine_tuning": FT_KINDS[e.tune], "macs": macs, "mac_reduction": 1 - macs / macs0,
-               "params": params(student), "acc_before_ft": accuracy(student, xte, yte), **extra}
-        ft_path = cache / f"{e.tag}-{ckey}-ft-{key_of(ckey, budget, e.tune, src if e.tune == 'onnx' else None)}.onnx"
-        tuned, done = fine_tuned(e, student, comp_path, ft_path, baseline, data, budget, args.fresh)
-        row.update(acc_after_ft=accuracy(tuned, xte, yte), val_acc=accuracy(tuned, *data["val"]),
-                   finetune_seconds=done["finetune_seconds"], best_epoch=done["history"]["best_epoch"],
-                   finetune_history=done["history"])
-        console.print(f"{e.label}: MACs -{row['mac_reduction']:.1%}, test acc {row['acc_before_ft']:.4f} -> "
-                      f"{row['acc_after_ft']:.4f}")
-        rows.append(row)
-        tuned_models.append(tuned)
+    for flops in args.flops:
+        for e in entries_for(flops, flops == args.flops[-1], torch_base, baseline, data, args):
+            code = src if e.tag.startswith("onnxcc") else versions()["torch-pruning"]
+            ckey = key_of(e.tag, base_key, flops, args.steps, args.calib, args.taylor_batches, code)
+            comp_path = cache / f"{e.tag}-{ckey}.onnx"
+            try:
+                student, extra = compressed(e, comp_path, args.fresh)
+            except Exception as err:  # noqa: BLE001 - one failing method must not cost the other rows
+                console.print_exception()
+                first = str(err).splitlines()[0] if str(err) else ""
+                rows.append({"method": e.label, "target": flops, "error": f"{type(err).__name__}: {first}"})
+                tuned_models.append(None)
+                continue
+            macs = runtime_macs(student, xte)
+            row = {"method": e.label, "target": flops, "fine_tuning": FT_KINDS[e.tune], "recipe": list(e.recipe),
+                   "macs": macs, "mac_reduction": 1 - macs / macs0, "params": params(student),
+                   "acc_before_ft": accuracy(student, xte, yte), **extra}
+            ft_key = key_of(ckey, budget, e.tune, e.recipe, src if e.tune == "onnx" else None)
+            ft_path = cache / f"{e.tag}-{ckey}-ft-{ft_key}.onnx"
+            tuned, done = fine_tuned(e, comp_path, ft_path, base_path, baseline, data, folders, budget, args.fresh)
+            row.update(acc_after_ft=accuracy(tuned, xte, yte), val_acc=accuracy(tuned, *data["val"]),
+                       finetune_seconds=done["finetune_seconds"], best_epoch=done["history"]["best_epoch"],
+                       finetune_history=done["history"])
+            console.print(f"{e.label} at {flops}: MACs -{row['mac_reduction']:.1%}, test acc "
+                          f"{row['acc_before_ft']:.4f} -> {row['acc_after_ft']:.4f}")
+            rows.append(row)
+            tuned_models.append(tuned)
     times["compress_and_finetune"] = time.perf_counter() - t_models
 
     # -- latency -----------------------------------------------------------------------------
@@ -554,6 +588,30 @@ def main() -> None:
     times["latency"] = time.perf_counter() - t0
     times["total"] = time.perf_counter() - t_start
     write_results(out_dir, rows, data_stats, budget, base_cfg, base_info, lat, times, args, src)
+
+
+RECIPES = {"no augmentation": ("--no-augment",), "no warm-up": ("--warmup", "0")}
+
+
+def entries_for(flops: float, last: bool, torch_base: torch.nn.Module, baseline: onnx.ModelProto, data: dict,
+                args: argparse.Namespace) -> list[Entry]:
+    """The rows at one target: onnxcc's methods, Torch-Pruning's criteria, and at the last target
+    the onnxcc cc model fine-tuned with each other recipe."""
+    def ours(m: str) -> Callable[[Path], tuple[onnx.ModelProto, dict]]:
+        return lambda path: (compress_onnxcc(baseline, data, m, flops, args), {})
+
+    methods = ("cc", "prune", "decompose") if not last or len(args.flops) == 1 else ("cc", "prune")
+    entries = [Entry(f"onnxcc {m}", f"onnxcc-{m}", ours(m)) for m in methods]
+    if last:
+        entries += [Entry(f"onnxcc cc, {name}", "onnxcc-cc", ours("cc"), recipe=flags) for name, flags in RECIPES.items()]
+    for crit, name in (("l1", "L1"), ("taylor", "Taylor")):
+        def make(path: Path, c: str = crit) -> tuple[onnx.ModelProto, dict]:
+            return tp_model(torch_base, c, flops, args, data, path)
+        if args.tp_onnx_finetune:
+            entries.append(Entry(f"Torch-Pruning {name}", f"tp-{crit}", make, torch_module=True))
+        entries.append(Entry(f"Torch-Pruning {name}, torch fine-tuning", f"tp-{crit}", make, tune="torch",
+                             torch_module=True))
+    return entries
 
 
 def get_baseline(data: dict, args: argparse.Namespace, stem: Path) -> tuple[torch.nn.Module, onnx.ModelProto, dict]:
@@ -574,33 +632,39 @@ def get_baseline(data: dict, args: argparse.Namespace, stem: Path) -> tuple[torc
     return model, baseline, info
 
 
-def tp_model(torch_base: torch.nn.Module, criterion: str, args: argparse.Namespace, data: dict,
+def tp_model(torch_base: torch.nn.Module, criterion: str, flops: float, args: argparse.Namespace, data: dict,
              path: Path) -> tuple[onnx.ModelProto, dict]:
     """Torch-Pruning's model, exported to ONNX at ``path``; the torch module is kept as ``.pt``."""
-    pruned, info = tp_prune(torch_base, criterion, args.flops, data, args.taylor_batches, args.batch)
+    pruned, info = tp_prune(torch_base, criterion, flops, data, args.taylor_batches, args.batch)
     torch.save(pruned, path.with_suffix(".pt"))
     return to_onnx(pruned, path), info
 
 
 # ================================================================================== results
-def write_results(out_dir: Path, rows: list[dict], data_stats: dict, budget: dict, base_cfg: dict,
-                  base_info: dict, lat: dict, times: dict, args: argparse.Namespace, src: str) -> None:
+def summarise(rows: list[dict], flops: float) -> dict:
+    """At one target: the best onnxcc row with the default recipe (what a user gets) against the
+    baseline and against the best Torch-Pruning row."""
     base = rows[0]["acc_after_ft"]
-    summary = {}
-    ok = {r["method"]: r for r in rows if "acc_after_ft" in r}
-    def best(prefix: str) -> dict | None:
-        return max((r for k, r in ok.items() if k.startswith(prefix)), key=lambda r: r["acc_after_ft"], default=None)
-
-    best_onnxcc, best_tp = best("onnxcc"), best("Torch-Pruning")  # the TP row of either fine-tuning path
+    ok = [r for r in rows if "acc_after_ft" in r and r.get("target") == flops]
+    best_onnxcc = max((r for r in ok if r["method"].startswith("onnxcc") and not r["recipe"]),
+                      key=lambda r: r["acc_after_ft"], default=None)
+    best_tp = max((r for r in ok if r["method"].startswith("Torch-Pruning")), key=lambda r: r["acc_after_ft"],
+                  default=None)
+    summary: dict[str, Any] = {}
     if best_onnxcc is not None:
         summary["best_onnxcc"] = best_onnxcc["method"]
         summary["onnxcc_minus_baseline_points"] = round(100 * (best_onnxcc["acc_after_ft"] - base), 2)
         summary["within_0.5_points_of_baseline"] = summary["onnxcc_minus_baseline_points"] >= -0.5
     if best_onnxcc is not None and best_tp is not None:
         summary["best_torch_pruning"] = best_tp["method"]
-        gap = best_onnxcc["acc_after_ft"] - best_tp["acc_after_ft"]
-        summary["onnxcc_minus_torch_pruning_points"] = round(100 * gap, 2)
+        summary["onnxcc_minus_torch_pruning_points"] = round(100 * (best_onnxcc["acc_after_ft"] - best_tp["acc_after_ft"]), 2)
         summary["ahead_of_torch_pruning_by_0.5_points"] = summary["onnxcc_minus_torch_pruning_points"] >= 0.5
+    return summary
+
+
+def write_results(out_dir: Path, rows: list[dict], data_stats: dict, budget: dict, base_cfg: dict,
+                  base_info: dict, lat: dict, times: dict, args: argparse.Namespace, src: str) -> None:
+    summary = {str(f): summarise(rows, f) for f in args.flops}
     result = {
         "benchmark": "Animal-MNIST, MobileNetV2 (ImageNet weights) fine-tuned, 64x64 input",
         "flops_removed_target": args.flops, "onnxcc_steps": args.steps, "calibration_images": args.calib,
@@ -635,40 +699,46 @@ def pct(v: float | None) -> str:
 
 def markdown(res: dict) -> str:
     d, b = res["data"], res["finetune_budget"]
-    md = [f"# Animal-MNIST: MobileNetV2 at {res['flops_removed_target']:.0%} fewer MACs, fine-tuned", "",
+    targets = res["flops_removed_target"]
+    md = [f"# Animal-MNIST: MobileNetV2 at {' and '.join(f'{f:.0%}' for f in targets)} fewer MACs, fine-tuned", "",
           f"Deduplicated animal-mnist 0.4 ({d['kept']} distinct images of {d['images']}; "
           f"split by image hash in `{res['split_file']}`: {d['split']['train']} train / {d['split']['val']} val / "
           f"{d['split']['test']} test). Input 64x64, grey→RGB, ImageNet normalisation. "
           "Accuracy on the test split, in %.",
           f"Every compressed model: the same fine-tuning budget ({b['epochs']} epochs, Adam lr {b['lr']}, batch "
-          f"{b['batch_size']}, cosine; distillation from the baseline + cross-entropy; best val epoch kept), run by "
-          "onnxcc's `finetune` on the exported graph (BatchNorm fused into the Convs). Rows marked *torch "
-          "fine-tuning* run the same loop in torch on Torch-Pruning's module, whose BatchNorm layers still "
-          "train on batch statistics (its usual workflow).",
+          f"{b['batch_size']}; distillation from the baseline + cross-entropy; best val epoch kept). onnxcc's rows "
+          "run `onnxcc finetune` on the exported graph (BatchNorm fused into the Convs), reading the train and val "
+          "splits from an image folder of PNGs, with its defaults (random resized crops and flips, 3% warm-up, "
+          "cosine); rows naming a recipe change one of those. Rows marked *torch fine-tuning* run the same loss, "
+          "Adam and cosine schedule in torch on Torch-Pruning's module, whose BatchNorm layers still train on "
+          "batch statistics (its usual workflow), on the arrays, without augmentation.",
           "MACs: Conv/Gemm/MatMul from onnxruntime runtime shapes, one counter for all. Latency: onnxruntime CPU, "
-          f"2 threads, batch 1, {res['latency']['runs']} interleaved runs per model (p50).", "",
-          "| model | MACs (M) | MACs removed | params (M) | acc after compression | acc after fine-tuning | "
-          "latency p50 (ms) | speedup |", "|---|---|---|---|---|---|---|---|"]
-    for r in res["rows"]:
-        if "error" in r:
-            md.append(f"| {r['method']} | failed: {r['error']} |||||||")
-            continue
-        md.append(f"| {r['method']} | {r['macs'] / 1e6:.2f} | {r['mac_reduction']:.1%} | {r['params'] / 1e6:.3f} | "
-                  f"{pct(r['acc_before_ft'])} | {pct(r['acc_after_ft'])} | {r.get('latency_p50_ms', 0):.3f} | "
-                  f"{r.get('speedup', 0):.2f}× |")
-    s = res["summary"]
-    md.append("")
-    if "onnxcc_minus_baseline_points" in s:
-        md.append(f"Best onnxcc ({s['best_onnxcc']}) after fine-tuning vs the baseline: "
-                  f"{s['onnxcc_minus_baseline_points']:+.2f} points.")
-    if "onnxcc_minus_torch_pruning_points" in s:
-        md.append(f"Best onnxcc vs best Torch-Pruning ({s['best_torch_pruning']}): "
-                  f"{s['onnxcc_minus_torch_pruning_points']:+.2f} points.")
+          f"2 threads, batch 1, {res['latency']['runs']} interleaved runs per model (p50), all models in one run."]
+    for flops in targets:
+        md += ["", f"## {flops:.0%} fewer MACs", "",
+               "| model | MACs (M) | MACs removed | params (M) | acc after compression | acc after fine-tuning | "
+               "latency p50 (ms) | speedup |", "|---|---|---|---|---|---|---|---|"]
+        for r in res["rows"]:
+            if r.get("target", flops) != flops:
+                continue
+            if "error" in r:
+                md.append(f"| {r['method']} | failed: {r['error']} |||||||")
+                continue
+            md.append(f"| {r['method']} | {r['macs'] / 1e6:.2f} | {r['mac_reduction']:.1%} | {r['params'] / 1e6:.3f} | "
+                      f"{pct(r['acc_before_ft'])} | {pct(r['acc_after_ft'])} | {r.get('latency_p50_ms', 0):.3f} | "
+                      f"{r.get('speedup', 0):.2f}× |")
+        s = res["summary"][str(flops)]
+        md.append("")
+        if "onnxcc_minus_baseline_points" in s:
+            md.append(f"Best onnxcc with the default recipe ({s['best_onnxcc']}) after fine-tuning vs the baseline: "
+                      f"{s['onnxcc_minus_baseline_points']:+.2f} points.")
+        if "onnxcc_minus_torch_pruning_points" in s:
+            md.append(f"Best onnxcc vs best Torch-Pruning ({s['best_torch_pruning']}): "
+                      f"{s['onnxcc_minus_torch_pruning_points']:+.2f} points.")
     md.append(f"\nBaseline row: the fine-tuned network itself (no compression). Test split: "
               f"{d['split']['test']} images, so one image is {100 / d['split']['test']:.2f} points. "
               f"Wall time of this run {res['wall_seconds']['total'] / 60:.1f} min on {res['machine']['cpu']} "
-              "(stages found in the cache are loaded, not recomputed; `--fresh` recomputes all of them, about "
-              "30 min on 2 cores).")
+              "(stages found in the cache are loaded, not recomputed; `--fresh` recomputes all of them).")
     return "\n".join(md) + "\n"
 
 
@@ -703,7 +773,8 @@ def git_state() -> str:
 
 def parse_args() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--flops", type=float, default=0.5, help="fraction of the MACs to remove")
+    p.add_argument("--flops", type=float, nargs="+", default=[0.5, 0.7],
+                   help="fractions of the MACs to remove, one table each (recipes compared at the last)")
     p.add_argument("--steps", type=int, default=3, help="onnxcc compress steps")
     p.add_argument("--calib", type=int, default=128, help="train images given to onnxcc as calibration")
     p.add_argument("--epochs", type=int, default=4, help="fine-tuning epochs of every compressed model")

@@ -13,6 +13,7 @@ torch is an optional dependency and is imported lazily.
 """
 from __future__ import annotations
 
+import json
 import logging
 import os
 import time
@@ -27,12 +28,12 @@ from ..analysis.view import graph_inputs
 from ..calib import ImagePreprocess
 from ..config import FinetuneConfig
 from ..errors import CalibrationError, UsageError, VerificationError
-from ..io import check_output_path, load_model, save_model
+from ..io import atomic_write_text, check_output_path, load_model, save_model
 from ..runtime import make_session, providers_for
 from .data import ArraySamples, ImageFolder, Samples, TrainSet, as_samples, load_npz
 from .heads import Teacher, heads, rows_shape
 
-__all__ = ["finetune", "finetune_verified", "load_npz", "run_finetune_cli", "checkpoint_folder"]
+__all__ = ["finetune", "finetune_verified", "load_npz", "run_finetune_cli", "checkpoint_folder", "history_path"]
 
 log = logging.getLogger(__name__)
 
@@ -91,8 +92,9 @@ def _classes(samples: Samples, what: str, teach: Teacher, t_heads: list, label_h
     if label_head is None:
         raise UsageError(f"{what} data has labels but the model has no class-score output")
     n_rows, classes = rows_shape(teach.outputs(first)[label_head].shape, t_heads[label_head])
-    if n_rows != 1:
-        raise UsageError(f"{what} labels need one class-score row per sample; the model gives {n_rows} rows")
+    per_sample = n_rows / len(next(iter(first.values())))
+    if per_sample != 1:
+        raise UsageError(f"{what} labels need one class-score row per sample; the model gives {per_sample:g}")
     top = (len(samples.classes) - 1 if isinstance(samples, ImageFolder)
            else int(samples.y.max()) if isinstance(samples, ArraySamples) else None)
     if top is not None and top >= classes:
@@ -111,6 +113,11 @@ def _workers(cfg: FinetuneConfig, samples: Samples) -> int:
     if cfg.workers is not None:
         return cfg.workers
     return min(4, max(1, (os.cpu_count() or 2) - 1)) if isinstance(samples, ImageFolder) else 0
+
+
+def history_path(output: str | Path) -> Path:
+    """Where ``onnxcc finetune -o OUTPUT`` writes its settings and per-epoch history."""
+    return Path(str(output) + ".finetune.json")
 
 
 def checkpoint_folder(output: str | Path) -> Path:
@@ -285,7 +292,8 @@ def run_finetune_cli(student_path: str | Path, teacher_path: str | Path, data: s
                      preprocess: ImagePreprocess | None = None, resume: bool = False,
                      progress: Progress | None = None, on_epoch: EpochReport | None = None) -> dict[str, Any]:
     """Everything ``onnxcc finetune`` does: load, fine-tune (checkpointing each epoch beside the
-    output), verify, save atomically. Under torchrun only the first process writes."""
+    output), verify, save atomically, with the settings and history in ``OUTPUT.finetune.json``.
+    Under torchrun only the first process writes."""
     out = check_output_path(out_path, [student_path, teacher_path], force=False)
     student, teacher = load_model(student_path), load_model(teacher_path)
     folder = checkpoint_folder(out)
@@ -296,6 +304,8 @@ def run_finetune_cli(student_path: str | Path, teacher_path: str | Path, data: s
         _verify(tuned, student, _first_feed(TrainSet(as_samples(data, student, "train", preprocess), student, "train"),
                                             _fixed_batch(graph_inputs(student)) or 1))
         save_model(tuned, out)
+        cfg = replace(config or FinetuneConfig())
+        atomic_write_text(history_path(out), json.dumps({"settings": vars(cfg), "history": history}, indent=1) + "\n")
         from .checkpoint import Checkpoints
 
         Checkpoints(folder).clear()
