@@ -22,6 +22,7 @@ from onnxcc.calib import ImagePreprocess, load_image
 from onnxcc.config import FinetuneConfig
 from onnxcc.errors import CalibrationError, UsageError
 from onnxcc.finetune import finetune, finetune_verified, load_npz, open_samples
+from onnxcc.passes.normalize import normalize
 
 torch = pytest.importorskip("torch")
 F32 = np.float32
@@ -45,7 +46,7 @@ def _weights(model: onnx.ModelProto) -> dict[str, np.ndarray]:
 
 
 def _pair(tmp_path: Path, n: int = 32, seed: int = 0) -> tuple[Path, Path, Path]:
-    teacher = GRAPHS["tiny_resnet"](13)
+    teacher = normalize(GRAPHS["tiny_resnet"](13)).model
     onnx.save(teacher, tmp_path / "teacher.onnx")
     onnx.save(_perturbed(teacher), tmp_path / "student.onnx")
     np.save(tmp_path / "x.npy", np.random.default_rng(seed).standard_normal((n, 3, 16, 16)).astype(F32))
@@ -264,3 +265,38 @@ def test_a_killed_run_resumes_to_the_weights_of_an_uninterrupted_one(tmp_path):
     for name in want:
         np.testing.assert_array_equal(got[name], want[name], err_msg=name)
     assert not ckpt.parent.exists()
+
+
+def test_reinserted_batchnorm_is_the_identity_at_start_and_folds_back_exactly():
+    from onnxcc.finetune import batchnorm
+    from onnxcc.finetune.executor import OnnxModule, export_weights
+
+    model = normalize(GRAPHS["tiny_resnet"](13)).model   # BatchNorm folded into Convs with biases, as exported
+    x = torch.from_numpy(np.random.default_rng(0).standard_normal((8, 3, 16, 16)).astype(F32))
+    module = OnnxModule(model)
+    want = module({"x": x})[0].detach()
+    assert batchnorm.insert(module, [{"x": x}]) >= 2
+    module.eval()
+    torch.testing.assert_close(module({"x": x})[0], want, rtol=1e-4, atol=1e-4)
+    module.train()
+    opt = torch.optim.SGD(module.parameters(), lr=0.05)
+    for _ in range(3):   # move the BatchNorm's affine and running statistics away from the identity
+        opt.zero_grad()
+        module({"x": x})[0].square().mean().backward()
+        opt.step()
+    module.eval()
+    trained = module({"x": x})[0].detach()
+    batchnorm.fold(module)
+    assert not module.after
+    torch.testing.assert_close(module({"x": x})[0], trained, rtol=1e-4, atol=1e-4)
+    exported = export_weights(module, model)
+    np.testing.assert_allclose(run(exported, {"x": x[:1].numpy()})[0], trained[:1].numpy(), rtol=1e-4, atol=1e-4)
+
+
+def test_fine_tunes_with_batchnorm(tmp_path):
+    student, teacher, data = _pair(tmp_path, n=48)
+    tuned, history = finetune_verified(onnx.load(student), onnx.load(teacher), data, data, epochs=2, lr=3e-3,
+                                       batch_size=16, batchnorm=True, augment=False)
+    assert history["batchnorm_inserted"] >= 2
+    assert history["epochs"][-1]["val_loss"] < history["initial"]["val_loss"]
+    assert [n.op_type for n in tuned.graph.node] == [n.op_type for n in onnx.load(student).graph.node]

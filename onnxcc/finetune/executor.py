@@ -823,11 +823,30 @@ class OnnxModule(torch.nn.Module):
         self.output_names = [o.name for o in graph.output]
         self._nodes = [_node(p, opset) for p in graph.node if p.op_type != "Constant"]
         self._produced = {o for n in self._nodes for o in n.outputs if o}
+        # modules applied to a tensor as it is produced (e.g. BatchNorm re-inserted for training)
+        self.after = torch.nn.ModuleDict()
+        self._after: dict[str, str] = {}
         self._plans: dict[tuple[tuple[str, ...], frozenset[str]], list[tuple[Node, list[str]]]] = {}
 
     def onnx_parameters(self) -> dict[str, torch.nn.Parameter]:
         """The trainable tensors keyed by their ONNX names."""
-        return {self.onnx_names[k]: p for k, p in self.named_parameters()}
+        return {self.onnx_names[k]: p for k, p in self.named_parameters() if k in self.onnx_names}
+
+    def nodes(self) -> list[Node]:
+        return list(self._nodes)
+
+    def applied_after(self, tensor: str) -> torch.nn.Module | None:
+        key = self._after.get(tensor)
+        return self.after[key] if key is not None else None
+
+    def apply_after(self, tensor: str, module: torch.nn.Module | None) -> None:
+        """Apply ``module`` to ``tensor`` wherever it is produced (None removes it)."""
+        key = self._after.pop(tensor, None) or _safe_name(tensor, self.after)
+        if key in self.after:
+            del self.after[key]
+        if module is not None:
+            self.after[key] = module
+            self._after[tensor] = key
 
     def _plan(self, names: tuple[str, ...], given: frozenset[str] = frozenset()
               ) -> list[tuple[Node, list[str]]]:
@@ -876,7 +895,7 @@ class OnnxModule(torch.nn.Module):
                 if k >= len(results):  # e.g. MaxPool's Indices
                     raise UnsupportedModelError(f"{node.op} node {node.name!r}: output #{k} ({out!r}) "
                                                 "is not supported for fine-tuning")
-                env[out] = results[k]
+                env[out] = results[k] if out not in self._after else self.after[self._after[out]](results[k])
             for d in dead:
                 del env[d]
         return [env[n] for n in names]

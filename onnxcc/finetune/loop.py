@@ -162,6 +162,7 @@ class Distiller:
     def evaluate(self, batches: DataLoader) -> dict[str, float]:
         """Distillation loss (and accuracy with labels) over every rank's shard."""
         sums = torch.zeros(4, dtype=torch.float64)  # loss * n, n, correct, labeled
+        self.student.eval()
         for x, y in batches:
             outs, soft = self._forward(x, train=False)
             n = len(y)
@@ -178,9 +179,8 @@ class Distiller:
         return metrics
 
     def state(self) -> dict[str, torch.Tensor]:
-        return {k: p.detach().cpu().clone() for k, p in self.student.module.onnx_parameters().items()}
+        """Everything trained: the ONNX weights and any re-inserted BatchNorm."""
+        return {k: t.detach().cpu().clone() for k, t in self.student.state_dict().items()}
 
     def load(self, state: Mapping[str, torch.Tensor]) -> None:
-        with torch.no_grad():
-            for k, p in self.student.module.onnx_parameters().items():
-                p.copy_(state[k])
+        self.student.load_state_dict(state)

@@ -174,6 +174,8 @@ def finetune(student: onnx.ModelProto, teacher: onnx.ModelProto, train: Any, val
 
     net = Student(OnnxModule(student).to(device), [h.tensor for h in s_heads], chunk)
     _check_shapes(torch, net, teach, _first_feed(tr, chunk), device)
+    renormed = _renormalise(torch, net, TrainSet(tr_samples, student, "train"), local_batch, device) \
+        if cfg.batchnorm else 0
     model = net
     if world.size > 1:
         unused = len(net.module.parameters_for(net.names)) < len(list(net.parameters()))
@@ -194,7 +196,8 @@ def finetune(student: onnx.ModelProto, teacher: onnx.ModelProto, train: Any, val
     sched = schedule(opt, total, round(cfg.warmup * total))
 
     history: dict[str, Any] = {"epochs": [], "initial": {}, "world_size": world.size, "train_samples": len(tr),
-                               "augmented": sorted(tr.images), "workers": workers}
+                               "augmented": sorted(tr.images), "workers": workers,
+                               "batchnorm_inserted": renormed}
     best = None
     start = 1
     store = ckpt.Checkpoints(checkpoints) if checkpoints is not None else None
@@ -249,7 +252,22 @@ def finetune(student: onnx.ModelProto, teacher: onnx.ModelProto, train: Any, val
     history["best_epoch"] = best[2] if best is not None else cfg.epochs
     history["selected_by"] = "last" if va is None else ("val_acc" if "acc" in _metric_names(history) else "val_loss")
     leave(world)
+    if cfg.batchnorm:
+        from .batchnorm import fold
+
+        fold(net.module)
     return export_weights(net.module, student), history
+
+
+def _renormalise(torch, net, data: TrainSet, batch: int, device: str, samples: int = 256) -> int:
+    """BatchNorm after each Conv, measured on up to ``samples`` training samples as given."""
+    from .batchnorm import insert
+
+    def batches():
+        for i in range(0, min(samples, len(data)), batch):
+            rows = [data[(k, 0)][0] for k in range(i, min(i + batch, samples, len(data)))]
+            yield {name: torch.from_numpy(np.stack([r[name] for r in rows])).to(device) for name in rows[0]}
+    return insert(net.module, batches())
 
 
 def _metric_names(history: dict[str, Any]) -> set[str]:
