@@ -590,7 +590,8 @@ def main() -> None:
     write_results(out_dir, rows, data_stats, budget, base_cfg, base_info, lat, times, args, src)
 
 
-RECIPES = {"no augmentation": ("--no-augment",), "no warm-up": ("--warmup", "0")}
+RECIPES = {"no augmentation": ("--no-augment",), "no warm-up": ("--warmup", "0"),
+           "BatchNorm re-inserted": ("--batchnorm",), "BatchNorm, no augmentation": ("--batchnorm", "--no-augment")}
 
 
 def entries_for(flops: float, last: bool, torch_base: torch.nn.Module, baseline: onnx.ModelProto, data: dict,
