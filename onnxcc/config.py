@@ -10,6 +10,7 @@ if TYPE_CHECKING:
     from .sensitivity import Plan
 
 Progress = Callable[[str, int, int], None]
+EpochReport = Callable[[dict], None]     # one fine-tuning epoch's numbers, as it ends
 METHODS = ("cc", "prune", "decompose")
 RECOVER_MODES = ("none", "stats", "blocks")
 

@@ -35,7 +35,7 @@ from ..calib import IMAGE_SUFFIXES, ImagePreprocess, load_image
 from ..errors import CalibrationError
 
 __all__ = ["Samples", "ArraySamples", "ImageFolder", "DatasetSamples", "TrainSet", "load_npz", "open_samples",
-           "as_samples"]
+           "as_samples", "fixed_batch"]
 
 log = logging.getLogger(__name__)
 UNLABELED = -1
@@ -317,6 +317,15 @@ def as_samples(data: Any, model: onnx.ModelProto, what: str, preprocess: ImagePr
 
 
 # ============================================================================ what torch reads
+def fixed_batch(model: onnx.ModelProto) -> int | None:
+    """The batch size the model's inputs are declared with, if any (graphs may bake it into Reshapes)."""
+    for vi in graph_inputs(model):
+        dims = vi.type.tensor_type.shape.dim
+        if dims and dims[0].dim_value > 0:
+            return dims[0].dim_value
+    return None
+
+
 def _input_checks(model: onnx.ModelProto) -> dict[str, tuple[np.dtype, list[int]]]:
     return {vi.name: (helper.tensor_dtype_to_np_dtype(vi.type.tensor_type.elem_type),
                       [d.dim_value for d in vi.type.tensor_type.shape.dim]) for vi in graph_inputs(model)}
@@ -344,6 +353,11 @@ class TrainSet:
 
     def __len__(self) -> int:
         return len(self.samples)
+
+    def first(self, batch: int) -> dict[str, np.ndarray]:
+        """The first sample, as given, repeated to a batch of ``batch`` (for probes and checks)."""
+        x, _ = self.samples.sample(0)
+        return {k: np.repeat(np.asarray(x[k], dtype=dtype)[None], batch, axis=0) for k, (dtype, _) in self.inputs.items()}
 
     def __getitem__(self, key: tuple[int, int]) -> tuple[dict[str, np.ndarray], int]:
         i, epoch = key

@@ -63,6 +63,7 @@ class Teacher:
     for the whole set), in slices of ``chunk`` samples."""
 
     def __init__(self, teacher: onnx.ModelProto, found: list[Head], chunk: int, provider: str):
+        self.heads = found
         self.names = [h.tensor for h in found]
         self.session = make_session(expose_outputs(teacher, self.names), provider)
         self.chunk = chunk

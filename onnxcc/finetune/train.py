@@ -6,39 +6,34 @@ Data is read a sample at a time (:mod:`.data`) by a torch DataLoader, optionally
 processes; the teacher runs in onnxruntime on each batch as it is used, so memory does not grow
 with the data set. Under ``torchrun`` the processes share each global batch (DistributedDataParallel,
 :mod:`.distributed`); with a checkpoint folder every epoch is saved and a run resumes where it
-stopped (:mod:`.checkpoint`). The loss is in :mod:`.loop`: KL divergence at ``temperature`` on
-class scores, MSE on anything else, plus cross-entropy where there are labels.
+stopped (:mod:`.checkpoint`). :mod:`.run` puts a run together; the loss is in :mod:`.loop`: KL
+divergence at ``temperature`` on class scores, MSE on anything else, plus cross-entropy where
+there are labels.
 
 torch is an optional dependency and is imported lazily.
 """
 from __future__ import annotations
 
 import json
-import logging
 import os
-import time
 from dataclasses import replace
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import onnx
 
 from ..analysis.view import graph_inputs
 from ..calib import ImagePreprocess
-from ..config import FinetuneConfig
-from ..errors import CalibrationError, UsageError, VerificationError
+from ..config import EpochReport, FinetuneConfig, Progress
+from ..errors import UsageError, VerificationError
 from ..io import atomic_write_text, check_output_path, load_model, save_model
-from ..runtime import make_session, providers_for
-from .data import ArraySamples, ImageFolder, Samples, TrainSet, as_samples, load_npz
-from .heads import Teacher, heads, rows_shape
+from ..runtime import make_session
+from .data import TrainSet, as_samples, fixed_batch, load_npz
+from .heads import heads
 
 __all__ = ["finetune", "finetune_verified", "load_npz", "run_finetune_cli", "checkpoint_folder", "history_path"]
 
-log = logging.getLogger(__name__)
-
-Progress = Callable[[str, int, int], None]
-EpochReport = Callable[[dict[str, Any]], None]
 
 
 def _torch():
@@ -49,70 +44,12 @@ def _torch():
     return torch
 
 
-def _fixed_batch(inputs: list[onnx.ValueInfoProto]) -> int | None:
-    """The batch size an input is declared with, if any (the graph may bake it into Reshapes)."""
-    for vi in inputs:
-        dims = vi.type.tensor_type.shape.dim
-        if dims and dims[0].dim_value > 0:
-            return dims[0].dim_value
-    return None
-
-
-def _teacher_provider(device: str) -> str:
-    if device.startswith("cuda"):
-        try:
-            providers_for("cuda")
-            return "cuda"
-        except UsageError:
-            log.info("onnxruntime has no CUDA provider: the teacher runs on the CPU")
-    return "cpu"
-
-
-def _device(torch, name: str, local_rank: int) -> str:
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    if name == "cuda" and not torch.cuda.is_available():
-        raise UsageError("--device cuda: torch sees no CUDA GPU (install a CUDA build of torch)")
-    return f"cuda:{local_rank}" if name == "cuda" else "cpu"
-
-
 def _check_pair(student: onnx.ModelProto, teacher: onnx.ModelProto) -> None:
     if sorted(i.name for i in graph_inputs(student)) != sorted(i.name for i in graph_inputs(teacher)):
         raise UsageError("student and teacher inputs differ: is the student compressed from this teacher?")
     if [h.axis is None for h in heads(student)] != [h.axis is None for h in heads(teacher)]:
         raise UsageError("student and teacher outputs differ (count or kind): is the student compressed from "
                          "this teacher?")
-
-
-def _classes(samples: Samples, what: str, teach: Teacher, t_heads: list, label_head: int | None,
-             first: dict[str, np.ndarray]) -> int | None:
-    """The number of classes labels index (None without labels), checked where the source tells."""
-    if not samples.labeled:
-        return None
-    if label_head is None:
-        raise UsageError(f"{what} data has labels but the model has no class-score output")
-    n_rows, classes = rows_shape(teach.outputs(first)[label_head].shape, t_heads[label_head])
-    per_sample = n_rows / len(next(iter(first.values())))
-    if per_sample != 1:
-        raise UsageError(f"{what} labels need one class-score row per sample; the model gives {per_sample:g}")
-    top = (len(samples.classes) - 1 if isinstance(samples, ImageFolder)
-           else int(samples.y.max()) if isinstance(samples, ArraySamples) else None)
-    if top is not None and top >= classes:
-        raise CalibrationError(f"{what} labels must be {len(samples)} class indices in [0, {classes}); the data "
-                               f"has {top + 1} classes")
-    return classes
-
-
-def _first_feed(data: TrainSet, batch: int) -> dict[str, np.ndarray]:
-    x, _ = data[(0, 0)]
-    return {k: np.repeat(v[None], batch, axis=0) for k, v in x.items()}
-
-
-def _workers(cfg: FinetuneConfig, samples: Samples) -> int:
-    """Decoding images is worth worker processes; arrays (in memory or mapped) are read in place."""
-    if cfg.workers is not None:
-        return cfg.workers
-    return min(4, max(1, (os.cpu_count() or 2) - 1)) if isinstance(samples, ImageFolder) else 0
 
 
 def history_path(output: str | Path) -> Path:
@@ -144,150 +81,22 @@ def finetune(student: onnx.ModelProto, teacher: onnx.ModelProto, train: Any, val
     "val_loss" | "last", "world_size", "train_samples", "augmented": [input names], "resumed_from"?}``.
     """
     torch = _torch()
-    from . import checkpoint as ckpt
+    from .checkpoint import Checkpoints
     from .distributed import join, leave
-    from .executor import OnnxModule, export_weights
-    from .loop import Distiller, EpochSampler, Student, Shard, loader, schedule
+    from .executor import export_weights
+    from .run import Run
 
     cfg = replace(config or FinetuneConfig(), **settings)
     cfg.validate()
     _check_pair(student, teacher)
-    world = join(cfg.device if cfg.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
-    device = _device(torch, cfg.device, world.local_rank)
-    if cfg.batch_size % world.size:
-        raise UsageError(f"the batch size {cfg.batch_size} is split across {world.size} processes: make it a "
-                         "multiple of that")
-    local_batch = cfg.batch_size // world.size
-    s_heads, t_heads = heads(student), heads(teacher)
-    label_head = next((k for k, h in enumerate(s_heads) if h.axis is not None), None)
-    chunk = _fixed_batch(graph_inputs(student)) or local_batch
-    teach = Teacher(teacher, t_heads, _fixed_batch(graph_inputs(teacher)) or local_batch, _teacher_provider(device))
-
-    tr_samples = as_samples(train, student, "train", preprocess)
-    tr = TrainSet(tr_samples, student, "train", augment=cfg.augment, seed=cfg.seed)
-    TrainSet(tr_samples, teacher, "train")
-    classes = _classes(tr_samples, "train", teach, t_heads, label_head, _first_feed(tr, chunk))
-    va_samples = as_samples(val, student, "val", preprocess) if val is not None else None
-    va = TrainSet(va_samples, student, "val") if va_samples is not None else None
-    if va_samples is not None:
-        classes = _classes(va_samples, "val", teach, t_heads, label_head, _first_feed(va, chunk)) or classes
-
-    net = Student(OnnxModule(student).to(device), [h.tensor for h in s_heads], chunk)
-    _check_shapes(torch, net, teach, _first_feed(tr, chunk), device)
-    renormed = _renormalise(torch, net, TrainSet(tr_samples, student, "train"), local_batch, device) \
-        if cfg.batchnorm else 0
-    model = net
-    if world.size > 1:
-        unused = len(net.module.parameters_for(net.names)) < len(list(net.parameters()))
-        model = torch.nn.parallel.DistributedDataParallel(
-            net, device_ids=[world.local_rank] if device.startswith("cuda") else None, find_unused_parameters=unused)
-    amp = cfg.amp and device.startswith("cuda") and torch.cuda.is_bf16_supported()
-    d = Distiller(net, model, teach, s_heads, label_head, classes, cfg.temperature, cfg.alpha, device, world, amp)
-
-    sampler = EpochSampler(len(tr), world, cfg.seed)
-    workers = _workers(cfg, tr_samples)
-    batches = loader(tr, local_batch, sampler, workers)
-    val_batches = loader(va, local_batch, Shard(len(va), world), 0) if va is not None else None
-    params = list(net.parameters())
-    opt = (torch.optim.Adam(params, lr=cfg.lr) if cfg.optimizer == "adam"
-           else torch.optim.SGD(params, lr=cfg.lr, momentum=0.9))
-    steps = len(batches)
-    total = cfg.epochs * steps
-    sched = schedule(opt, total, round(cfg.warmup * total))
-
-    history: dict[str, Any] = {"epochs": [], "initial": {}, "world_size": world.size, "train_samples": len(tr),
-                               "augmented": sorted(tr.images), "workers": workers,
-                               "batchnorm_inserted": renormed}
-    best = None
-    start = 1
-    store = ckpt.Checkpoints(checkpoints) if checkpoints is not None else None
-    fp = ckpt.fingerprint(student, teacher, len(tr), {k: v for k, v in vars(cfg).items()
-                                                      if k not in ("device", "workers", "amp")})
-    state = store.load(fp) if store is not None and resume else None
-    if state is not None:
-        d.load(state["params"])
-        opt.load_state_dict(state["optimizer"])
-        sched.load_state_dict(state["scheduler"])
-        history, start = state["history"], state["epoch"] + 1
-        best = (tuple(state["best"]["score"]), state["best"]["params"], state["best"]["epoch"]) if state["best"] else None
-        history["resumed_from"] = state["epoch"]
-        log.warning("resuming from the checkpoint of epoch %d/%d in %s", state["epoch"], cfg.epochs, store.folder)
-    elif va is not None:
-        initial = d.evaluate(val_batches)
-        history["initial"] = {f"val_{k}": v for k, v in initial.items()}
-        best = (_score(initial), d.state(), 0)
-
-    done = (start - 1) * steps
-
-    def on_step() -> None:
-        nonlocal done
-        done += 1
-        if progress and world.main:
-            progress(f"fine-tuning epoch {min(cfg.epochs, 1 + (done - 1) // steps)}/{cfg.epochs}", done, total)
-
-    began = time.monotonic()
-    for epoch in range(start, cfg.epochs + 1):
-        t0 = time.monotonic()
-        net.train()
-        sampler.set_epoch(epoch)
-        row = {"epoch": epoch, "train_loss": d.train_epoch(batches, opt, sched, on_step),
-               "lr": opt.param_groups[0]["lr"]}
-        if val_batches is not None:
-            metrics = d.evaluate(val_batches)
-            row.update({f"val_{k}": v for k, v in metrics.items()})
-            if _score(metrics) > best[0]:
-                best = (_score(metrics), d.state(), epoch)
-        row["seconds"] = round(time.monotonic() - t0, 2)
-        row["eta_seconds"] = round((time.monotonic() - began) / (epoch - start + 1) * (cfg.epochs - epoch), 1)
-        history["epochs"].append(row)
-        if store is not None and world.main:
-            store.save({"fingerprint": fp, "epoch": epoch, "params": d.state(), "optimizer": opt.state_dict(),
-                        "scheduler": sched.state_dict(), "history": history,
-                        "best": {"score": list(best[0]), "params": best[1], "epoch": best[2]} if best else None})
-        if on_epoch and world.main:
-            on_epoch(dict(row, epochs=cfg.epochs))
-        log.info("epoch %d/%d: %s", epoch, cfg.epochs, row)
-    if best is not None:
-        d.load(best[1])
-    history["best_epoch"] = best[2] if best is not None else cfg.epochs
-    history["selected_by"] = "last" if va is None else ("val_acc" if "acc" in _metric_names(history) else "val_loss")
+    world = join("cuda" if cfg.device == "cuda" or (cfg.device == "auto" and torch.cuda.is_available()) else "cpu")
+    run = Run.build(student, teacher, train, val, cfg, world, preprocess)
+    store = Checkpoints(checkpoints) if checkpoints is not None else None
+    best, start = run.begin(store if resume else None)
+    best = run.train(start, best, store, progress, on_epoch)
+    module = run.finish(best)
     leave(world)
-    if cfg.batchnorm:
-        from .batchnorm import fold
-
-        fold(net.module)
-    return export_weights(net.module, student), history
-
-
-def _renormalise(torch, net, data: TrainSet, batch: int, device: str, samples: int = 256) -> int:
-    """BatchNorm after each Conv, measured on up to ``samples`` training samples as given."""
-    from .batchnorm import insert
-
-    def batches():
-        for i in range(0, min(samples, len(data)), batch):
-            rows = [data[(k, 0)][0] for k in range(i, min(i + batch, samples, len(data)))]
-            yield {name: torch.from_numpy(np.stack([r[name] for r in rows])).to(device) for name in rows[0]}
-    return insert(net.module, batches())
-
-
-def _metric_names(history: dict[str, Any]) -> set[str]:
-    rows = [history["initial"], *history["epochs"]]
-    return {k[4:] for r in rows for k in r if k.startswith("val_")}
-
-
-def _score(metrics: dict[str, float]) -> tuple[float, float]:
-    """Higher is better: accuracy first when there are labels, then a low distillation loss."""
-    return metrics.get("acc", 0.0), -metrics["loss"]
-
-
-def _check_shapes(torch, net, teach: Teacher, feeds: dict[str, np.ndarray], device: str) -> None:
-    """Fail early, in one line, when the student does not produce the teacher's shapes."""
-    with torch.no_grad():
-        probe = net({k: torch.from_numpy(v).to(device) for k, v in feeds.items()})
-    for p, t, name in zip(probe, teach.outputs(feeds), net.names):
-        if tuple(p.shape) != t.shape:
-            raise UsageError(f"student tensor {name!r} has shape {tuple(p.shape)}, the teacher's "
-                             f"{t.shape}: is the student compressed from this teacher?")
+    return export_weights(module, student), run.history
 
 
 # ==================================================================================== CLI
@@ -319,8 +128,7 @@ def run_finetune_cli(student_path: str | Path, teacher_path: str | Path, data: s
                               checkpoints=folder, resume=resume, preprocess=preprocess)
     main = int(os.environ.get("RANK", "0")) == 0
     if main:
-        _verify(tuned, student, _first_feed(TrainSet(as_samples(data, student, "train", preprocess), student, "train"),
-                                            _fixed_batch(graph_inputs(student)) or 1))
+        _verify(tuned, student, _probe(data, student, preprocess))
         save_model(tuned, out)
         cfg = replace(config or FinetuneConfig())
         atomic_write_text(history_path(out), json.dumps({"settings": vars(cfg), "history": history}, indent=1) + "\n")
@@ -334,6 +142,10 @@ def finetune_verified(student: onnx.ModelProto, teacher: onnx.ModelProto, train:
                       config: FinetuneConfig | None = None, **options: Any) -> tuple[onnx.ModelProto, dict[str, Any]]:
     """:func:`finetune`, then the full checker and an onnxruntime run of the result."""
     tuned, history = finetune(student, teacher, train, val, config, **options)
-    samples = as_samples(train, student, "train", options.get("preprocess"))
-    _verify(tuned, student, _first_feed(TrainSet(samples, student, "train"), _fixed_batch(graph_inputs(student)) or 1))
+    _verify(tuned, student, _probe(train, student, options.get("preprocess")))
     return tuned, history
+
+
+def _probe(data: Any, model: onnx.ModelProto, preprocess: ImagePreprocess | None) -> dict[str, np.ndarray]:
+    """The first training sample as a batch the model accepts."""
+    return TrainSet(as_samples(data, model, "train", preprocess), model, "train").first(fixed_batch(model) or 1)

@@ -1,0 +1,229 @@
+"""One fine-tuning run put together: data, teacher, student, optimiser, schedule, checkpoints.
+
+:class:`Run` is built once per process (:meth:`Run.build`), then :meth:`Run.begin` evaluates the
+untouched student or restores a checkpoint, :meth:`Run.train` runs the epochs, and
+:meth:`Run.finish` keeps the best epoch and folds any re-inserted BatchNorm back. Imports torch.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import time
+from typing import Any
+
+import numpy as np
+import onnx
+import torch
+
+from ..calib import ImagePreprocess
+from ..config import EpochReport, FinetuneConfig, Progress
+from ..errors import CalibrationError, UsageError
+from ..runtime import providers_for
+from .checkpoint import Checkpoints, fingerprint
+from .data import ArraySamples, ImageFolder, Samples, TrainSet, as_samples, fixed_batch
+from .distributed import World
+from .executor import OnnxModule
+from .heads import Teacher, heads, rows_shape
+from .loop import Distiller, EpochSampler, Shard, Student, loader, schedule
+
+log = logging.getLogger(__name__)
+
+Best = tuple[tuple[float, float], dict[str, torch.Tensor], int]   # (score, weights, epoch)
+
+
+def device_for(name: str, world: World) -> str:
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cuda" and not torch.cuda.is_available():
+        raise UsageError("--device cuda: torch sees no CUDA GPU (install a CUDA build of torch)")
+    return f"cuda:{world.local_rank}" if name == "cuda" else "cpu"
+
+
+def _teacher_provider(device: str) -> str:
+    if device.startswith("cuda"):
+        try:
+            providers_for("cuda")
+            return "cuda"
+        except UsageError:
+            log.info("onnxruntime has no CUDA provider: the teacher runs on the CPU")
+    return "cpu"
+
+
+def _classes(samples: Samples, what: str, teach: Teacher, label_head: int | None,
+             first: dict[str, np.ndarray]) -> int | None:
+    """The number of classes labels index (None without labels), checked where the source tells."""
+    if not samples.labeled:
+        return None
+    if label_head is None:
+        raise UsageError(f"{what} data has labels but the model has no class-score output")
+    n_rows, classes = rows_shape(teach.outputs(first)[label_head].shape, teach.heads[label_head])
+    per_sample = n_rows / len(next(iter(first.values())))
+    if per_sample != 1:
+        raise UsageError(f"{what} labels need one class-score row per sample; the model gives {per_sample:g}")
+    top = (len(samples.classes) - 1 if isinstance(samples, ImageFolder)
+           else int(samples.y.max()) if isinstance(samples, ArraySamples) else None)
+    if top is not None and top >= classes:
+        raise CalibrationError(f"{what} labels must be {len(samples)} class indices in [0, {classes}); the data "
+                               f"has {top + 1} classes")
+    return classes
+
+
+def _workers(cfg: FinetuneConfig, samples: Samples) -> int:
+    """Decoding images is worth worker processes; arrays (in memory or mapped) are read in place."""
+    if cfg.workers is not None:
+        return cfg.workers
+    return min(4, max(1, (os.cpu_count() or 2) - 1)) if isinstance(samples, ImageFolder) else 0
+
+
+def _score(metrics: dict[str, float]) -> tuple[float, float]:
+    """Higher is better: accuracy first when there are labels, then a low distillation loss."""
+    return metrics.get("acc", 0.0), -metrics["loss"]
+
+
+def _check_shapes(net: Student, teach: Teacher, feeds: dict[str, np.ndarray], device: str) -> None:
+    """Fail early, in one line, when the student does not produce the teacher's shapes."""
+    with torch.no_grad():
+        probe = net({k: torch.from_numpy(v).to(device) for k, v in feeds.items()})
+    for p, t, name in zip(probe, teach.outputs(feeds), net.names):
+        if tuple(p.shape) != t.shape:
+            raise UsageError(f"student tensor {name!r} has shape {tuple(p.shape)}, the teacher's "
+                             f"{t.shape}: is the student compressed from this teacher?")
+
+
+def _renormalise(net: Student, data: TrainSet, batch: int, device: str, samples: int = 256) -> int:
+    """BatchNorm after each Conv, measured on up to ``samples`` training samples as given."""
+    from .batchnorm import insert
+
+    def batches():
+        for i in range(0, min(samples, len(data)), batch):
+            rows = [data[(k, 0)][0] for k in range(i, min(i + batch, samples, len(data)))]
+            yield {name: torch.from_numpy(np.stack([r[name] for r in rows])).to(device) for name in rows[0]}
+    return insert(net.module, batches())
+
+
+class Run:
+    """Everything one process of a fine-tuning run holds."""
+
+    def __init__(self, cfg: FinetuneConfig, world: World, d: Distiller, tr: TrainSet, va: TrainSet | None,
+                 workers: int, fp: str):
+        self.cfg, self.world, self.d, self.tr, self.va, self.fp = cfg, world, d, tr, va, fp
+        self.net = d.student
+        self.sampler = EpochSampler(len(tr), world, cfg.seed)
+        local = cfg.batch_size // world.size
+        self.batches = loader(tr, local, self.sampler, workers)
+        self.val_batches = loader(va, local, Shard(len(va), world), 0) if va is not None else None
+        params = list(self.net.parameters())
+        self.opt = (torch.optim.Adam(params, lr=cfg.lr) if cfg.optimizer == "adam"
+                    else torch.optim.SGD(params, lr=cfg.lr, momentum=0.9))
+        self.steps = len(self.batches)
+        self.total = cfg.epochs * self.steps
+        self.sched = schedule(self.opt, self.total, round(cfg.warmup * self.total))
+        self.history: dict[str, Any] = {"epochs": [], "initial": {}, "world_size": world.size,
+                                        "train_samples": len(tr), "augmented": sorted(tr.images), "workers": workers}
+
+    @classmethod
+    def build(cls, student: onnx.ModelProto, teacher: onnx.ModelProto, train: Any, val: Any, cfg: FinetuneConfig,
+              world: World, preprocess: ImagePreprocess | None) -> "Run":
+        device = device_for(cfg.device, world)
+        if cfg.batch_size % world.size:
+            raise UsageError(f"the batch size {cfg.batch_size} is split across {world.size} processes: make it a "
+                             "multiple of that")
+        local = cfg.batch_size // world.size
+        s_heads = heads(student)
+        label_head = next((k for k, h in enumerate(s_heads) if h.axis is not None), None)
+        chunk = fixed_batch(student) or local
+        teach = Teacher(teacher, heads(teacher), fixed_batch(teacher) or local, _teacher_provider(device))
+
+        samples = as_samples(train, student, "train", preprocess)
+        tr = TrainSet(samples, student, "train", augment=cfg.augment, seed=cfg.seed)
+        TrainSet(samples, teacher, "train")
+        classes = _classes(samples, "train", teach, label_head, tr.first(chunk))
+        va = TrainSet(as_samples(val, student, "val", preprocess), student, "val") if val is not None else None
+        if va is not None:
+            classes = _classes(va.samples, "val", teach, label_head, va.first(chunk)) or classes
+
+        net = Student(OnnxModule(student).to(device), [h.tensor for h in s_heads], chunk)
+        _check_shapes(net, teach, tr.first(chunk), device)
+        renormed = _renormalise(net, TrainSet(samples, student, "train"), local, device) if cfg.batchnorm else 0
+        model: torch.nn.Module = net
+        if world.size > 1:
+            unused = len(net.module.parameters_for(net.names)) < len(list(net.parameters()))
+            model = torch.nn.parallel.DistributedDataParallel(
+                net, device_ids=[world.local_rank] if device.startswith("cuda") else None,
+                find_unused_parameters=unused)
+        amp = cfg.amp and device.startswith("cuda") and torch.cuda.is_bf16_supported()
+        d = Distiller(net, model, teach, s_heads, label_head, classes, cfg.temperature, cfg.alpha, device, world, amp)
+        fp = fingerprint(student, teacher, len(tr), {k: v for k, v in vars(cfg).items()
+                                                     if k not in ("device", "workers", "amp")})
+        run = cls(cfg, world, d, tr, va, _workers(cfg, samples), fp)
+        run.history["batchnorm_inserted"] = renormed
+        return run
+
+    def begin(self, resume_from: Checkpoints | None) -> tuple[Best | None, int]:
+        """The best epoch so far and the first epoch to run: from a checkpoint, or from the
+        untouched student's validation (epoch 0)."""
+        state = resume_from.load(self.fp) if resume_from is not None else None
+        if state is not None:
+            self.d.load(state["params"])
+            self.opt.load_state_dict(state["optimizer"])
+            self.sched.load_state_dict(state["scheduler"])
+            self.history = state["history"]
+            self.history["resumed_from"] = state["epoch"]
+            log.warning("resuming from the checkpoint of epoch %d/%d in %s", state["epoch"], self.cfg.epochs,
+                        resume_from.folder)
+            b = state["best"]
+            return ((tuple(b["score"]), b["params"], b["epoch"]) if b else None), state["epoch"] + 1
+        if self.val_batches is None:
+            return None, 1
+        initial = self.d.evaluate(self.val_batches)
+        self.history["initial"] = {f"val_{k}": v for k, v in initial.items()}
+        return (_score(initial), self.d.state(), 0), 1
+
+    def train(self, start: int, best: Best | None, store: Checkpoints | None, progress: Progress | None,
+              on_epoch: EpochReport | None) -> Best | None:
+        """Epochs ``start``..last; each one checkpointed (by the main process) and reported."""
+        cfg, done, began = self.cfg, (start - 1) * self.steps, time.monotonic()
+
+        def on_step() -> None:
+            nonlocal done
+            done += 1
+            if progress and self.world.main:
+                progress(f"fine-tuning epoch {min(cfg.epochs, 1 + (done - 1) // self.steps)}/{cfg.epochs}",
+                         done, self.total)
+
+        for epoch in range(start, cfg.epochs + 1):
+            t0 = time.monotonic()
+            self.net.train()
+            self.sampler.set_epoch(epoch)
+            row = {"epoch": epoch, "train_loss": self.d.train_epoch(self.batches, self.opt, self.sched, on_step),
+                   "lr": self.opt.param_groups[0]["lr"]}
+            if self.val_batches is not None:
+                metrics = self.d.evaluate(self.val_batches)
+                row.update({f"val_{k}": v for k, v in metrics.items()})
+                if _score(metrics) > best[0]:
+                    best = (_score(metrics), self.d.state(), epoch)
+            row["seconds"] = round(time.monotonic() - t0, 2)
+            row["eta_seconds"] = round((time.monotonic() - began) / (epoch - start + 1) * (cfg.epochs - epoch), 1)
+            self.history["epochs"].append(row)
+            if store is not None and self.world.main:
+                store.save({"fingerprint": self.fp, "epoch": epoch, "params": self.d.state(),
+                            "optimizer": self.opt.state_dict(), "scheduler": self.sched.state_dict(),
+                            "history": self.history,
+                            "best": {"score": list(best[0]), "params": best[1], "epoch": best[2]} if best else None})
+            if on_epoch and self.world.main:
+                on_epoch(dict(row, epochs=cfg.epochs))
+            log.info("epoch %d/%d: %s", epoch, cfg.epochs, row)
+        return best
+
+    def finish(self, best: Best | None) -> OnnxModule:
+        """The student with the best epoch's weights (any BatchNorm folded back), ready to export."""
+        if best is not None:
+            self.d.load(best[1])
+        self.history["best_epoch"] = best[2] if best is not None else self.cfg.epochs
+        labeled = any("val_acc" in r for r in [self.history["initial"], *self.history["epochs"]])
+        self.history["selected_by"] = "last" if self.va is None else ("val_acc" if labeled else "val_loss")
+        if self.cfg.batchnorm:
+            from .batchnorm import fold
+
+            fold(self.net.module)
+        return self.net.module
