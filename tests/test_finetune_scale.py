@@ -45,8 +45,15 @@ def _weights(model: onnx.ModelProto) -> dict[str, np.ndarray]:
     return {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
 
 
+def _dynamic_batch(model: onnx.ModelProto) -> onnx.ModelProto:
+    for vi in (*model.graph.input, *model.graph.output):
+        vi.type.tensor_type.shape.dim[0].dim_param = "N"
+    return model
+
+
 def _pair(tmp_path: Path, n: int = 32, seed: int = 0) -> tuple[Path, Path, Path]:
-    teacher = normalize(GRAPHS["tiny_resnet"](13)).model
+    """An exported-style teacher (BatchNorm folded, dynamic batch), a perturbed student, inputs."""
+    teacher = _dynamic_batch(normalize(GRAPHS["tiny_resnet"](13)).model)
     onnx.save(teacher, tmp_path / "teacher.onnx")
     onnx.save(_perturbed(teacher), tmp_path / "student.onnx")
     np.save(tmp_path / "x.npy", np.random.default_rng(seed).standard_normal((n, 3, 16, 16)).astype(F32))
@@ -201,14 +208,17 @@ def _torchrun(nproc: int, *args: str, env=None) -> subprocess.CompletedProcess:
                            *args], capture_output=True, text=True, timeout=600, env=env or _env())
 
 
-def test_ddp_two_processes_equal_one_process_with_the_same_global_batch(tmp_path):
+@pytest.mark.parametrize("batchnorm", [True, False])
+def test_ddp_two_processes_equal_one_process_with_the_same_global_batch(tmp_path, batchnorm):
     """2 ranks (gloo), 4 samples each per step: both hold identical weights, and they equal one
-    process stepping on the 8 samples together — augmentation included (drawn per sample)."""
+    process stepping on the 8 samples together — augmentation included (drawn per sample), and
+    re-inserted BatchNorm (statistics of the global batch)."""
     student, teacher, data = _pair(tmp_path)
-    r = _torchrun(2, str(HELPER), str(student), str(teacher), str(data), str(tmp_path))
+    r = _torchrun(2, str(HELPER), str(student), str(teacher), str(data), str(tmp_path), str(int(batchnorm)))
     assert r.returncode == 0, r.stderr[-3000:]
     ranks = [dict(np.load(tmp_path / f"rank{k}.npz")) for k in (0, 1)]
-    single, history = finetune(onnx.load(student), onnx.load(teacher), data, epochs=2, lr=3e-3, batch_size=8, seed=3)
+    single, history = finetune(onnx.load(student), onnx.load(teacher), data, epochs=2, lr=3e-3, batch_size=8, seed=3,
+                               batchnorm=batchnorm)
     assert history["world_size"] == 1
     moved = 0
     for name, want in _weights(single).items():
@@ -296,7 +306,7 @@ def test_reinserted_batchnorm_is_the_identity_at_start_and_folds_back_exactly():
 def test_fine_tunes_with_batchnorm(tmp_path):
     student, teacher, data = _pair(tmp_path, n=48)
     tuned, history = finetune_verified(onnx.load(student), onnx.load(teacher), data, data, epochs=2, lr=3e-3,
-                                       batch_size=16, batchnorm=True, augment=False)
+                                       batch_size=16, augment=False)
     assert history["batchnorm_inserted"] >= 2
     assert history["epochs"][-1]["val_loss"] < history["initial"]["val_loss"]
     assert [n.op_type for n in tuned.graph.node] == [n.op_type for n in onnx.load(student).graph.node]

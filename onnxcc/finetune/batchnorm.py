@@ -20,11 +20,14 @@ EPS = 1e-5
 
 class Renorm(torch.nn.Module):
     """BatchNorm over axis 1 of a tensor of any rank (torch's semantics: batch statistics and a
-    momentum update while training, running statistics in eval)."""
+    momentum update while training, running statistics in eval). With ``sync`` the statistics are
+    those of the global batch, summed over torch.distributed's processes (as SyncBatchNorm), so
+    several processes train as one would on their batches together."""
 
-    def __init__(self, mean: torch.Tensor, var: torch.Tensor, momentum: float = 0.1):
+    def __init__(self, mean: torch.Tensor, var: torch.Tensor, momentum: float = 0.1, sync: bool = False):
         super().__init__()
-        self.momentum = momentum
+        self.momentum, self.sync = momentum, sync
+        self.measured: list[torch.Tensor] | None = None   # while recalibrating: sums of x, x², count
         self.register_buffer("running_mean", mean.clone())
         self.register_buffer("running_var", var.clone())
         self.weight = torch.nn.Parameter(torch.sqrt(var + EPS))   # identity on these statistics
@@ -33,15 +36,42 @@ class Renorm(torch.nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = (1, -1) + (1,) * (x.ndim - 2)
         if self.training:
-            dims = [d for d in range(x.ndim) if d != 1]
-            mean, var = x.mean(dims), x.var(dims, unbiased=False)
-            n = x.numel() // x.shape[1]
-            with torch.no_grad():
-                self.running_mean.lerp_(mean, self.momentum)
-                self.running_var.lerp_(var * n / max(1, n - 1), self.momentum)
+            if self.measured is not None:
+                self._measure(x)
+            mean, var, n = self._batch_statistics(x, sync=self.sync and self.measured is None)
+            if self.measured is None:
+                with torch.no_grad():
+                    self.running_mean.lerp_(mean, self.momentum)
+                    self.running_var.lerp_(var * n / max(1, n - 1), self.momentum)
         else:
             mean, var = self.running_mean, self.running_var
         return (x - mean.view(shape)) / torch.sqrt(var.view(shape) + EPS) * self.weight.view(shape) + self.bias.view(shape)
+
+    @torch.no_grad()
+    def _measure(self, x: torch.Tensor) -> None:
+        dims = [d for d in range(x.ndim) if d != 1]
+        xd = x.double()
+        self.measured[0] += xd.sum(dims)
+        self.measured[1] += xd.square().sum(dims)
+        self.measured[2] += x.numel() // x.shape[1]
+
+    def _batch_statistics(self, x: torch.Tensor, sync: bool) -> tuple[torch.Tensor, torch.Tensor, int]:
+        """Per-channel mean and (biased) variance of the batch, and the values per channel; sums
+        are taken around the running mean, which keeps E[x²] - E[x]² from cancelling."""
+        dims = [d for d in range(x.ndim) if d != 1]
+        centred = x - self.running_mean.view((1, -1) + (1,) * (x.ndim - 2))
+        sums = torch.cat([centred.sum(dims), centred.square().sum(dims)])
+        n = x.numel() // x.shape[1]
+        if sync:
+            from torch.distributed.nn.functional import all_reduce   # differentiable, unlike dist.all_reduce
+
+            sums = all_reduce(sums)
+            count = torch.tensor([float(n)], device=x.device)
+            torch.distributed.all_reduce(count)
+            n = int(count.item())
+        shift, sq = sums.chunk(2)
+        offset = shift / n
+        return self.running_mean + offset, (sq / n - offset.square()).clamp(min=0), n
 
     def scale_shift(self) -> tuple[torch.Tensor, torch.Tensor]:
         """``y = x * scale + shift`` in eval mode."""
@@ -62,7 +92,7 @@ def _convs(module: OnnxModule) -> list[tuple[str, str, str]]:
 
 
 @torch.no_grad()
-def insert(module: OnnxModule, batches: Iterable[Mapping[str, torch.Tensor]]) -> int:
+def insert(module: OnnxModule, batches: Iterable[Mapping[str, torch.Tensor]], sync: bool = False) -> int:
     """Put a :class:`Renorm` after each eligible Conv, initialised on ``batches``; returns how many."""
     convs = _convs(module)
     names = [out for out, _, _ in convs]
@@ -74,12 +104,40 @@ def insert(module: OnnxModule, batches: Iterable[Mapping[str, torch.Tensor]]) ->
             part = torch.stack([flat.sum(1), (flat * flat).sum(1)])
             sums[k] = part if sums[k] is None else sums[k] + part
             count[k] += flat.shape[1]
-    for (out, _, _), s, n in zip(convs, sums, count):
+    params = module.onnx_parameters()
+    for (out, _, bias), s, n in zip(convs, sums, count):
         mean = s[0] / n
         var = (s[1] / n - mean * mean).clamp(min=0)
-        ref = module.onnx_parameters()[convs[0][1]]
-        module.apply_after(out, Renorm(mean.to(ref), var.to(ref)))
+        ref = params[bias]
+        module.apply_after(out, Renorm(mean.to(ref), var.to(ref), sync=sync))
+        # the BatchNorm subtracts the batch mean, so the bias has no gradient: only rounding noise,
+        # which Adam would scale up to full steps. Its shift takes the bias's place.
+        ref.requires_grad_(False)
     return len(convs)
+
+
+@torch.no_grad()
+def recalibrate(module: OnnxModule, batches: Iterable[Mapping[str, torch.Tensor]]) -> None:
+    """Running statistics measured afresh under the current weights (the momentum's average lags
+    the weights, most after few steps): a forward in training mode over ``batches``, each
+    BatchNorm pooling what reaches it over all their samples. Every process does the same on
+    the same samples, unsynchronised, so the result does not depend on how many there are."""
+    renorms = {out: module.applied_after(out) for out, _, _ in _convs(module)}
+    renorms = {out: m for out, m in renorms.items() if m is not None}
+    mode = module.training
+    for m in renorms.values():
+        m.measured = [torch.zeros_like(m.running_mean, dtype=torch.float64),
+                      torch.zeros_like(m.running_mean, dtype=torch.float64), 0]
+    module.train()
+    for feeds in batches:
+        module.run(feeds, list(renorms))
+    for m in renorms.values():
+        s1, s2, n = m.measured
+        mean = s1 / n
+        m.running_mean.copy_(mean)
+        m.running_var.copy_(((s2 / n - mean.square()) * n / max(1, n - 1)).clamp(min=0))
+        m.measured = None
+    module.train(mode)
 
 
 @torch.no_grad()
@@ -94,4 +152,5 @@ def fold(module: OnnxModule) -> None:
         w, b = params[weight], params[bias]
         w.mul_(scale.view((-1,) + (1,) * (w.ndim - 1)))
         b.copy_(b * scale + shift)
+        b.requires_grad_(True)
         module.apply_after(out, None)

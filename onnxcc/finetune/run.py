@@ -9,7 +9,7 @@ from __future__ import annotations
 import logging
 import os
 import time
-from typing import Any
+from typing import Any, Callable, Iterator
 
 import numpy as np
 import onnx
@@ -19,6 +19,7 @@ from ..calib import ImagePreprocess
 from ..config import EpochReport, FinetuneConfig, Progress
 from ..errors import CalibrationError, UsageError
 from ..runtime import providers_for
+from .batchnorm import fold, insert, recalibrate
 from .checkpoint import Checkpoints, fingerprint
 from .data import ArraySamples, ImageFolder, Samples, TrainSet, as_samples, fixed_batch
 from .distributed import World
@@ -90,15 +91,14 @@ def _check_shapes(net: Student, teach: Teacher, feeds: dict[str, np.ndarray], de
                              f"{t.shape}: is the student compressed from this teacher?")
 
 
-def _renormalise(net: Student, data: TrainSet, batch: int, device: str, samples: int = 256) -> int:
-    """BatchNorm after each Conv, measured on up to ``samples`` training samples as given."""
-    from .batchnorm import insert
-
+def _statistics_batches(data: TrainSet, batch: int, device: str, samples: int = 256):
+    """The first ``samples`` training samples as given (not augmented), in global batches: what
+    the re-inserted BatchNorm's statistics are measured on, the same in every process."""
     def batches():
         for i in range(0, min(samples, len(data)), batch):
             rows = [data[(k, 0)][0] for k in range(i, min(i + batch, samples, len(data)))]
             yield {name: torch.from_numpy(np.stack([r[name] for r in rows])).to(device) for name in rows[0]}
-    return insert(net.module, batches())
+    return batches
 
 
 class Run:
@@ -112,12 +112,13 @@ class Run:
         local = cfg.batch_size // world.size
         self.batches = loader(tr, local, self.sampler, workers)
         self.val_batches = loader(va, local, Shard(len(va), world), 0) if va is not None else None
-        params = list(self.net.parameters())
+        params = [p for p in self.net.parameters() if p.requires_grad]
         self.opt = (torch.optim.Adam(params, lr=cfg.lr) if cfg.optimizer == "adam"
                     else torch.optim.SGD(params, lr=cfg.lr, momentum=0.9))
         self.steps = len(self.batches)
         self.total = cfg.epochs * self.steps
         self.sched = schedule(self.opt, self.total, round(cfg.warmup * self.total))
+        self.statistics: Callable[[], Iterator[dict[str, torch.Tensor]]] | None = None   # with re-inserted BatchNorm
         self.history: dict[str, Any] = {"epochs": [], "initial": {}, "world_size": world.size,
                                         "train_samples": len(tr), "augmented": sorted(tr.images), "workers": workers}
 
@@ -144,10 +145,16 @@ class Run:
 
         net = Student(OnnxModule(student).to(device), [h.tensor for h in s_heads], chunk)
         _check_shapes(net, teach, tr.first(chunk), device)
-        renormed = _renormalise(net, TrainSet(samples, student, "train"), local, device) if cfg.batchnorm else 0
+        whole = chunk >= local   # batch statistics need the batch in one forward, not slices of a fixed size
+        if cfg.batchnorm and not whole:
+            log.info("the model's batch is fixed at %d: trained without re-inserted BatchNorm", chunk)
+        statistics = _statistics_batches(TrainSet(samples, student, "train"), cfg.batch_size, device) \
+            if cfg.batchnorm and whole else None
+        renormed = insert(net.module, statistics(), sync=world.size > 1) if statistics else 0
         model: torch.nn.Module = net
         if world.size > 1:
-            unused = len(net.module.parameters_for(net.names)) < len(list(net.parameters()))
+            trained = [p for p in net.parameters() if p.requires_grad]
+            unused = len([p for p in net.module.parameters_for(net.names).values() if p.requires_grad]) < len(trained)
             model = torch.nn.parallel.DistributedDataParallel(
                 net, device_ids=[world.local_rank] if device.startswith("cuda") else None,
                 find_unused_parameters=unused)
@@ -157,6 +164,7 @@ class Run:
                                                      if k not in ("device", "workers", "amp")})
         run = cls(cfg, world, d, tr, va, _workers(cfg, samples), fp)
         run.history["batchnorm_inserted"] = renormed
+        run.statistics = statistics if renormed else None
         return run
 
     def begin(self, resume_from: Checkpoints | None) -> tuple[Best | None, int]:
@@ -197,6 +205,7 @@ class Run:
             self.sampler.set_epoch(epoch)
             row = {"epoch": epoch, "train_loss": self.d.train_epoch(self.batches, self.opt, self.sched, on_step),
                    "lr": self.opt.param_groups[0]["lr"]}
+            self._recalibrate()
             if self.val_batches is not None:
                 metrics = self.d.evaluate(self.val_batches)
                 row.update({f"val_{k}": v for k, v in metrics.items()})
@@ -215,6 +224,10 @@ class Run:
             log.info("epoch %d/%d: %s", epoch, cfg.epochs, row)
         return best
 
+    def _recalibrate(self) -> None:
+        if self.statistics is not None:
+            recalibrate(self.net.module, self.statistics())
+
     def finish(self, best: Best | None) -> OnnxModule:
         """The student with the best epoch's weights (any BatchNorm folded back), ready to export."""
         if best is not None:
@@ -222,8 +235,6 @@ class Run:
         self.history["best_epoch"] = best[2] if best is not None else self.cfg.epochs
         labeled = any("val_acc" in r for r in [self.history["initial"], *self.history["epochs"]])
         self.history["selected_by"] = "last" if self.va is None else ("val_acc" if labeled else "val_loss")
-        if self.cfg.batchnorm:
-            from .batchnorm import fold
-
+        if self.statistics is not None:
             fold(self.net.module)
         return self.net.module
