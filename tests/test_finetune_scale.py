@@ -310,3 +310,17 @@ def test_fine_tunes_with_batchnorm(tmp_path):
     assert history["batchnorm_inserted"] >= 2
     assert history["epochs"][-1]["val_loss"] < history["initial"]["val_loss"]
     assert [n.op_type for n in tuned.graph.node] == [n.op_type for n in onnx.load(student).graph.node]
+
+
+def test_fine_tunes_from_the_callers_batches():
+    """A DataLoader (or any re-iterable of batches with a length) is used as it comes."""
+    teacher = _dynamic_batch(normalize(GRAPHS["tiny_resnet"](13)).model)
+    student = _perturbed(teacher)
+    x = torch.from_numpy(np.random.default_rng(0).standard_normal((32, 3, 16, 16)).astype(F32))
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x), batch_size=8,
+                                         collate_fn=lambda rows: {"x": torch.stack([r[0] for r in rows])})
+    tuned, history = finetune_verified(student, teacher, loader, loader, epochs=2, lr=3e-3, batch_size=8)
+    assert history["train_batches"] == 4 and history["augmented"] == []
+    assert history["epochs"][-1]["val_loss"] < history["initial"]["val_loss"]
+    with pytest.raises(CalibrationError, match="need a length"):
+        finetune(student, teacher, iter([{"x": x[:8]}]))

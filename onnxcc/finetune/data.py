@@ -11,7 +11,8 @@ A :class:`Samples` is a sized, indexable source of ``(inputs by graph-input name
   files of the same relative names. Images are decoded as they are used, with ``--calib``'s
   preprocessing;
 * from Python, a torch ``Dataset`` whose items are ``{input: array}`` (optionally ``"y"``),
-  ``(x, y)`` or ``x``.
+  ``(x, y)`` or ``x``; or :class:`Batches` the caller makes (a torch ``DataLoader``, any
+  re-iterable of batches with a length), used as they come.
 
 :class:`TrainSet` turns a source into what a torch ``DataLoader`` reads: samples keyed by
 ``(index, epoch)`` so that augmentation (random resized crop and flip of image inputs) is drawn
@@ -19,6 +20,7 @@ from the sample and the epoch alone — the same in any worker process, on any r
 """
 from __future__ import annotations
 
+import copy
 import hashlib
 import logging
 import zipfile
@@ -35,7 +37,7 @@ from ..calib import IMAGE_SUFFIXES, ImagePreprocess, load_image
 from ..errors import CalibrationError
 
 __all__ = ["Samples", "ArraySamples", "ImageFolder", "DatasetSamples", "TrainSet", "load_npz", "open_samples",
-           "as_samples", "fixed_batch"]
+           "as_samples", "fixed_batch", "Batches", "is_batches"]
 
 log = logging.getLogger(__name__)
 UNLABELED = -1
@@ -354,6 +356,12 @@ class TrainSet:
     def __len__(self) -> int:
         return len(self.samples)
 
+    def unaugmented(self) -> "TrainSet":
+        """The same samples as given."""
+        plain = copy.copy(self)
+        plain.images = frozenset()
+        return plain
+
     def first(self, batch: int) -> dict[str, np.ndarray]:
         """The first sample, as given, repeated to a batch of ``batch`` (for probes and checks)."""
         x, _ = self.samples.sample(0)
@@ -390,14 +398,68 @@ def _image_inputs(sample: Mapping[str, np.ndarray]) -> frozenset[str]:
     return frozenset(k for k, v in sample.items() if v.dtype.kind == "f" and image_layout((1, *v.shape)))
 
 
-class Tagged:
-    """A sampler's indices tagged with the epoch they are drawn for (see :class:`TrainSet`)."""
+def is_batches(data: Any) -> bool:
+    """A source of whole batches (a DataLoader, a list of batches), not of samples."""
+    return (not isinstance(data, (str, Path, Mapping)) and hasattr(data, "__iter__")
+            and not hasattr(data, "__getitem__") and not hasattr(data, "sample"))
 
-    def __init__(self, indices: Any, epoch: int):
-        self.indices, self.epoch = indices, epoch
 
-    def __iter__(self) -> Iterator[tuple[int, int]]:
-        return ((int(i), self.epoch) for i in self.indices)
+class Batches:
+    """Batches the caller makes — a torch ``DataLoader`` or any re-iterable of batches with a
+    length — used as they come, one pass per epoch. A batch is ``{input: x}`` (optionally
+    ``"y"``), ``(x, y)`` or ``x``. onnxcc neither augments nor shards them: that is the loader's
+    job (under torchrun give it a DistributedSampler; its ``set_epoch`` is called each epoch)."""
+
+    images: frozenset[str] = frozenset()
+
+    def __init__(self, source: Any, model: onnx.ModelProto, what: str):
+        if not hasattr(source, "__len__"):
+            raise CalibrationError(f"{what} batches need a length (len()) to schedule the learning rate")
+        if len(source) == 0:
+            raise CalibrationError(f"{what} batches are empty")
+        self.source, self.what = source, what
+        self.inputs = _input_checks(model)
+        x, y = self._convert(next(iter(source)))
+        for name, (_, dims) in self.inputs.items():
+            if len(dims) != x[name].ndim or any(d > 0 and d != s for d, s in zip(dims[1:], x[name].shape[1:])):
+                raise CalibrationError(f"{what} batch for input {name!r} has shape {tuple(x[name].shape)}; the "
+                                       f"model expects ({', '.join(str(d) if d > 0 else '?' for d in dims)})")
+        self.labeled = bool((y != UNLABELED).any())
 
     def __len__(self) -> int:
-        return len(self.indices)
+        return len(self.source)
+
+    def __iter__(self) -> Iterator[tuple[dict[str, Any], Any]]:
+        return (self._convert(b) for b in self.source)
+
+    def set_epoch(self, epoch: int) -> None:
+        sampler = getattr(self.source, "sampler", None)
+        if hasattr(sampler, "set_epoch"):
+            sampler.set_epoch(epoch)
+
+    def first(self, batch: int) -> dict[str, np.ndarray]:
+        x, _ = self._convert(next(iter(self.source)))
+        return {k: np.repeat(v[:1].numpy(), batch, axis=0) for k, v in x.items()}
+
+    def _convert(self, b: Any) -> tuple[dict[str, Any], Any]:
+        import torch
+
+        y: Any = None
+        if isinstance(b, Mapping):
+            x, y = {k: v for k, v in b.items() if k != "y"}, b.get("y")
+        elif isinstance(b, (tuple, list)) and len(b) == 2:
+            x, y = b
+        else:
+            x = b
+        names = list(self.inputs)
+        if not isinstance(x, Mapping):
+            x = {names[0]: x} if len(names) == 1 else {}
+        if len(names) == 1 and set(x) == {"x"}:
+            x = {names[0]: x["x"]}
+        missing = [n for n in names if n not in x]
+        if missing:
+            raise CalibrationError(f"a {self.what} batch has no value for input(s) {missing}")
+        feeds = {n: torch.as_tensor(np.asarray(_numpy(x[n]), dtype=dtype)) for n, (dtype, _) in self.inputs.items()}
+        n = len(next(iter(feeds.values())))
+        labels = torch.full((n,), UNLABELED, dtype=torch.int64) if y is None else torch.as_tensor(_numpy(y)).long()
+        return feeds, labels

@@ -21,7 +21,7 @@ from ..errors import CalibrationError, UsageError
 from ..runtime import providers_for
 from .batchnorm import fold, insert, recalibrate
 from .checkpoint import Checkpoints, fingerprint
-from .data import ArraySamples, ImageFolder, Samples, TrainSet, as_samples, fixed_batch
+from .data import ArraySamples, Batches, ImageFolder, TrainSet, as_samples, fixed_batch, is_batches
 from .distributed import World
 from .executor import OnnxModule
 from .heads import Teacher, heads, rows_shape
@@ -30,6 +30,7 @@ from .loop import Distiller, EpochSampler, Shard, Student, loader, schedule
 log = logging.getLogger(__name__)
 
 Best = tuple[tuple[float, float], dict[str, torch.Tensor], int]   # (score, weights, epoch)
+Source = TrainSet | Batches
 
 
 def device_for(name: str, world: World) -> str:
@@ -50,9 +51,10 @@ def _teacher_provider(device: str) -> str:
     return "cpu"
 
 
-def _classes(samples: Samples, what: str, teach: Teacher, label_head: int | None,
+def _classes(source: Source, what: str, teach: Teacher, label_head: int | None,
              first: dict[str, np.ndarray]) -> int | None:
     """The number of classes labels index (None without labels), checked where the source tells."""
+    samples = source if isinstance(source, Batches) else source.samples
     if not samples.labeled:
         return None
     if label_head is None:
@@ -69,11 +71,13 @@ def _classes(samples: Samples, what: str, teach: Teacher, label_head: int | None
     return classes
 
 
-def _workers(cfg: FinetuneConfig, samples: Samples) -> int:
+def _workers(cfg: FinetuneConfig, tr: Source) -> int:
     """Decoding images is worth worker processes; arrays (in memory or mapped) are read in place."""
+    if isinstance(tr, Batches):
+        return 0   # the caller's loader has its own
     if cfg.workers is not None:
         return cfg.workers
-    return min(4, max(1, (os.cpu_count() or 2) - 1)) if isinstance(samples, ImageFolder) else 0
+    return min(4, max(1, (os.cpu_count() or 2) - 1)) if isinstance(tr.samples, ImageFolder) else 0
 
 
 def _score(metrics: dict[str, float]) -> tuple[float, float]:
@@ -91,27 +95,54 @@ def _check_shapes(net: Student, teach: Teacher, feeds: dict[str, np.ndarray], de
                              f"{t.shape}: is the student compressed from this teacher?")
 
 
-def _statistics_batches(data: TrainSet, batch: int, device: str, samples: int = 256):
-    """The first ``samples`` training samples as given (not augmented), in global batches: what
-    the re-inserted BatchNorm's statistics are measured on, the same in every process."""
-    def batches():
+def _source(data: Any, student: onnx.ModelProto, teacher: onnx.ModelProto, what: str,
+            preprocess: ImagePreprocess | None, cfg: FinetuneConfig | None = None) -> Source:
+    """Samples (augmented for training when ``cfg`` says so), or the caller's batches; checked
+    against both models' inputs."""
+    if is_batches(data):
+        Batches(data, teacher, what)
+        return Batches(data, student, what)
+    samples = as_samples(data, student, what, preprocess)
+    TrainSet(samples, teacher, what)
+    augment = cfg is not None and cfg.augment
+    return TrainSet(samples, student, what, augment=augment, seed=cfg.seed if cfg is not None else 0)
+
+
+def _statistics_batches(tr: Source, batch: int, device: str, samples: int = 256):
+    """What the re-inserted BatchNorm's statistics are measured on, the same in every process:
+    the first ``samples`` training samples as given (not augmented), in global batches; from
+    the caller's batches, as many of the first as hold that many samples."""
+    def from_samples():
+        data = tr.unaugmented()
         for i in range(0, min(samples, len(data)), batch):
             rows = [data[(k, 0)][0] for k in range(i, min(i + batch, samples, len(data)))]
             yield {name: torch.from_numpy(np.stack([r[name] for r in rows])).to(device) for name in rows[0]}
-    return batches
+
+    def from_batches():
+        seen = 0
+        for x, _ in tr:
+            if seen >= samples:
+                return
+            yield {k: v.to(device) for k, v in x.items()}
+            seen += len(next(iter(x.values())))
+    return from_batches if isinstance(tr, Batches) else from_samples
 
 
 class Run:
     """Everything one process of a fine-tuning run holds."""
 
-    def __init__(self, cfg: FinetuneConfig, world: World, d: Distiller, tr: TrainSet, va: TrainSet | None,
+    def __init__(self, cfg: FinetuneConfig, world: World, d: Distiller, tr: Source, va: Source | None,
                  workers: int, fp: str):
         self.cfg, self.world, self.d, self.tr, self.va, self.fp = cfg, world, d, tr, va, fp
         self.net = d.student
-        self.sampler = EpochSampler(len(tr), world, cfg.seed)
         local = cfg.batch_size // world.size
-        self.batches = loader(tr, local, self.sampler, workers)
-        self.val_batches = loader(va, local, Shard(len(va), world), 0) if va is not None else None
+        if isinstance(tr, Batches):
+            self.batches, self.set_epoch = tr, tr.set_epoch
+        else:
+            sampler = EpochSampler(len(tr), world, cfg.seed)
+            self.batches, self.set_epoch = loader(tr, local, sampler, workers), sampler.set_epoch
+        self.val_batches = (va if isinstance(va, Batches) or va is None
+                            else loader(va, local, Shard(len(va), world), 0))
         params = [p for p in self.net.parameters() if p.requires_grad]
         self.opt = (torch.optim.Adam(params, lr=cfg.lr) if cfg.optimizer == "adam"
                     else torch.optim.SGD(params, lr=cfg.lr, momentum=0.9))
@@ -120,7 +151,8 @@ class Run:
         self.sched = schedule(self.opt, self.total, round(cfg.warmup * self.total))
         self.statistics: Callable[[], Iterator[dict[str, torch.Tensor]]] | None = None   # with re-inserted BatchNorm
         self.history: dict[str, Any] = {"epochs": [], "initial": {}, "world_size": world.size,
-                                        "train_samples": len(tr), "augmented": sorted(tr.images), "workers": workers}
+                                        "train_" + ("batches" if isinstance(tr, Batches) else "samples"): len(tr),
+                                        "augmented": sorted(tr.images), "workers": workers}
 
     @classmethod
     def build(cls, student: onnx.ModelProto, teacher: onnx.ModelProto, train: Any, val: Any, cfg: FinetuneConfig,
@@ -135,21 +167,18 @@ class Run:
         chunk = fixed_batch(student) or local
         teach = Teacher(teacher, heads(teacher), fixed_batch(teacher) or local, _teacher_provider(device))
 
-        samples = as_samples(train, student, "train", preprocess)
-        tr = TrainSet(samples, student, "train", augment=cfg.augment, seed=cfg.seed)
-        TrainSet(samples, teacher, "train")
-        classes = _classes(samples, "train", teach, label_head, tr.first(chunk))
-        va = TrainSet(as_samples(val, student, "val", preprocess), student, "val") if val is not None else None
+        tr = _source(train, student, teacher, "train", preprocess, cfg)
+        classes = _classes(tr, "train", teach, label_head, tr.first(chunk))
+        va = _source(val, student, teacher, "val", preprocess) if val is not None else None
         if va is not None:
-            classes = _classes(va.samples, "val", teach, label_head, va.first(chunk)) or classes
+            classes = _classes(va, "val", teach, label_head, va.first(chunk)) or classes
 
         net = Student(OnnxModule(student).to(device), [h.tensor for h in s_heads], chunk)
         _check_shapes(net, teach, tr.first(chunk), device)
         whole = chunk >= local   # batch statistics need the batch in one forward, not slices of a fixed size
         if cfg.batchnorm and not whole:
             log.info("the model's batch is fixed at %d: trained without re-inserted BatchNorm", chunk)
-        statistics = _statistics_batches(TrainSet(samples, student, "train"), cfg.batch_size, device) \
-            if cfg.batchnorm and whole else None
+        statistics = _statistics_batches(tr, cfg.batch_size, device) if cfg.batchnorm and whole else None
         renormed = insert(net.module, statistics(), sync=world.size > 1) if statistics else 0
         model: torch.nn.Module = net
         if world.size > 1:
@@ -162,7 +191,7 @@ class Run:
         d = Distiller(net, model, teach, s_heads, label_head, classes, cfg.temperature, cfg.alpha, device, world, amp)
         fp = fingerprint(student, teacher, len(tr), {k: v for k, v in vars(cfg).items()
                                                      if k not in ("device", "workers", "amp")})
-        run = cls(cfg, world, d, tr, va, _workers(cfg, samples), fp)
+        run = cls(cfg, world, d, tr, va, _workers(cfg, tr), fp)
         run.history["batchnorm_inserted"] = renormed
         run.statistics = statistics if renormed else None
         return run
@@ -202,7 +231,7 @@ class Run:
         for epoch in range(start, cfg.epochs + 1):
             t0 = time.monotonic()
             self.net.train()
-            self.sampler.set_epoch(epoch)
+            self.set_epoch(epoch)
             row = {"epoch": epoch, "train_loss": self.d.train_epoch(self.batches, self.opt, self.sched, on_step),
                    "lr": self.opt.param_groups[0]["lr"]}
             self._recalibrate()

@@ -29,7 +29,7 @@ from ..config import EpochReport, FinetuneConfig, Progress
 from ..errors import UsageError, VerificationError
 from ..io import atomic_write_text, check_output_path, load_model, save_model
 from ..runtime import make_session
-from .data import TrainSet, as_samples, fixed_batch, load_npz
+from .data import Batches, TrainSet, as_samples, fixed_batch, is_batches, load_npz
 from .heads import heads
 
 __all__ = ["finetune", "finetune_verified", "load_npz", "run_finetune_cli", "checkpoint_folder", "history_path"]
@@ -69,8 +69,8 @@ def finetune(student: onnx.ModelProto, teacher: onnx.ModelProto, train: Any, val
     """Distil ``teacher`` into ``student``; returns the tuned student and the training history.
 
     ``train``/``val``: a path (image folder, ``.npy``, ``.npz``; images read with ``preprocess``),
-    a dict of arrays (``x`` or one per input name, optional labels ``y``), or a sized, indexable
-    dataset (see :mod:`onnxcc.finetune.data`). ``config`` holds the settings; keyword ``settings``
+    a dict of arrays (``x`` or one per input name, optional labels ``y``), a sized, indexable
+    dataset, or a DataLoader / re-iterable of batches with a length (see :mod:`onnxcc.finetune.data`). ``config`` holds the settings; keyword ``settings``
     override its fields (``epochs=4, lr=1e-3``). The kept weights are those of the epoch
     (0 = untouched) with the best validation accuracy, or lowest validation distillation loss
     without labels; without ``val`` the last epoch's. With ``checkpoints`` (a folder) each epoch
@@ -148,4 +148,6 @@ def finetune_verified(student: onnx.ModelProto, teacher: onnx.ModelProto, train:
 
 def _probe(data: Any, model: onnx.ModelProto, preprocess: ImagePreprocess | None) -> dict[str, np.ndarray]:
     """The first training sample as a batch the model accepts."""
-    return TrainSet(as_samples(data, model, "train", preprocess), model, "train").first(fixed_batch(model) or 1)
+    source = (Batches(data, model, "train") if is_batches(data)
+              else TrainSet(as_samples(data, model, "train", preprocess), model, "train"))
+    return source.first(fixed_batch(model) or 1)
