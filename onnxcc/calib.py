@@ -30,6 +30,12 @@ class ImagePreprocess:
     bgr: bool = False
     crop: float = 0.875   # the centre crop's side over the resized shorter side (ImageNet's 224/256); 1: whole image
 
+    def __post_init__(self) -> None:
+        if not 0 < self.crop <= 1:
+            raise CalibrationError(f"--center-crop is a fraction in (0, 1], got {self.crop}")
+        if len(self.mean) not in (1, 3) or len(self.std) not in (1, 3) or min(self.std) <= 0:
+            raise CalibrationError("--mean and --std take 1 or 3 values, the std positive")
+
 
 @dataclass
 class Calibration:
@@ -113,9 +119,10 @@ def image_files(folder: Path) -> list[Path]:
     return sorted(f for f in folder.iterdir() if f.is_file() and f.suffix.lower() in IMAGE_SUFFIXES)
 
 
-def load_image(path: Path, pp: ImagePreprocess) -> np.ndarray:
+def load_image(path: Path, pp: ImagePreprocess, grey: bool = False) -> np.ndarray:
     """One image as the model reads it: shorter side resized to size / crop, centre-cropped to
-    size, scaled, normalised, in ``pp.layout`` without a batch axis (float32)."""
+    size, scaled, normalised, in ``pp.layout`` without a batch axis (float32); with ``grey`` one
+    luminance channel, normalised by the first mean and std."""
     try:
         from PIL import Image
     except ImportError:  # pragma: no cover - pillow comes with matplotlib
@@ -123,16 +130,18 @@ def load_image(path: Path, pp: ImagePreprocess) -> np.ndarray:
     h, w = pp.size
     try:
         with Image.open(path) as im:
-            img = im.convert("RGB")
+            img = im.convert("L" if grey else "RGB")
     except OSError as e:
         raise CalibrationError(f"cannot read image {path}: {str(e).splitlines()[0][:120]}") from None
     s = max(h, w) / pp.crop / min(img.size)
     img = img.resize((max(w, round(img.size[0] * s)), max(h, round(img.size[1] * s))), Image.BILINEAR)
     left, top = (img.size[0] - w) // 2, (img.size[1] - h) // 2
     arr = np.asarray(img.crop((left, top, left + w, top + h)), np.float32)
-    if pp.bgr:
-        arr = arr[..., ::-1]
-    arr = (arr * pp.scale - np.asarray(pp.mean, np.float32)) / np.asarray(pp.std, np.float32)
+    if grey:
+        arr, mean, std = arr[..., None], pp.mean[:1], pp.std[:1]
+    else:
+        arr, mean, std = arr[..., ::-1] if pp.bgr else arr, pp.mean, pp.std
+    arr = (arr * pp.scale - np.asarray(mean, np.float32)) / np.asarray(std, np.float32)
     return np.ascontiguousarray(arr if pp.layout == "NHWC" else arr.transpose(2, 0, 1), dtype=np.float32)
 
 

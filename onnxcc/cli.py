@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 import time
 from contextlib import contextmanager
@@ -99,10 +100,15 @@ def cmd_compress(args: argparse.Namespace) -> int:
         raise UsageError(f"--report must be a folder: {args.report}")
     model = load_model(args.model)
     train = None
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise UsageError("compress runs in one process: run it alone, then 'torchrun … -m onnxcc finetune'")
     if args.finetune:
         from .finetune import open_samples
+        from .finetune.train import require_torch
 
-        train = open_samples(args.finetune, model, _preprocess(args))   # bad data fails before minutes of work
+        _finetune_config(args).validate()       # bad settings, data or a missing torch fail before minutes of work
+        require_torch()
+        train = open_samples(args.finetune, model, _preprocess(args))
     with _progress() as progress:
         result = compress(model, args.flops, latency=args.latency, calib=args.calib,
                           input_shape=parse_input_shapes(args.input_shape), method=args.method,
@@ -258,8 +264,9 @@ def _recovery_flags(p: argparse.ArgumentParser, default: str | None = None) -> N
 def _image_flags(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("image folder preprocessing (calibration and training folders)")
     g.add_argument("--image-size", type=int, nargs=2, default=[224, 224], metavar=("H", "W"))
-    g.add_argument("--mean", type=float, nargs=3, default=[0.485, 0.456, 0.406])
-    g.add_argument("--std", type=float, nargs=3, default=[0.229, 0.224, 0.225])
+    g.add_argument("--mean", type=float, nargs="+", default=[0.485, 0.456, 0.406], help="1 or 3 values")
+    g.add_argument("--std", type=float, nargs="+", default=[0.229, 0.224, 0.225],
+                   help="1 or 3 values (one-channel inputs read images as grey and use the first)")
     g.add_argument("--scale", type=float, default=1 / 255)
     g.add_argument("--layout", choices=["NCHW", "NHWC"], default="NCHW")
     g.add_argument("--bgr", action="store_true")
@@ -402,6 +409,8 @@ def main(argv: list[str] | None = None) -> None:
     try:
         sys.exit(args.func(args))
     except OnnxccError as e:
-        _fail(str(e))
+        # an error raised in a DataLoader worker comes back with the worker's traceback appended
+        lines = [l for l in str(e).strip().splitlines() if l.strip()]
+        _fail(lines[-1].split(": ", 1)[-1] if "Original Traceback" in str(e) and lines else str(e))
     except KeyboardInterrupt:
         _fail("interrupted")

@@ -22,16 +22,18 @@ def _ort():
     return ort
 
 
-def providers_for(provider: str) -> list[str]:
-    """Map 'cpu' / 'cuda' to onnxruntime provider lists; CUDA must really be present."""
+def providers_for(provider: str) -> list:
+    """Map 'cpu' / 'cuda' / 'cuda:N' (GPU N) to onnxruntime provider lists; CUDA must really be present."""
     ort = _ort()
     if provider == "cpu":
         return ["CPUExecutionProvider"]
-    if provider == "cuda":
+    kind, _, index = provider.partition(":")
+    if kind == "cuda" and (not index or index.isdigit()):
         if "CUDAExecutionProvider" not in ort.get_available_providers():
             raise UsageError("--provider cuda: onnxruntime has no CUDA execution provider here "
                              "(install 'onnxcc[gpu]' on a machine with an NVIDIA GPU)")
-        return ["CUDAExecutionProvider", "CPUExecutionProvider"]
+        cuda = ("CUDAExecutionProvider", {"device_id": int(index)}) if index else "CUDAExecutionProvider"
+        return [cuda, "CPUExecutionProvider"]
     raise UsageError(f"unknown provider {provider!r}; use cpu or cuda")
 
 

@@ -156,8 +156,10 @@ def test_bad_samples_say_which(tmp_path):
     model = GRAPHS["tiny_resnet"](13)
     x = np.zeros((3, 3, 16, 16), F32)
     x[1, 0, 0, 0] = np.nan
-    with pytest.raises(CalibrationError, match="train sample 1 holds NaN or Inf"):
-        finetune(model, model, {"x": x[[0, 1, 2]]}, batch_size=1, augment=False)
+    with pytest.raises(CalibrationError, match="train data: 'x' holds NaN or Inf"):
+        finetune(model, model, {"x": x}, batch_size=1, augment=False)
+    with pytest.raises(CalibrationError, match="train sample 1 holds NaN or Inf"):   # a dataset: as it is read
+        finetune(model, model, list(torch.from_numpy(x)), batch_size=1, augment=False)
     with pytest.raises(CalibrationError, match=r"class indices in \[0, 10\); the data has 21 classes"):
         finetune(model, model, {"x": x[[0, 0, 0]], "y": np.array([0, 1, 20])})
 
@@ -324,3 +326,24 @@ def test_fine_tunes_from_the_callers_batches():
     assert history["epochs"][-1]["val_loss"] < history["initial"]["val_loss"]
     with pytest.raises(CalibrationError, match="need a length"):
         finetune(student, teacher, iter([{"x": x[:8]}]))
+
+
+def test_a_val_folder_numbers_its_classes_as_the_train_folder_does(tmp_path):
+    _image_folder(tmp_path / "train", {"ant": 1, "bee": 1, "cat": 1})
+    _image_folder(tmp_path / "val", {"ant": 1, "cat": 1})
+    model, pp = GRAPHS["tiny_resnet"](13), ImagePreprocess(size=(16, 16))
+    train = open_samples(tmp_path / "train", model, pp)
+    val = open_samples(tmp_path / "val", model, pp, "val", classes=train.classes)
+    assert [val.sample(i)[1] for i in range(2)] == [0, 2]
+    _image_folder(tmp_path / "val", {"dog": 1})
+    with pytest.raises(CalibrationError, match="not classes of the training data"):
+        open_samples(tmp_path / "val", model, pp, "val", classes=train.classes)
+
+
+def test_one_channel_inputs_read_grey_images(tmp_path):
+    _image_folder(tmp_path, {"": 1}, size=(16, 16))
+    pp = ImagePreprocess(size=(16, 16), mean=(0.5,), std=(0.25,), crop=1.0)
+    x = load_image(tmp_path / "000.png", pp, grey=True)
+    assert x.shape == (1, 16, 16)
+    with pytest.raises(CalibrationError, match="center-crop"):
+        ImagePreprocess(crop=0)

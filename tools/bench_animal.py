@@ -27,7 +27,7 @@ train and val splits from an image folder (class sub-folders, 64x64 PNGs written
 the network's input before normalisation). Every compressed model gets the same budget
 (distillation from the baseline + cross-entropy, same epochs/lr/batch/seed, best val epoch kept).
 At the last --flops target the onnxcc cc model is also fine-tuned with other recipes (without
-re-inserted BatchNorm, without augmentation, without either, without warm-up): the rows that tell
+re-inserted BatchNorm, without augmentation, without either): the rows that tell
 training recipes apart.
 That code trains the exported graph, whose BatchNorm is fused into the Convs; a pruned network
 that was not refit can lose its signal there (activations far off the BN statistics), so each
@@ -592,7 +592,7 @@ def main() -> None:
 
 
 RECIPES = {"no BatchNorm": ("--no-batchnorm",), "no augmentation": ("--no-augment",),
-           "neither BatchNorm nor augmentation": ("--no-batchnorm", "--no-augment"), "no warm-up": ("--warmup", "0")}
+           "neither BatchNorm nor augmentation": ("--no-batchnorm", "--no-augment")}
 
 
 def entries_for(flops: float, last: bool, torch_base: torch.nn.Module, baseline: onnx.ModelProto, data: dict,

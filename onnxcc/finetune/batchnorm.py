@@ -9,13 +9,37 @@ exported graph keeps its nodes and shapes.
 """
 from __future__ import annotations
 
-from typing import Iterable, Mapping
+from typing import Callable, Iterable, Mapping
 
 import torch
 
 from .executor import OnnxModule
 
 EPS = 1e-5
+Reduce = Callable[[torch.Tensor], torch.Tensor]   # sums a float64 CPU tensor over processes
+
+
+class _Moments:
+    """Per-channel sums of x and x² (float64) and the count of values, over tensors (N, C, ...)."""
+
+    def __init__(self) -> None:
+        self.sums: torch.Tensor | None = None
+        self.n = 0
+
+    def add(self, t: torch.Tensor) -> None:
+        flat = t.detach().transpose(0, 1).reshape(t.shape[1], -1).double()
+        part = torch.stack([flat.sum(1), flat.square().sum(1)])
+        self.sums = part if self.sums is None else self.sums + part
+        self.n += flat.shape[1]
+
+    def mean_var(self, reduce: Reduce | None = None) -> tuple[torch.Tensor, torch.Tensor, int]:
+        """Mean, biased variance and count; with ``reduce`` summed over processes first."""
+        sums, n = self.sums, self.n
+        if reduce is not None:
+            total = reduce(torch.cat([sums.flatten().cpu(), torch.tensor([float(n)], dtype=torch.float64)]))
+            sums, n = total[:-1].view_as(sums).to(self.sums.device), int(total[-1])
+        mean = sums[0] / n
+        return mean, (sums[1] / n - mean.square()).clamp(min=0), n
 
 
 class Renorm(torch.nn.Module):
@@ -27,7 +51,7 @@ class Renorm(torch.nn.Module):
     def __init__(self, mean: torch.Tensor, var: torch.Tensor, momentum: float = 0.1, sync: bool = False):
         super().__init__()
         self.momentum, self.sync = momentum, sync
-        self.measured: list[torch.Tensor] | None = None   # while recalibrating: sums of x, x², count
+        self.measured: _Moments | None = None   # while recalibrating: what reaches it
         self.register_buffer("running_mean", mean.clone())
         self.register_buffer("running_var", var.clone())
         self.weight = torch.nn.Parameter(torch.sqrt(var + EPS))   # identity on these statistics
@@ -37,7 +61,7 @@ class Renorm(torch.nn.Module):
         shape = (1, -1) + (1,) * (x.ndim - 2)
         if self.training:
             if self.measured is not None:
-                self._measure(x)
+                self.measured.add(x)
             mean, var, n = self._batch_statistics(x, sync=self.sync and self.measured is None)
             if self.measured is None:
                 with torch.no_grad():
@@ -46,14 +70,6 @@ class Renorm(torch.nn.Module):
         else:
             mean, var = self.running_mean, self.running_var
         return (x - mean.view(shape)) / torch.sqrt(var.view(shape) + EPS) * self.weight.view(shape) + self.bias.view(shape)
-
-    @torch.no_grad()
-    def _measure(self, x: torch.Tensor) -> None:
-        dims = [d for d in range(x.ndim) if d != 1]
-        xd = x.double()
-        self.measured[0] += xd.sum(dims)
-        self.measured[1] += xd.square().sum(dims)
-        self.measured[2] += x.numel() // x.shape[1]
 
     def _batch_statistics(self, x: torch.Tensor, sync: bool) -> tuple[torch.Tensor, torch.Tensor, int]:
         """Per-channel mean and (biased) variance of the batch, and the values per channel; sums
@@ -92,22 +108,19 @@ def _convs(module: OnnxModule) -> list[tuple[str, str, str]]:
 
 
 @torch.no_grad()
-def insert(module: OnnxModule, batches: Iterable[Mapping[str, torch.Tensor]], sync: bool = False) -> int:
-    """Put a :class:`Renorm` after each eligible Conv, initialised on ``batches``; returns how many."""
+def insert(module: OnnxModule, batches: Iterable[Mapping[str, torch.Tensor]], sync: bool = False,
+           reduce: Reduce | None = None) -> int:
+    """Put a :class:`Renorm` after each eligible Conv, initialised on ``batches`` (their moments
+    summed over processes by ``reduce`` where each process has its own); returns how many."""
     convs = _convs(module)
     names = [out for out, _, _ in convs]
-    sums: list[torch.Tensor | None] = [None] * len(names)
-    count = [0] * len(names)
+    moments = [_Moments() for _ in names]
     for feeds in batches:
-        for k, t in enumerate(module.run(feeds, names)):
-            flat = t.transpose(0, 1).reshape(t.shape[1], -1).double()
-            part = torch.stack([flat.sum(1), (flat * flat).sum(1)])
-            sums[k] = part if sums[k] is None else sums[k] + part
-            count[k] += flat.shape[1]
+        for m, t in zip(moments, module.run(feeds, names)):
+            m.add(t)
     params = module.onnx_parameters()
-    for (out, _, bias), s, n in zip(convs, sums, count):
-        mean = s[0] / n
-        var = (s[1] / n - mean * mean).clamp(min=0)
+    for (out, _, bias), m in zip(convs, moments):
+        mean, var, _ = m.mean_var(reduce)
         ref = params[bias]
         module.apply_after(out, Renorm(mean.to(ref), var.to(ref), sync=sync))
         # the BatchNorm subtracts the batch mean, so the bias has no gradient: only rounding noise,
@@ -117,25 +130,24 @@ def insert(module: OnnxModule, batches: Iterable[Mapping[str, torch.Tensor]], sy
 
 
 @torch.no_grad()
-def recalibrate(module: OnnxModule, batches: Iterable[Mapping[str, torch.Tensor]]) -> None:
+def recalibrate(module: OnnxModule, batches: Iterable[Mapping[str, torch.Tensor]], reduce: Reduce | None = None) -> None:
     """Running statistics measured afresh under the current weights (the momentum's average lags
     the weights, most after few steps): a forward in training mode over ``batches``, each
-    BatchNorm pooling what reaches it over all their samples. Every process does the same on
-    the same samples, unsynchronised, so the result does not depend on how many there are."""
+    BatchNorm pooling what reaches it over all their samples. Given the same samples, every
+    process does the same unsynchronised, so the result does not depend on how many there are;
+    given each its own (the caller's sharded batches), ``reduce`` sums the moments over them."""
     renorms = {out: module.applied_after(out) for out, _, _ in _convs(module)}
     renorms = {out: m for out, m in renorms.items() if m is not None}
     mode = module.training
     for m in renorms.values():
-        m.measured = [torch.zeros_like(m.running_mean, dtype=torch.float64),
-                      torch.zeros_like(m.running_mean, dtype=torch.float64), 0]
+        m.measured = _Moments()
     module.train()
     for feeds in batches:
         module.run(feeds, list(renorms))
     for m in renorms.values():
-        s1, s2, n = m.measured
-        mean = s1 / n
+        mean, var, n = m.measured.mean_var(reduce)
         m.running_mean.copy_(mean)
-        m.running_var.copy_(((s2 / n - mean.square()) * n / max(1, n - 1)).clamp(min=0))
+        m.running_var.copy_(var * n / max(1, n - 1))
         m.measured = None
     module.train(mode)
 

@@ -1,9 +1,10 @@
 """Checkpoints of a fine-tuning run, one file replaced atomically after every epoch.
 
 The file holds everything the next epoch depends on: weights, optimizer and schedule state, the
-best epoch so far with its weights, the history, and a fingerprint of the run's settings, model
-and data. The batch order and the augmentation are drawn from the seed and the epoch alone, so a
-run resumed from epoch k ends with the weights of a run that never stopped.
+best epoch so far with its weights, torch's random state, the history, and a fingerprint of the
+run's settings, models and data. onnxcc draws the batch order and the augmentation from the seed
+and the epoch alone, so on the CPU a run resumed from epoch k ends with the weights of a run
+that never stopped (on a GPU, to the precision its non-deterministic kernels allow).
 """
 from __future__ import annotations
 
@@ -39,10 +40,14 @@ class Checkpoints:
         self.path = self.folder / FILE
 
     def save(self, state: dict[str, Any]) -> None:
-        self.folder.mkdir(parents=True, exist_ok=True)
         tmp = self.path.with_name(f".{FILE}.{os.getpid()}.tmp")
-        torch.save(state, tmp)
-        os.replace(tmp, self.path)  # a run killed while saving keeps the previous epoch's file
+        try:
+            self.folder.mkdir(parents=True, exist_ok=True)
+            torch.save(state, tmp)
+            os.replace(tmp, self.path)  # a run killed while saving keeps the previous epoch's file
+        except OSError as e:
+            tmp.unlink(missing_ok=True)
+            raise UsageError(f"cannot write the checkpoint {self.path}: {e.strerror or e}") from None
 
     def load(self, fingerprint: str) -> dict[str, Any] | None:
         if not self.path.is_file():

@@ -12,7 +12,7 @@ A :class:`Samples` is a sized, indexable source of ``(inputs by graph-input name
   preprocessing;
 * from Python, a torch ``Dataset`` whose items are ``{input: array}`` (optionally ``"y"``),
   ``(x, y)`` or ``x``; or :class:`Batches` the caller makes (a torch ``DataLoader``, any
-  re-iterable of batches with a length), used as they come.
+  re-iterable, not indexable, of batches with a length), used as they come.
 
 :class:`TrainSet` turns a source into what a torch ``DataLoader`` reads: samples keyed by
 ``(index, epoch)`` so that augmentation (random resized crop and flip of image inputs) is drawn
@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import copy
 import hashlib
-import logging
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -39,7 +38,6 @@ from ..errors import CalibrationError
 __all__ = ["Samples", "ArraySamples", "ImageFolder", "DatasetSamples", "TrainSet", "load_npz", "open_samples",
            "as_samples", "fixed_batch", "Batches", "is_batches"]
 
-log = logging.getLogger(__name__)
 UNLABELED = -1
 SCAN_BYTES = 1 << 30   # arrays up to this size are checked for NaN/Inf when opened; all samples as they are read
 
@@ -63,7 +61,12 @@ def load_npz(path: str | Path) -> dict[str, np.ndarray]:
     p = Path(path)
     if not p.is_file():
         raise CalibrationError(f"data file not found: {p}")
-    arrays = _read_npy(p) if p.suffix == ".npy" else _read_npz(p)
+    return _validated(_read_npy(p) if p.suffix == ".npy" else _read_npz(p), str(p))
+
+
+def _validated(arrays: Mapping[str, Any], p: str) -> dict[str, np.ndarray]:
+    """Input arrays of one length N (checked for NaN/Inf up to SCAN_BYTES) and optional labels ``y``."""
+    arrays = {k: v if isinstance(v, np.ndarray) else np.asarray(_numpy(v)) for k, v in arrays.items()}
     feeds = {k: v for k, v in arrays.items() if k != "y"}
     if not feeds:
         raise CalibrationError(f"{p} has no input arrays (found: {', '.join(sorted(arrays)) or 'none'})")
@@ -170,6 +173,7 @@ class ArraySamples:
 
 def _arrays_for(data: Mapping[str, np.ndarray], names: Sequence[str], what: str) -> ArraySamples:
     """``data``'s arrays keyed by the model's input names (``x`` names a single input)."""
+    data = _validated(data, f"{what} data")
     if "x" in data and len(names) == 1 and names[0] not in data:
         return ArraySamples({names[0]: data["x"]}, data.get("y"))
     missing = [n for n in names if n not in data]
@@ -188,6 +192,7 @@ class ImageFolder:
     labels: list[int] | None
     classes: list[str]
     preprocess: ImagePreprocess
+    grey: frozenset[str] = frozenset()   # inputs with one channel: images read as luminance
 
     @property
     def names(self) -> tuple[str, ...]:
@@ -201,12 +206,14 @@ class ImageFolder:
         return len(self.files)
 
     def sample(self, i: int) -> tuple[dict[str, np.ndarray], int]:
-        x = {k: load_image(f, self.preprocess) for k, f in self.files[i].items()}
+        x = {k: load_image(f, self.preprocess, grey=k in self.grey) for k, f in self.files[i].items()}
         return x, self.labels[i] if self.labels is not None else UNLABELED
 
     @classmethod
-    def open(cls, root: Path, names: Sequence[str], preprocess: ImagePreprocess) -> "ImageFolder":
-        """Class sub-folders (labeled) or images directly in ``root`` (unlabeled); with several
+    def open(cls, root: Path, names: Sequence[str], preprocess: ImagePreprocess, grey: frozenset[str] = frozenset(),
+             classes: Sequence[str] | None = None) -> "ImageFolder":
+        """Class sub-folders (labeled; sorted names → 0, 1, … as torchvision numbers them, or
+        the training set's ``classes``) or images directly in ``root`` (unlabeled); with several
         inputs, ``root/<input name>/`` each, paired by relative path."""
         if len(names) == 1:
             per_input = {names[0]: _listing(root)}
@@ -222,14 +229,18 @@ class ImageFolder:
                 odd = sorted(set(per_input[n]) ^ set(keys))
                 raise CalibrationError(f"{root}: input folders {names[0]!r} and {n!r} hold different files "
                                        f"({len(odd)} unpaired, e.g. {odd[0]})")
-        classes = sorted({k.parent.as_posix() for k in keys} - {"."})
-        if classes and len(classes) != len({k.parent.as_posix() for k in keys}):
+        found = sorted({k.parent.as_posix() for k in keys} - {"."})
+        if found and len(found) != len({k.parent.as_posix() for k in keys}):
             raise CalibrationError(f"{root}: images both directly in the folder and in class sub-folders; "
                                    "use one or the other")
+        classes = list(classes) if classes else found
+        unknown = sorted(set(found) - set(classes))
+        if unknown:
+            raise CalibrationError(f"{root}: class folder(s) {unknown[:3]} are not classes of the training data")
         index = {c: k for k, c in enumerate(classes)}
-        labels = [index[k.parent.as_posix()] for k in keys] if classes else None
+        labels = [index[k.parent.as_posix()] for k in keys] if found else None
         files = [{n: per_input[n][k] for n in names} for k in keys]
-        return cls(files, labels, classes, preprocess)
+        return cls(files, labels, classes if found else [], preprocess, grey)
 
 
 def _listing(folder: Path) -> dict[Path, Path]:
@@ -262,24 +273,33 @@ class DatasetSamples:
         return len(self.dataset)
 
     def sample(self, i: int) -> tuple[dict[str, np.ndarray], int]:
-        item = self.dataset[i]
-        y: Any = UNLABELED
-        if isinstance(item, Mapping):
-            x = {k: v for k, v in item.items() if k != "y"}
-            y = item.get("y", UNLABELED)
-            if len(self.names) == 1 and set(x) == {"x"}:
-                x = {self.names[0]: x["x"]}
-        else:
-            if isinstance(item, tuple) and len(item) == 2:
-                item, y = item
-            if len(self.names) != 1:
-                raise CalibrationError(f"dataset items for a model with inputs {list(self.names)} must be "
-                                       "dicts keyed by input name")
-            x = {self.names[0]: item}
-        missing = [n for n in self.names if n not in x]
-        if missing:
-            raise CalibrationError(f"dataset item {i} has no value for input(s) {missing}")
-        return {n: _numpy(x[n]) for n in self.names}, int(_numpy(y))
+        x, y = _item(self.dataset[i], self.names, f"dataset item {i}")
+        label = np.asarray(_numpy(y)) if y is not None else np.asarray(UNLABELED)
+        if label.size != 1 or label.dtype.kind not in "iu":
+            raise CalibrationError(f"dataset item {i}: the label must be one integer class index, got {label!r}")
+        return {n: _numpy(v) for n, v in x.items()}, int(label)
+
+
+def _item(item: Any, names: Sequence[str], what: str) -> tuple[dict[str, Any], Any]:
+    """An item or batch as ``({input name: value}, label or None)``: from ``{input: x, "y": y}``
+    (``x`` naming a single input), ``(x, y)`` or ``x``."""
+    y: Any = None
+    if isinstance(item, Mapping):
+        x, y = {k: v for k, v in item.items() if k != "y"}, item.get("y")
+    elif isinstance(item, (tuple, list)) and len(item) == 2:
+        x, y = item
+    else:
+        x = item
+    if not isinstance(x, Mapping):
+        if len(names) != 1:
+            raise CalibrationError(f"{what}: a model with inputs {list(names)} needs dicts keyed by input name")
+        x = {names[0]: x}
+    if len(names) == 1 and set(x) == {"x"}:
+        x = {names[0]: x["x"]}
+    missing = [n for n in names if n not in x]
+    if missing:
+        raise CalibrationError(f"{what} has no value for input(s) {missing}")
+    return {n: x[n] for n in names}, y
 
 
 def _numpy(v: Any) -> np.ndarray:
@@ -288,12 +308,14 @@ def _numpy(v: Any) -> np.ndarray:
 
 # ================================================================================ dispatch
 def open_samples(path: str | Path, model: onnx.ModelProto, preprocess: ImagePreprocess | None = None,
-                 what: str = "train") -> Samples:
-    """The training source at ``path``: an image folder, an ``.npy`` or an ``.npz``."""
+                 what: str = "train", classes: Sequence[str] | None = None) -> Samples:
+    """The training source at ``path``: an image folder (its class folders numbered as
+    ``classes`` where given: a validation set follows its training set), an ``.npy`` or an ``.npz``."""
     p = Path(path)
     names = [i.name for i in graph_inputs(model)]
     if p.is_dir():
-        return ImageFolder.open(p, names, preprocess or ImagePreprocess())
+        pp = preprocess or ImagePreprocess()
+        return ImageFolder.open(p, names, pp, _grey_inputs(model, pp), classes)
     if not p.exists():
         raise CalibrationError(f"{what} data not found: {p}")
     if p.suffix not in (".npy", ".npz"):
@@ -301,11 +323,19 @@ def open_samples(path: str | Path, model: onnx.ModelProto, preprocess: ImagePrep
     return _arrays_for(load_npz(p), names, what)
 
 
-def as_samples(data: Any, model: onnx.ModelProto, what: str, preprocess: ImagePreprocess | None = None) -> Samples:
+def _grey_inputs(model: onnx.ModelProto, pp: ImagePreprocess) -> frozenset[str]:
+    """Image inputs with one channel (on the layout's channel axis)."""
+    axis = 3 if pp.layout == "NHWC" else 1
+    return frozenset(vi.name for vi in graph_inputs(model)
+                     if len(dims := vi.type.tensor_type.shape.dim) == 4 and dims[axis].dim_value == 1)
+
+
+def as_samples(data: Any, model: onnx.ModelProto, what: str, preprocess: ImagePreprocess | None = None,
+               classes: Sequence[str] | None = None) -> Samples:
     """Any supported training source as :class:`Samples`."""
     names = [i.name for i in graph_inputs(model)]
     if isinstance(data, (str, Path)):
-        return open_samples(data, model, preprocess, what)
+        return open_samples(data, model, preprocess, what, classes)
     if isinstance(data, Mapping):
         return _arrays_for(data, names, what)
     if hasattr(data, "sample") and hasattr(data, "labeled"):
@@ -333,6 +363,17 @@ def _input_checks(model: onnx.ModelProto) -> dict[str, tuple[np.dtype, list[int]
                       [d.dim_value for d in vi.type.tensor_type.shape.dim]) for vi in graph_inputs(model)}
 
 
+def _check_dims(shapes: Mapping[str, tuple[int, ...]], inputs: Mapping[str, tuple[np.dtype, list[int]]],
+                what: str) -> None:
+    """Each input's (batch, ...) shape against the model's declared dims, the batch excepted."""
+    for name, (_, dims) in inputs.items():
+        shape = shapes[name]
+        if len(dims) != len(shape) or any(d > 0 and d != s for d, s in zip(dims[1:], shape[1:])):
+            want = ", ".join(["N"] + [str(d) if d > 0 else "?" for d in dims[1:]])
+            raise CalibrationError(f"{what} for input {name!r} has shape (N, {', '.join(map(str, shape[1:]))}); "
+                                   f"the model expects ({want})")
+
+
 class TrainSet:
     """A map-style dataset for ``torch.utils.data.DataLoader``, keyed by ``(index, epoch)``.
 
@@ -345,12 +386,7 @@ class TrainSet:
         self.samples, self.what, self.seed = samples, what, seed
         self.inputs = _input_checks(model)
         first, _ = samples.sample(0)
-        for name, (_, dims) in self.inputs.items():
-            x = first[name]
-            if len(dims) != x.ndim + 1 or any(d > 0 and d != s for d, s in zip(dims[1:], x.shape)):
-                want = ", ".join(str(d) if d > 0 else "?" for d in dims[1:])
-                raise CalibrationError(f"{what} data for input {name!r}: a sample has shape {x.shape}; the model "
-                                       f"expects ({want}) per sample")
+        _check_dims({k: (1, *np.shape(v)) for k, v in first.items()}, self.inputs, f"{what} data")
         self.images = _image_inputs(first) if augment else frozenset()
 
     def __len__(self) -> int:
@@ -399,14 +435,16 @@ def _image_inputs(sample: Mapping[str, np.ndarray]) -> frozenset[str]:
 
 
 def is_batches(data: Any) -> bool:
-    """A source of whole batches (a DataLoader, a list of batches), not of samples."""
-    return (not isinstance(data, (str, Path, Mapping)) and hasattr(data, "__iter__")
-            and not hasattr(data, "__getitem__") and not hasattr(data, "sample"))
+    """A source of whole batches: a DataLoader, or an iterable that cannot be indexed (a list is
+    read as samples, like a Dataset)."""
+    if isinstance(data, (str, Path, Mapping)) or hasattr(data, "sample"):
+        return False
+    return hasattr(data, "batch_sampler") or (hasattr(data, "__iter__") and not hasattr(data, "__getitem__"))
 
 
 class Batches:
-    """Batches the caller makes — a torch ``DataLoader`` or any re-iterable of batches with a
-    length — used as they come, one pass per epoch. A batch is ``{input: x}`` (optionally
+    """Batches the caller makes — a torch ``DataLoader`` or any re-iterable, not indexable, of
+    batches with a length — used as they come, one pass per epoch. A batch is ``{input: x}`` (optionally
     ``"y"``), ``(x, y)`` or ``x``. onnxcc neither augments nor shards them: that is the loader's
     job (under torchrun give it a DistributedSampler; its ``set_epoch`` is called each epoch)."""
 
@@ -420,10 +458,7 @@ class Batches:
         self.source, self.what = source, what
         self.inputs = _input_checks(model)
         x, y = self._convert(next(iter(source)))
-        for name, (_, dims) in self.inputs.items():
-            if len(dims) != x[name].ndim or any(d > 0 and d != s for d, s in zip(dims[1:], x[name].shape[1:])):
-                raise CalibrationError(f"{what} batch for input {name!r} has shape {tuple(x[name].shape)}; the "
-                                       f"model expects ({', '.join(str(d) if d > 0 else '?' for d in dims)})")
+        _check_dims({k: tuple(v.shape) for k, v in x.items()}, self.inputs, f"{what} batch")
         self.labeled = bool((y != UNLABELED).any())
 
     def __len__(self) -> int:
@@ -444,21 +479,7 @@ class Batches:
     def _convert(self, b: Any) -> tuple[dict[str, Any], Any]:
         import torch
 
-        y: Any = None
-        if isinstance(b, Mapping):
-            x, y = {k: v for k, v in b.items() if k != "y"}, b.get("y")
-        elif isinstance(b, (tuple, list)) and len(b) == 2:
-            x, y = b
-        else:
-            x = b
-        names = list(self.inputs)
-        if not isinstance(x, Mapping):
-            x = {names[0]: x} if len(names) == 1 else {}
-        if len(names) == 1 and set(x) == {"x"}:
-            x = {names[0]: x["x"]}
-        missing = [n for n in names if n not in x]
-        if missing:
-            raise CalibrationError(f"a {self.what} batch has no value for input(s) {missing}")
+        x, y = _item(b, list(self.inputs), f"a {self.what} batch")
         feeds = {n: torch.as_tensor(np.asarray(_numpy(x[n]), dtype=dtype)) for n, (dtype, _) in self.inputs.items()}
         n = len(next(iter(feeds.values())))
         labels = torch.full((n,), UNLABELED, dtype=torch.int64) if y is None else torch.as_tensor(_numpy(y)).long()

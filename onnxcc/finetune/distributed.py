@@ -57,3 +57,10 @@ def leave(world: World) -> None:
     world.barrier()
     if world.owned:
         dist.destroy_process_group()
+
+
+def abandon(world: World) -> None:
+    """Leave after a failure: the group goes down without waiting for the others (torchrun then
+    stops them)."""
+    if world.owned and dist.is_initialized():
+        dist.destroy_process_group()

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 import numpy as np
 import onnx
@@ -16,7 +16,7 @@ from onnx import helper
 
 from ..runtime import expose_outputs, make_session
 
-__all__ = ["Head", "heads", "rows", "rows_shape", "Teacher"]
+__all__ = ["Head", "heads", "rows", "rows_shape", "slices", "Teacher"]
 
 
 @dataclass(frozen=True)
@@ -58,18 +58,33 @@ def rows(t: Any, head: Head) -> Any:
     return (t if head.coerce else t.movedim(head.axis % t.ndim, -1)).reshape(shape)
 
 
+def slices(run: Callable[[dict[str, Any]], list[Any]], feeds: Mapping[str, Any], fixed: int | None,
+           cat: Callable[[list[Any]], Any]) -> list[Any]:
+    """``run`` on the whole batch, or on slices of exactly ``fixed`` samples, the last one padded
+    by repeating its final sample (the padding's outputs are dropped)."""
+    n = len(next(iter(feeds.values())))
+    if fixed is None:
+        return run(dict(feeds))
+    parts = []
+    for i in range(0, n, fixed):
+        part = {k: v[i:i + fixed] for k, v in feeds.items()}
+        short = fixed - len(next(iter(part.values())))
+        if short:
+            part = {k: cat([v, v[-1:].repeat_interleave(short, 0) if hasattr(v, "repeat_interleave")
+                            else v[-1:].repeat(short, 0)]) for k, v in part.items()}
+        parts.append([o[:fixed - short] for o in run(part)])
+    return [cat(list(p)) for p in zip(*parts)]
+
+
 class Teacher:
     """The original model in onnxruntime, run on each batch as training reaches it (never stored
-    for the whole set), in slices of ``chunk`` samples."""
+    for the whole set); in slices of its ``fixed`` batch size where the graph has one."""
 
-    def __init__(self, teacher: onnx.ModelProto, found: list[Head], chunk: int, provider: str):
+    def __init__(self, teacher: onnx.ModelProto, found: list[Head], fixed: int | None, provider: str):
         self.heads = found
         self.names = [h.tensor for h in found]
         self.session = make_session(expose_outputs(teacher, self.names), provider)
-        self.chunk = chunk
+        self.fixed = fixed
 
     def outputs(self, feeds: Mapping[str, np.ndarray]) -> list[np.ndarray]:
-        n = len(next(iter(feeds.values())))
-        parts = [self.session.run(self.names, {k: v[i:i + self.chunk] for k, v in feeds.items()})
-                 for i in range(0, n, self.chunk)]
-        return [np.concatenate(p) for p in zip(*parts)]
+        return slices(lambda part: self.session.run(self.names, part), feeds, self.fixed, np.concatenate)

@@ -21,23 +21,20 @@ from ..errors import CalibrationError, UsageError
 from .data import UNLABELED, TrainSet
 from .distributed import World
 from .executor import OnnxModule
-from .heads import Head, Teacher, rows
+from .heads import Head, Teacher, rows, slices
 
 
 class Student(torch.nn.Module):
     """The student's head tensors (logits before a Softmax, dense maps) as one ``forward``, so
-    DistributedDataParallel sees one call per step. Runs in slices of ``chunk`` samples: graphs
-    may bake a fixed batch size into Reshapes."""
+    DistributedDataParallel sees one call per step. A graph that bakes a fixed batch size into
+    its Reshapes runs in slices of that size (see :func:`slices`)."""
 
-    def __init__(self, module: OnnxModule, names: Sequence[str], chunk: int):
+    def __init__(self, module: OnnxModule, names: Sequence[str], fixed: int | None):
         super().__init__()
-        self.module, self.names, self.chunk = module, list(names), chunk
+        self.module, self.names, self.fixed = module, list(names), fixed
 
     def forward(self, feeds: Mapping[str, torch.Tensor]) -> list[torch.Tensor]:
-        n = len(next(iter(feeds.values())))
-        parts = [self.module.run({k: v[i:i + self.chunk] for k, v in feeds.items()}, self.names)
-                 for i in range(0, n, self.chunk)]
-        return [torch.cat(p) for p in zip(*parts)]
+        return slices(lambda part: self.module.run(part, self.names), feeds, self.fixed, torch.cat)
 
 
 def schedule(optimizer: torch.optim.Optimizer, total: int, warmup: int) -> torch.optim.lr_scheduler.LambdaLR:
@@ -51,8 +48,9 @@ def schedule(optimizer: torch.optim.Optimizer, total: int, warmup: int) -> torch
 
 class EpochSampler(torch.utils.data.Sampler):
     """This rank's share of a seeded shuffle, re-drawn per epoch and tagged with it. Rank r's k-th
-    batch of b and the other ranks' together are exactly the k-th global batch of b x world of a
-    single process (DistributedSampler interleaves one permutation)."""
+    batch of b and the other ranks' together are the k-th global batch of b x world of a single
+    process (DistributedSampler interleaves one permutation) when the sample count is a multiple
+    of the process count; otherwise DistributedSampler repeats a few samples to even the shares."""
 
     def __init__(self, n: int, world: World, seed: int, shuffle: bool = True):
         super().__init__()
@@ -86,8 +84,8 @@ class Shard(torch.utils.data.Sampler):
 
 
 def loader(data: TrainSet, batch: int, sampler: torch.utils.data.Sampler, workers: int) -> DataLoader:
-    # persistent workers keep their decoded-file handles; the sampler runs in this process, so
-    # set_epoch reaches them
+    # persistent workers are started once, not per epoch; the sampler runs in this process, so
+    # its set_epoch needs no message to them
     return DataLoader(data, batch_size=batch, sampler=sampler, num_workers=workers,
                       persistent_workers=workers > 0, pin_memory=False)
 

@@ -31,6 +31,7 @@ log = logging.getLogger(__name__)
 
 Best = tuple[tuple[float, float], dict[str, torch.Tensor], int]   # (score, weights, epoch)
 Source = TrainSet | Batches
+STATISTICS_SAMPLES = 512   # what re-inserted BatchNorm's running statistics are measured on
 
 
 def device_for(name: str, world: World) -> str:
@@ -42,10 +43,11 @@ def device_for(name: str, world: World) -> str:
 
 
 def _teacher_provider(device: str) -> str:
+    """The teacher runs where the student trains (each torchrun process on its own GPU)."""
     if device.startswith("cuda"):
         try:
-            providers_for("cuda")
-            return "cuda"
+            providers_for(device)
+            return device
         except UsageError:
             log.info("onnxruntime has no CUDA provider: the teacher runs on the CPU")
     return "cpu"
@@ -96,26 +98,29 @@ def _check_shapes(net: Student, teach: Teacher, feeds: dict[str, np.ndarray], de
 
 
 def _source(data: Any, student: onnx.ModelProto, teacher: onnx.ModelProto, what: str,
-            preprocess: ImagePreprocess | None, cfg: FinetuneConfig | None = None) -> Source:
+            preprocess: ImagePreprocess | None, cfg: FinetuneConfig | None = None,
+            classes: list[str] | None = None) -> Source:
     """Samples (augmented for training when ``cfg`` says so), or the caller's batches; checked
     against both models' inputs."""
     if is_batches(data):
         Batches(data, teacher, what)
         return Batches(data, student, what)
-    samples = as_samples(data, student, what, preprocess)
+    samples = as_samples(data, student, what, preprocess, classes)
     TrainSet(samples, teacher, what)
     augment = cfg is not None and cfg.augment
     return TrainSet(samples, student, what, augment=augment, seed=cfg.seed if cfg is not None else 0)
 
 
-def _statistics_batches(tr: Source, batch: int, device: str, samples: int = 256):
+def _statistics_batches(tr: Source, batch: int, device: str, seed: int, samples: int = STATISTICS_SAMPLES):
     """What the re-inserted BatchNorm's statistics are measured on, the same in every process:
-    the first ``samples`` training samples as given (not augmented), in global batches; from
-    the caller's batches, as many of the first as hold that many samples."""
+    ``samples`` training samples drawn at random once (sources are often sorted by class), as
+    given (not augmented), in global batches; from the caller's batches, as many of the first as
+    hold that many samples."""
     def from_samples():
         data = tr.unaugmented()
-        for i in range(0, min(samples, len(data)), batch):
-            rows = [data[(k, 0)][0] for k in range(i, min(i + batch, samples, len(data)))]
+        pick = np.sort(np.random.default_rng(seed).permutation(len(data))[:samples])
+        for i in range(0, len(pick), batch):
+            rows = [data[(int(k), 0)][0] for k in pick[i:i + batch]]
             yield {name: torch.from_numpy(np.stack([r[name] for r in rows])).to(device) for name in rows[0]}
 
     def from_batches():
@@ -126,6 +131,40 @@ def _statistics_batches(tr: Source, batch: int, device: str, samples: int = 256)
             yield {k: v.to(device) for k, v in x.items()}
             seen += len(next(iter(x.values())))
     return from_batches if isinstance(tr, Batches) else from_samples
+
+
+def _class_names(tr: Source) -> list[str] | None:
+    """The training image folder's classes: a validation folder numbers its own the same way."""
+    samples = getattr(tr, "samples", None)
+    return samples.classes if isinstance(samples, ImageFolder) and samples.classes else None
+
+
+def _with_batchnorm(net: Student, tr: Source, cfg: FinetuneConfig, world: World, device: str,
+                    dynamic: bool) -> Callable[[], Iterator[dict[str, torch.Tensor]]] | None:
+    """Re-insert BatchNorm (where asked and the batch is not fixed: batch statistics need the whole
+    batch in one forward); returns the batches its statistics are measured on, or None."""
+    if not cfg.batchnorm:
+        return None
+    if not dynamic:
+        log.info("the model's batch is fixed: trained without re-inserted BatchNorm")
+        return None
+    statistics = _statistics_batches(tr, cfg.batch_size, device, cfg.seed)
+    # the caller's batches differ per process: their statistics are summed over all of them
+    reduce = world.sum if isinstance(tr, Batches) and world.size > 1 else None
+    return statistics if insert(net.module, statistics(), sync=world.size > 1, reduce=reduce) else None
+
+
+def _parallel(net: Student, world: World, device: str) -> torch.nn.Module:
+    """The student as each process calls it: wrapped in DistributedDataParallel under torchrun."""
+    if world.size == 1:
+        return net
+    reached = {id(p) for p in net.module.parameters_for(net.names).values()}
+    reached |= {id(p) for p in net.module.after.parameters()}
+    unused = any(p.requires_grad and id(p) not in reached for p in net.parameters())
+    # buffers are constants or BatchNorm statistics of the global batch: the same in every process
+    return torch.nn.parallel.DistributedDataParallel(
+        net, device_ids=[world.local_rank] if device.startswith("cuda") else None, find_unused_parameters=unused,
+        broadcast_buffers=False)
 
 
 class Run:
@@ -150,7 +189,7 @@ class Run:
         self.total = cfg.epochs * self.steps
         self.sched = schedule(self.opt, self.total, round(cfg.warmup * self.total))
         self.statistics: Callable[[], Iterator[dict[str, torch.Tensor]]] | None = None   # with re-inserted BatchNorm
-        self.history: dict[str, Any] = {"epochs": [], "initial": {}, "world_size": world.size,
+        self.history: dict[str, Any] = {"epochs": [], "initial": {}, "world_size": world.size, "rank": world.rank,
                                         "train_" + ("batches" if isinstance(tr, Batches) else "samples"): len(tr),
                                         "augmented": sorted(tr.images), "workers": workers}
 
@@ -164,36 +203,27 @@ class Run:
         local = cfg.batch_size // world.size
         s_heads = heads(student)
         label_head = next((k for k, h in enumerate(s_heads) if h.axis is not None), None)
-        chunk = fixed_batch(student) or local
-        teach = Teacher(teacher, heads(teacher), fixed_batch(teacher) or local, _teacher_provider(device))
-
-        tr = _source(train, student, teacher, "train", preprocess, cfg)
-        classes = _classes(tr, "train", teach, label_head, tr.first(chunk))
-        va = _source(val, student, teacher, "val", preprocess) if val is not None else None
+        teach = Teacher(teacher, heads(teacher), fixed_batch(teacher), _teacher_provider(device))
+        tr = _source(train, student, teacher, "train", preprocess, cfg=cfg)
+        # the caller's batches go through whole; slices of a fixed batch where the graph bakes one in
+        chunk = fixed_batch(student) or (1 << 30 if isinstance(tr, Batches) else local)
+        classes = _classes(tr, "train", teach, label_head, tr.first(min(chunk, local)))
+        va = _source(val, student, teacher, "val", preprocess, classes=_class_names(tr)) if val is not None else None
         if va is not None:
-            classes = _classes(va, "val", teach, label_head, va.first(chunk)) or classes
+            classes = _classes(va, "val", teach, label_head, va.first(min(chunk, local))) or classes
 
-        net = Student(OnnxModule(student).to(device), [h.tensor for h in s_heads], chunk)
-        _check_shapes(net, teach, tr.first(chunk), device)
-        whole = chunk >= local   # batch statistics need the batch in one forward, not slices of a fixed size
-        if cfg.batchnorm and not whole:
-            log.info("the model's batch is fixed at %d: trained without re-inserted BatchNorm", chunk)
-        statistics = _statistics_batches(tr, cfg.batch_size, device) if cfg.batchnorm and whole else None
-        renormed = insert(net.module, statistics(), sync=world.size > 1) if statistics else 0
-        model: torch.nn.Module = net
-        if world.size > 1:
-            trained = [p for p in net.parameters() if p.requires_grad]
-            unused = len([p for p in net.module.parameters_for(net.names).values() if p.requires_grad]) < len(trained)
-            model = torch.nn.parallel.DistributedDataParallel(
-                net, device_ids=[world.local_rank] if device.startswith("cuda") else None,
-                find_unused_parameters=unused)
+        net = Student(OnnxModule(student).to(device), [h.tensor for h in s_heads], fixed_batch(student))
+        _check_shapes(net, teach, tr.first(min(chunk, local)), device)
+        statistics = _with_batchnorm(net, tr, cfg, world, device, dynamic=fixed_batch(student) is None)
         amp = cfg.amp and device.startswith("cuda") and torch.cuda.is_bf16_supported()
-        d = Distiller(net, model, teach, s_heads, label_head, classes, cfg.temperature, cfg.alpha, device, world, amp)
-        fp = fingerprint(student, teacher, len(tr), {k: v for k, v in vars(cfg).items()
-                                                     if k not in ("device", "workers", "amp")})
+        d = Distiller(net, _parallel(net, world, device), teach, s_heads, label_head, classes, cfg.temperature,
+                      cfg.alpha, device, world, amp)
+        settings = {k: v for k, v in vars(cfg).items() if k not in ("device", "workers", "amp")}
+        fp = fingerprint(student, teacher, len(tr), {**settings, "val": len(va) if va is not None else None,
+                                                      "preprocess": preprocess})
         run = cls(cfg, world, d, tr, va, _workers(cfg, tr), fp)
-        run.history["batchnorm_inserted"] = renormed
-        run.statistics = statistics if renormed else None
+        run.statistics = statistics
+        run.history["batchnorm_inserted"] = len(net.module.after)
         return run
 
     def begin(self, resume_from: Checkpoints | None) -> tuple[Best | None, int]:
@@ -204,8 +234,8 @@ class Run:
             self.d.load(state["params"])
             self.opt.load_state_dict(state["optimizer"])
             self.sched.load_state_dict(state["scheduler"])
-            self.history = state["history"]
-            self.history["resumed_from"] = state["epoch"]
+            torch.set_rng_state(state["torch_rng"])
+            self.history = {**state["history"], "rank": self.world.rank, "resumed_from": state["epoch"]}
             log.warning("resuming from the checkpoint of epoch %d/%d in %s", state["epoch"], self.cfg.epochs,
                         resume_from.folder)
             b = state["best"]
@@ -246,6 +276,7 @@ class Run:
             if store is not None and self.world.main:
                 store.save({"fingerprint": self.fp, "epoch": epoch, "params": self.d.state(),
                             "optimizer": self.opt.state_dict(), "scheduler": self.sched.state_dict(),
+                            "torch_rng": torch.get_rng_state(),
                             "history": self.history,
                             "best": {"score": list(best[0]), "params": best[1], "epoch": best[2]} if best else None})
             if on_epoch and self.world.main:
@@ -255,7 +286,8 @@ class Run:
 
     def _recalibrate(self) -> None:
         if self.statistics is not None:
-            recalibrate(self.net.module, self.statistics())
+            reduce = self.world.sum if isinstance(self.tr, Batches) and self.world.size > 1 else None
+            recalibrate(self.net.module, self.statistics(), reduce)
 
     def finish(self, best: Best | None) -> OnnxModule:
         """The student with the best epoch's weights (any BatchNorm folded back), ready to export."""

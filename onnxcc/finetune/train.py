@@ -15,7 +15,6 @@ torch is an optional dependency and is imported lazily.
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -36,7 +35,7 @@ __all__ = ["finetune", "finetune_verified", "load_npz", "run_finetune_cli", "che
 
 
 
-def _torch():
+def require_torch():
     try:
         import torch
     except ImportError:
@@ -78,11 +77,12 @@ def finetune(student: onnx.ModelProto, teacher: onnx.ModelProto, train: Any, val
 
     History: ``{"epochs": [{"epoch", "train_loss", "lr" (at the epoch's end), "seconds", "val_loss"?,
     "val_acc"?}], "initial": {"val_loss"?, "val_acc"?}, "best_epoch", "selected_by": "val_acc" |
-    "val_loss" | "last", "world_size", "train_samples", "augmented": [input names], "resumed_from"?}``.
+    "val_loss" | "last", "world_size", "rank", "train_samples" (or "train_batches"), "augmented": [input
+    names], "workers", "batchnorm_inserted", "resumed_from"?}``.
     """
-    torch = _torch()
+    torch = require_torch()
     from .checkpoint import Checkpoints
-    from .distributed import join, leave
+    from .distributed import abandon, join, leave
     from .executor import export_weights
     from .run import Run
 
@@ -90,11 +90,15 @@ def finetune(student: onnx.ModelProto, teacher: onnx.ModelProto, train: Any, val
     cfg.validate()
     _check_pair(student, teacher)
     world = join("cuda" if cfg.device == "cuda" or (cfg.device == "auto" and torch.cuda.is_available()) else "cpu")
-    run = Run.build(student, teacher, train, val, cfg, world, preprocess)
-    store = Checkpoints(checkpoints) if checkpoints is not None else None
-    best, start = run.begin(store if resume else None)
-    best = run.train(start, best, store, progress, on_epoch)
-    module = run.finish(best)
+    try:
+        run = Run.build(student, teacher, train, val, cfg, world, preprocess)
+        store = Checkpoints(checkpoints) if checkpoints is not None else None
+        best, start = run.begin(store if resume else None)
+        best = run.train(start, best, store, progress, on_epoch)
+        module = run.finish(best)
+    except BaseException:
+        abandon(world)   # no barrier: the other processes may be waiting in a collective already
+        raise
     leave(world)
     return export_weights(module, student), run.history
 
@@ -126,7 +130,7 @@ def run_finetune_cli(student_path: str | Path, teacher_path: str | Path, data: s
     folder = checkpoint_folder(out)
     tuned, history = finetune(student, teacher, data, val, config, progress=progress, on_epoch=on_epoch,
                               checkpoints=folder, resume=resume, preprocess=preprocess)
-    main = int(os.environ.get("RANK", "0")) == 0
+    main = history["rank"] == 0
     if main:
         _verify(tuned, student, _probe(data, student, preprocess))
         save_model(tuned, out)
