@@ -17,10 +17,10 @@ from onnx import numpy_helper
 
 from graphs import GRAPHS
 from oracles import check_model_full, run
+from test_finetune import _perturbed, _two_inputs
 
 from onnxcc.calib import ImagePreprocess, load_image
-from onnxcc.config import FinetuneConfig
-from onnxcc.errors import CalibrationError, UsageError
+from onnxcc.errors import CalibrationError
 from onnxcc.finetune import finetune, finetune_verified, load_npz, open_samples
 from onnxcc.passes.normalize import normalize
 
@@ -28,17 +28,6 @@ torch = pytest.importorskip("torch")
 F32 = np.float32
 REPO = Path(__file__).resolve().parents[1]
 HELPER = Path(__file__).parent / "helpers" / "ddp_rank.py"
-
-
-def _perturbed(model: onnx.ModelProto, scale: float = 0.3, seed: int = 1) -> onnx.ModelProto:
-    rng = np.random.default_rng(seed)
-    out = onnx.ModelProto()
-    out.CopyFrom(model)
-    for t in out.graph.initializer:
-        a = numpy_helper.to_array(t)
-        if a.ndim == 4:
-            t.CopyFrom(numpy_helper.from_array((a + scale * a.std() * rng.standard_normal(a.shape)).astype(F32), t.name))
-    return out
 
 
 def _weights(model: onnx.ModelProto) -> dict[str, np.ndarray]:
@@ -111,8 +100,6 @@ def test_center_crop_one_reads_the_whole_image(tmp_path):
 
 
 def test_a_two_input_model_reads_a_folder_per_input(tmp_path):
-    from test_finetune import _two_inputs
-
     model = _two_inputs()
     for name in ("a", "b"):
         _image_folder(tmp_path / name, {"": 3}, size=(8, 8), seed=ord(name))
