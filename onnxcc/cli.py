@@ -228,7 +228,7 @@ def _finetune_config(args: argparse.Namespace):
     from .config import FinetuneConfig
 
     return FinetuneConfig(epochs=args.epochs, lr=args.lr, batch_size=args.batch_size, optimizer=args.optimizer,
-                          warmup=args.warmup, augment=not args.no_augment, batchnorm=not args.no_batchnorm,
+                          warmup=args.warmup, augment=not args.no_augment, batchnorm=args.batchnorm,
                           device=args.device,
                           workers=args.workers, seed=args.seed)
 
@@ -289,9 +289,9 @@ def _finetune_flags(p: argparse.ArgumentParser, epochs_help: str) -> None:
                    help="share of the steps with a linear warm-up before the cosine decay")
     g.add_argument("--no-augment", action="store_true",
                    help="train on the images as given (default: random resized crops and flips of image inputs)")
-    g.add_argument("--no-batchnorm", action="store_true",
-                   help="train the Convs as exported (default: a BatchNorm after each Conv with a bias, on batch "
-                        "statistics as a torch pipeline trains, folded back into the Convs when done)")
+    g.add_argument("--batchnorm", action="store_true",
+                   help="train with a BatchNorm after each Conv with a bias, on batch statistics as a torch pipeline "
+                        "trains, folded back into the Convs when done (models with a dynamic batch)")
     g.add_argument("--workers", type=int, default=None,
                    help="data loading processes (default: up to 4 for image folders, none for arrays)")
 

@@ -93,7 +93,7 @@ class FinetuneConfig:
     alpha: float = 0.5                 # weight of distillation against cross-entropy on labels
     warmup: float = 0.03               # share of the steps with a linear learning-rate warm-up
     augment: bool = True               # random resized crops and flips of image inputs
-    batchnorm: bool = True             # train with BatchNorm re-inserted after each Conv, folded back after
+    batchnorm: bool = False            # train with BatchNorm re-inserted after each Conv, folded back after
     device: str = "auto"
     amp: bool = True                   # bfloat16 autocast on a CUDA device that supports it
     workers: int | None = None         # DataLoader worker processes; None: by the data source

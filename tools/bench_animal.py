@@ -27,8 +27,7 @@ train and val splits from an image folder (class sub-folders, 64x64 PNGs written
 the network's input before normalisation). Every compressed model gets the same budget
 (distillation from the baseline + cross-entropy, same epochs/lr/batch/seed, best val epoch kept).
 At the last --flops target the onnxcc cc model is also fine-tuned with other recipes (without
-re-inserted BatchNorm, without augmentation, without either): the rows that tell
-training recipes apart.
+augmentation, with BatchNorm re-inserted, with both): the rows that tell training recipes apart.
 That code trains the exported graph, whose BatchNorm is fused into the Convs; a pruned network
 that was not refit can lose its signal there (activations far off the BN statistics), so each
 Torch-Pruning model is fine-tuned by the same loss, optimiser and schedule in torch with its
@@ -591,8 +590,8 @@ def main() -> None:
     write_results(out_dir, rows, data_stats, budget, base_cfg, base_info, lat, times, args, src)
 
 
-RECIPES = {"no BatchNorm": ("--no-batchnorm",), "no augmentation": ("--no-augment",),
-           "neither BatchNorm nor augmentation": ("--no-batchnorm", "--no-augment")}
+RECIPES = {"no augmentation": ("--no-augment",), "BatchNorm re-inserted": ("--batchnorm",),
+           "BatchNorm re-inserted, no augmentation": ("--batchnorm", "--no-augment")}
 
 
 def entries_for(flops: float, last: bool, torch_base: torch.nn.Module, baseline: onnx.ModelProto, data: dict,
@@ -710,9 +709,9 @@ def markdown(res: dict) -> str:
           f"Every compressed model: the same fine-tuning budget ({b['epochs']} epochs, Adam lr {b['lr']}, batch "
           f"{b['batch_size']}; distillation from the baseline + cross-entropy; best val epoch kept). onnxcc's rows "
           "run `onnxcc finetune` on the exported graph (BatchNorm fused into the Convs), reading the train and val "
-          "splits from an image folder of PNGs, with its defaults (BatchNorm re-inserted after each Conv for "
-          "training and folded back, random resized crops and flips, 3% warm-up, cosine); rows naming a recipe "
-          "change one of those. Rows marked *torch fine-tuning* run the same loss, "
+          "splits from an image folder of PNGs, with its defaults (random resized crops of 75-100% of the image "
+          "and flips, 3% warm-up, cosine); rows naming a recipe change that (BatchNorm re-inserted: a BatchNorm "
+          "after each Conv while training, on batch statistics, folded back on export). Rows marked *torch fine-tuning* run the same loss, "
           "Adam and cosine schedule in torch on Torch-Pruning's module, whose BatchNorm layers still train on "
           "batch statistics (its usual workflow), on the arrays, without augmentation.",
           "MACs: Conv/Gemm/MatMul from onnxruntime runtime shapes, one counter for all. Latency: onnxruntime CPU, "

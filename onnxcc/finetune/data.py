@@ -39,6 +39,9 @@ __all__ = ["Samples", "ArraySamples", "ImageFolder", "DatasetSamples", "TrainSet
            "as_samples", "fixed_batch", "Batches", "is_batches"]
 
 UNLABELED = -1
+# crops keep 75-100% of the image: on Animal-MNIST's 4-epoch distillation recovery's wider range
+# (35-100%) cost accuracy against no augmentation at all, this one did not
+CROP_SCALE = (0.75, 1.0)
 SCAN_BYTES = 1 << 30   # arrays up to this size are checked for NaN/Inf when opened; all samples as they are read
 
 
@@ -424,7 +427,7 @@ class TrainSet:
         gen = torch.Generator().manual_seed(int.from_bytes(digest, "little") >> 1)
         for k in self.images:
             t = torch.from_numpy(x[k])[None]
-            x[k] = augment(t, image_layout(tuple(t.shape)), gen)[0].numpy()
+            x[k] = augment(t, image_layout(tuple(t.shape)), gen, CROP_SCALE)[0].numpy()
         return x
 
 

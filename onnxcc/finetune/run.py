@@ -113,11 +113,12 @@ def _source(data: Any, student: onnx.ModelProto, teacher: onnx.ModelProto, what:
 
 def _statistics_batches(tr: Source, batch: int, device: str, seed: int, samples: int = STATISTICS_SAMPLES):
     """What the re-inserted BatchNorm's statistics are measured on, the same in every process:
-    ``samples`` training samples drawn at random once (sources are often sorted by class), as
-    given (not augmented), in global batches; from the caller's batches, as many of the first as
-    hold that many samples."""
+    ``samples`` training samples drawn at random once (sources are often sorted by class),
+    augmented as in training (with statistics of clean images the normalisation at evaluation
+    would differ from the one the weights were trained under), in global batches; from the
+    caller's batches, as many of the first as hold that many samples."""
     def from_samples():
-        data = tr.unaugmented()
+        data = tr
         pick = np.sort(np.random.default_rng(seed).permutation(len(data))[:samples])
         for i in range(0, len(pick), batch):
             rows = [data[(int(k), 0)][0] for k in pick[i:i + batch]]

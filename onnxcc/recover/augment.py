@@ -28,13 +28,14 @@ def image_layout(shape: tuple[int, ...]) -> str | None:
     return None
 
 
-def augment(x: torch.Tensor, layout: str, generator: torch.Generator) -> torch.Tensor:
-    """Each image of ``x`` cropped at random (area in SCALE, aspect in RATIO), resized back to
-    its size and flipped left-right with probability 1/2."""
+def augment(x: torch.Tensor, layout: str, generator: torch.Generator,
+            scale: tuple[float, float] = SCALE) -> torch.Tensor:
+    """Each image of ``x`` cropped at random (area in ``scale``, aspect in RATIO), resized back
+    to its size and flipped left-right with probability 1/2."""
     nchw = x if layout == "NCHW" else x.permute(0, 3, 1, 2)
     n = nchw.shape[0]
     rand = torch.rand(n, 5, generator=generator).to(x.device)
-    area = SCALE[0] + (SCALE[1] - SCALE[0]) * rand[:, 0]
+    area = scale[0] + (scale[1] - scale[0]) * rand[:, 0]
     log_r = math.log(RATIO[0]) + (math.log(RATIO[1]) - math.log(RATIO[0])) * rand[:, 1]
     aspect = torch.exp(log_r)
     sw = torch.sqrt(area * aspect).clamp(max=1.0)   # half-extent of the crop in [-1, 1] units
