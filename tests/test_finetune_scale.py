@@ -116,6 +116,10 @@ def test_npz_members_are_memory_mapped(tmp_path):
     data = load_npz(tmp_path / "d.npz")
     assert isinstance(data["x"], np.memmap)
     np.testing.assert_array_equal(data["x"], x)
+    from onnxcc.finetune.data import ArraySamples
+
+    rows = ArraySamples({"x": data["x"]}, data["y"])
+    assert all(np.array_equal(rows.sample(i)[0]["x"], x[i]) and rows.sample(i)[1] == i for i in range(6))
     np.savez_compressed(tmp_path / "c.npz", x=x)   # compressed members cannot be mapped: read
     np.testing.assert_array_equal(load_npz(tmp_path / "c.npz")["x"], x)
 

@@ -37,6 +37,7 @@ sys.path[:0] = [str(REPO)]
 import models  # noqa: E402
 
 SIZE = 32
+KINDS = ("image folder", ".npy (memory-mapped)")
 SCALE = 64.0   # texture values (about -2..2) to PNG pixels: 128 + 64 * value
 
 
@@ -150,6 +151,8 @@ def main() -> None:
     p.add_argument("--epochs", type=int, default=1)
     p.add_argument("--workers", type=int, default=1, help="DataLoader workers for the image folders")
     p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--kinds", nargs="+", choices=KINDS, default=list(KINDS),
+                   help="which data forms to measure (rows of the others are kept from the last results)")
     args = p.parse_args()
     root = models.data_dir() / "finetune_memory"
     root.mkdir(parents=True, exist_ok=True)
@@ -160,6 +163,8 @@ def main() -> None:
         images = ["--workers", str(args.workers), "--image-size", str(SIZE), str(SIZE), "--center-crop", "1",
                   "--mean", *[str(128 / 255)] * 3, "--std", *[str(SCALE / 255)] * 3]
         for kind, data, extra in (("image folder", folder, images), (".npy (memory-mapped)", npy, [])):
+            if kind not in args.kinds:
+                continue
             out = root / f"tuned-{n}.onnx"
             cmd = [sys.executable, "-m", "onnxcc", "finetune", str(student), "--teacher", str(teacher),
                    "--data", str(data), "-o", str(out), "--epochs", str(args.epochs),
@@ -168,6 +173,10 @@ def main() -> None:
             print(r, flush=True)
             rows.append(r)
             out.unlink(missing_ok=True)
+    results = REPO / "tools" / "results"
+    if (results / "finetune_memory.json").is_file():   # rows of the forms not measured now
+        kept = json.loads((results / "finetune_memory.json").read_text())["rows"]
+        rows = [r for r in kept if r["data"] not in args.kinds] + rows
     by = {(r["data"], r["samples"]): r for r in rows}
     small, large = min(args.sizes), max(args.sizes)
     growth = {kind: {m: round(by[(kind, large)][m] / by[(kind, small)][m] - 1, 3) for m in ("peak_pss_mb", "max_rss_mb")}
@@ -175,7 +184,6 @@ def main() -> None:
     res = {"rows": rows, "growth_from_smallest_to_largest": growth, "epochs": args.epochs,
            "batch_size": args.batch_size, "workers": args.workers,
            "machine": {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count()}}
-    results = REPO / "tools" / "results"
     (results / "finetune_memory.json").write_text(json.dumps(res, indent=1) + "\n")
     md = ["# Peak memory of `onnxcc finetune` against the training set's size", "",
           f"Student: the `padres` shape (trained ResNet, 32x32 textures) compressed to 50% of its MACs; teacher: the "

@@ -22,6 +22,8 @@ from __future__ import annotations
 
 import copy
 import hashlib
+import math
+import os
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -159,7 +161,7 @@ class ArraySamples:
         return len(next(iter(self.x.values())))
 
     def sample(self, i: int) -> tuple[dict[str, np.ndarray], int]:
-        return {k: np.asarray(v[i]) for k, v in self.x.items()}, int(self.y[i]) if self.y is not None else UNLABELED
+        return {k: _row(v, i) for k, v in self.x.items()}, int(self.y[i]) if self.y is not None else UNLABELED
 
     def __getstate__(self) -> dict[str, Any]:
         """Memory maps travel to worker processes as their file and place, not as copies of the data."""
@@ -172,6 +174,18 @@ class ArraySamples:
         for k, (path, offset, shape, dtype, fortran) in state["maps"].items():
             self.x[k] = np.memmap(path, dtype=dtype, mode="r", offset=offset, shape=shape, order="F" if fortran else "C")
         self.y = state["y"]
+
+
+def _row(a: np.ndarray, i: int) -> np.ndarray:
+    """Row ``i`` of ``a``. A C-ordered memory map's row is read from its file instead: pages read
+    through the map count in the process's memory until the kernel wants them back, so one epoch
+    over a large file would look like memory growing with the data set."""
+    if isinstance(a, np.memmap) and a.flags.c_contiguous and a.filename and a.ndim > 1:
+        size = a.dtype.itemsize * math.prod(a.shape[1:])
+        with open(a.filename, "rb") as f:
+            data = os.pread(f.fileno(), size, a.offset + i * size)
+        return np.frombuffer(data, a.dtype).reshape(a.shape[1:])
+    return np.asarray(a[i])
 
 
 def _arrays_for(data: Mapping[str, np.ndarray], names: Sequence[str], what: str) -> ArraySamples:
