@@ -26,8 +26,9 @@ onnxcc's models are fine-tuned as a user would, through the CLI: ``onnxcc finetu
 train and val splits from an image folder (class sub-folders, 64x64 PNGs written once to the cache:
 the network's input before normalisation). Every compressed model gets the same budget
 (distillation from the baseline + cross-entropy, same epochs/lr/batch/seed, best val epoch kept).
-At the last --flops target the onnxcc cc model is also fine-tuned with other recipes (without
-augmentation, with BatchNorm re-inserted, with both): the rows that tell training recipes apart.
+At the last --flops target (of several) onnxcc cc alone is compressed, and also fine-tuned with
+other recipes (without augmentation; with BatchNorm re-inserted): the rows that tell training
+recipes apart.
 That code trains the exported graph, whose BatchNorm is fused into the Convs; a pruned network
 that was not refit can lose its signal there (activations far off the BN statistics), so each
 Torch-Pruning model is fine-tuned by the same loss, optimiser and schedule in torch with its
@@ -590,8 +591,7 @@ def main() -> None:
     write_results(out_dir, rows, data_stats, budget, base_cfg, base_info, lat, times, args, src)
 
 
-RECIPES = {"no augmentation": ("--no-augment",), "BatchNorm re-inserted": ("--batchnorm",),
-           "BatchNorm re-inserted, no augmentation": ("--batchnorm", "--no-augment")}
+RECIPES = {"no augmentation": ("--no-augment",), "BatchNorm re-inserted": ("--batchnorm",)}
 
 
 def entries_for(flops: float, last: bool, torch_base: torch.nn.Module, baseline: onnx.ModelProto, data: dict,
@@ -601,7 +601,7 @@ def entries_for(flops: float, last: bool, torch_base: torch.nn.Module, baseline:
     def ours(m: str) -> Callable[[Path], tuple[onnx.ModelProto, dict]]:
         return lambda path: (compress_onnxcc(baseline, data, m, flops, args), {})
 
-    methods = ("cc", "prune", "decompose") if not last or len(args.flops) == 1 else ("cc", "prune")
+    methods = ("cc", "prune") if not last or len(args.flops) == 1 else ("cc",)
     entries = [Entry(f"onnxcc {m}", f"onnxcc-{m}", ours(m)) for m in methods]
     if last:
         entries += [Entry(f"onnxcc cc, {name}", "onnxcc-cc", ours("cc"), recipe=flags) for name, flags in RECIPES.items()]
