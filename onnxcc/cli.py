@@ -276,7 +276,7 @@ def _image_flags(p: argparse.ArgumentParser) -> None:
 
 
 def _finetune_flags(p: argparse.ArgumentParser, epochs_help: str) -> None:
-    from .config import FinetuneConfig
+    from .config import OPTIMIZERS, FinetuneConfig
 
     d = FinetuneConfig()
     g = p.add_argument_group("fine-tuning")
@@ -284,7 +284,7 @@ def _finetune_flags(p: argparse.ArgumentParser, epochs_help: str) -> None:
     g.add_argument("--lr", type=float, default=d.lr, help="peak learning rate")
     g.add_argument("--batch-size", type=int, default=d.batch_size,
                    help="global batch (split across torchrun's processes)")
-    g.add_argument("--optimizer", choices=["adam", "sgd"], default=d.optimizer)
+    g.add_argument("--optimizer", choices=OPTIMIZERS, default=d.optimizer)
     g.add_argument("--warmup", type=float, default=d.warmup, metavar="SHARE",
                    help="share of the steps with a linear warm-up before the cosine decay")
     g.add_argument("--no-augment", action="store_true",

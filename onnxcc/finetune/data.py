@@ -20,7 +20,6 @@ from the sample and the epoch alone — the same in any worker process, on any r
 """
 from __future__ import annotations
 
-import copy
 import hashlib
 import math
 import os
@@ -34,7 +33,7 @@ import onnx
 from onnx import helper
 
 from ..analysis.view import graph_inputs
-from ..calib import IMAGE_SUFFIXES, ImagePreprocess, load_image
+from ..calib import IMAGE_SUFFIXES, ImagePreprocess, image_files, load_image
 from ..errors import CalibrationError
 
 __all__ = ["Samples", "ArraySamples", "ImageFolder", "DatasetSamples", "TrainSet", "load_npz", "open_samples",
@@ -264,10 +263,9 @@ def _listing(folder: Path) -> dict[Path, Path]:
     """Images in ``folder`` and its class sub-folders (one level), by path relative to it."""
     if not folder.is_dir():
         raise CalibrationError(f"not a folder: {folder}")
-    found = {f.relative_to(folder): f for f in folder.iterdir() if f.is_file() and f.suffix.lower() in IMAGE_SUFFIXES}
+    found = {f.relative_to(folder): f for f in image_files(folder)}
     for sub in (d for d in folder.iterdir() if d.is_dir() and not d.name.startswith(".")):
-        found.update({f.relative_to(folder): f for f in sub.iterdir()
-                      if f.is_file() and f.suffix.lower() in IMAGE_SUFFIXES})
+        found.update({f.relative_to(folder): f for f in image_files(sub)})
     if not found:
         raise CalibrationError(f"no images ({', '.join(sorted(IMAGE_SUFFIXES))}) in {folder} or its sub-folders")
     return found
@@ -403,17 +401,16 @@ class TrainSet:
         self.samples, self.what, self.seed = samples, what, seed
         self.inputs = _input_checks(model)
         first, _ = samples.sample(0)
-        _check_dims({k: (1, *np.shape(v)) for k, v in first.items()}, self.inputs, f"{what} data")
+        self.shapes = {k: (1, *np.shape(v)) for k, v in first.items()}
+        self.expect(model)
         self.images = _image_inputs(first) if augment else frozenset()
 
     def __len__(self) -> int:
         return len(self.samples)
 
-    def unaugmented(self) -> "TrainSet":
-        """The same samples as given."""
-        plain = copy.copy(self)
-        plain.images = frozenset()
-        return plain
+    def expect(self, model: onnx.ModelProto) -> None:
+        """Fail in one line unless ``model``'s inputs take these samples."""
+        _check_dims(self.shapes, _input_checks(model), f"{self.what} data")
 
     def first(self, batch: int) -> dict[str, np.ndarray]:
         """The first sample, as given, repeated to a batch of ``batch`` (for probes and checks)."""
@@ -475,11 +472,16 @@ class Batches:
         self.source, self.what = source, what
         self.inputs = _input_checks(model)
         x, y = self._convert(next(iter(source)))
-        _check_dims({k: tuple(v.shape) for k, v in x.items()}, self.inputs, f"{what} batch")
+        self.shapes = {k: tuple(v.shape) for k, v in x.items()}
+        self.expect(model)
         self.labeled = bool((y != UNLABELED).any())
 
     def __len__(self) -> int:
         return len(self.source)
+
+    def expect(self, model: onnx.ModelProto) -> None:
+        """Fail in one line unless ``model``'s inputs take these batches."""
+        _check_dims(self.shapes, _input_checks(model), f"{self.what} batch")
 
     def __iter__(self) -> Iterator[tuple[dict[str, Any], Any]]:
         return (self._convert(b) for b in self.source)

@@ -103,12 +103,13 @@ def _source(data: Any, student: onnx.ModelProto, teacher: onnx.ModelProto, what:
     """Samples (augmented for training when ``cfg`` says so), or the caller's batches; checked
     against both models' inputs."""
     if is_batches(data):
-        Batches(data, teacher, what)
-        return Batches(data, student, what)
-    samples = as_samples(data, student, what, preprocess, classes)
-    TrainSet(samples, teacher, what)
-    augment = cfg is not None and cfg.augment
-    return TrainSet(samples, student, what, augment=augment, seed=cfg.seed if cfg is not None else 0)
+        source: Source = Batches(data, student, what)
+    else:
+        samples = as_samples(data, student, what, preprocess, classes)
+        augment = cfg is not None and cfg.augment
+        source = TrainSet(samples, student, what, augment=augment, seed=cfg.seed if cfg is not None else 0)
+    source.expect(teacher)
+    return source
 
 
 def _statistics_batches(tr: Source, batch: int, device: str, seed: int, samples: int = STATISTICS_SAMPLES):
@@ -118,10 +119,9 @@ def _statistics_batches(tr: Source, batch: int, device: str, seed: int, samples:
     would differ from the one the weights were trained under), in global batches; from the
     caller's batches, as many of the first as hold that many samples."""
     def from_samples():
-        data = tr
-        pick = np.sort(np.random.default_rng(seed).permutation(len(data))[:samples])
+        pick = np.sort(np.random.default_rng(seed).permutation(len(tr))[:samples])
         for i in range(0, len(pick), batch):
-            rows = [data[(int(k), 0)][0] for k in pick[i:i + batch]]
+            rows = [tr[(int(k), 0)][0] for k in pick[i:i + batch]]
             yield {name: torch.from_numpy(np.stack([r[name] for r in rows])).to(device) for name in rows[0]}
 
     def from_batches():
@@ -208,13 +208,14 @@ class Run:
         tr = _source(train, student, teacher, "train", preprocess, cfg=cfg)
         # the caller's batches go through whole; slices of a fixed batch where the graph bakes one in
         chunk = fixed_batch(student) or (1 << 30 if isinstance(tr, Batches) else local)
-        classes = _classes(tr, "train", teach, label_head, tr.first(min(chunk, local)))
+        probe = tr.first(min(chunk, local))
+        classes = _classes(tr, "train", teach, label_head, probe)
         va = _source(val, student, teacher, "val", preprocess, classes=_class_names(tr)) if val is not None else None
         if va is not None:
             classes = _classes(va, "val", teach, label_head, va.first(min(chunk, local))) or classes
 
         net = Student(OnnxModule(student).to(device), [h.tensor for h in s_heads], fixed_batch(student))
-        _check_shapes(net, teach, tr.first(min(chunk, local)), device)
+        _check_shapes(net, teach, probe, device)
         statistics = _with_batchnorm(net, tr, cfg, world, device, dynamic=fixed_batch(student) is None)
         amp = cfg.amp and device.startswith("cuda") and torch.cuda.is_bf16_supported()
         d = Distiller(net, _parallel(net, world, device), teach, s_heads, label_head, classes, cfg.temperature,
