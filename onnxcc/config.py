@@ -13,6 +13,7 @@ Progress = Callable[[str, int, int], None]
 EpochReport = Callable[[dict], None]     # one fine-tuning epoch's numbers, as it ends
 METHODS = ("cc", "prune", "decompose")
 RECOVER_MODES = ("none", "stats", "blocks")
+PROVIDERS = ("cpu", "cuda")
 
 
 @dataclass

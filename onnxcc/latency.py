@@ -4,7 +4,7 @@ MACs are a poor proxy for latency: onnxruntime's CPU Convs run in an NCHWc layou
 (AVX2) or 16 (AVX-512) channels when the width is a multiple of 4, padding the rest of the last
 block, and in plain NCHW otherwise. So here (AVX-512) 100 channels cost as much as 112, and 93 more
 than 96. Candidates are timed as tiny models of one Conv (or, for an SVD pair, two), inside a
-network-like context and interleaved in rounds like :mod:`onnxcc.bench` (see
+network-like context and interleaved in rounds like :mod:`onnxcc.benchmark` (see
 :func:`measure_chains`); each median is cached in a JSON file per provider, thread count and
 machine, so a table of ~50 candidates is measured once (about 8 s on 2 cores) and then read back.
 """
@@ -24,7 +24,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from .bench import read_trace, split_runs
+from .benchmark import read_trace, split_runs
 from .runtime import _ort, make_session, providers_for
 
 MULTIPLES = (1, 4, 8, 16, 32)

@@ -7,7 +7,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from oracles import check_model_full, run
 
-from onnxcc.compress import compress
+from onnxcc.compression import compress
 from onnxcc.search import TARGET_TOLERANCE
 from onnxcc.sensitivity import RUN_BATCH, WeightProbe
 from engine_helpers import normalized_analysis

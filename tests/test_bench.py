@@ -1,4 +1,4 @@
-"""onnxcc.bench (interleaved benchmark, profiler aggregation, CLI entry) and onnxcc.latency."""
+"""onnxcc.benchmark (interleaved benchmark, profiler aggregation), its command and tables, and onnxcc.latency."""
 from __future__ import annotations
 
 import argparse
@@ -9,7 +9,9 @@ import onnxruntime as ort
 import pytest
 
 import graphs
-from onnxcc import bench, latency
+from onnxcc import benchmark, latency
+from onnxcc.cli.commands import cmd_bench
+from onnxcc.cli.render import bench_tables
 from onnxcc.errors import InputShapeError, UsageError
 
 
@@ -19,9 +21,9 @@ def two_models() -> list[onnx.ModelProto]:
 
 
 def test_benchmark_structure(two_models):
-    r = bench.benchmark(two_models, runs=7, warmup=1, per_round=3)
+    r = benchmark.benchmark(two_models, runs=7, warmup=1, per_round=3)
     assert [m["name"] for m in r["models"]] == ["tiny_resnet", "tiny_mobilenet"]
-    assert r["provider"] == "cpu" and r["threads"] == 2 and r["runs"] == 7
+    assert r["provider"] == "cpu" and r["threads"] == 0 and r["runs"] == 7
     for m in r["models"]:
         assert m["n"] == 7 and len(m["latencies_ms"]) == 7
         assert 0 < m["min_ms"] <= m["p50_ms"] <= m["p90_ms"]
@@ -34,7 +36,7 @@ def test_benchmark_structure(two_models):
 
 def test_runs_are_interleaved_in_rounds(two_models, monkeypatch):
     calls: list[str] = []
-    real = bench.make_session
+    real = benchmark.make_session
 
     class Recorder:
         def __init__(self, sess, name):
@@ -44,8 +46,8 @@ def test_runs_are_interleaved_in_rounds(two_models, monkeypatch):
             calls.append(self.name)
             return self.sess.run(*a, **k)
 
-    monkeypatch.setattr(bench, "make_session", lambda m, *a, **k: Recorder(real(m, *a, **k), m.graph.name))
-    bench.benchmark(two_models, runs=7, warmup=2, per_round=3)
+    monkeypatch.setattr(benchmark, "make_session", lambda m, *a, **k: Recorder(real(m, *a, **k), m.graph.name))
+    benchmark.benchmark(two_models, runs=7, warmup=2, per_round=3)
     a, b = "tiny_resnet", "tiny_mobilenet"
     warm = [a] * 2 + [b] * 2
     rounds = [a] * 3 + [b] * 3 + [a] * 3 + [b] * 3 + [a] + [b]
@@ -53,16 +55,16 @@ def test_runs_are_interleaved_in_rounds(two_models, monkeypatch):
 
 
 def test_same_signature_shares_feeds_and_batch_applies(two_models):
-    feeds = bench._feeds(two_models, None, batch=1, seed=0)
+    feeds = benchmark._feeds(two_models, None, batch=1, seed=0)
     assert feeds[0] is feeds[1]
-    other = bench._feeds([two_models[0], graphs.transpose_nhwc()], None, batch=1, seed=0)
+    other = benchmark._feeds([two_models[0], graphs.transpose_nhwc()], None, batch=1, seed=0)
     assert other[1]["x"].shape == (1, 8, 8, 3)
     with pytest.raises(InputShapeError, match="cannot run"):  # the test graphs have batch fixed to 1
-        bench.benchmark(two_models[:1], batch=2, runs=1, warmup=0)
+        benchmark.benchmark(two_models[:1], batch=2, runs=1, warmup=0)
 
 
 def test_profile_reports_model_op_types(two_models):
-    r = bench.benchmark(two_models[:1], runs=4, warmup=1, profile=True, top=3)
+    r = benchmark.benchmark(two_models[:1], runs=4, warmup=1, profile=True, top=3)
     prof = r["models"][0]["profile"]
     ops = {d["op_type"]: d for d in prof["by_op_type"]}
     assert "Conv" in ops and ops["Conv"]["ms"] > 0 and ops["Conv"]["count"] == 10
@@ -82,9 +84,9 @@ def test_trace_split_per_run_and_aggregated():
               node(210, 30, "c0", "Conv"), node(250, 10, "r0", "Relu"),
               {"cat": "Session", "name": "model_run", "ts": 400, "dur": 100},
               {"cat": "Session", "name": "session_initialization", "ts": 0, "dur": 1}]
-    runs = bench.split_runs(events)
+    runs = benchmark.split_runs(events)
     assert [[e["ts"] for e in r] for r in runs] == [[10], [210, 250], [410, 450]]
-    p = bench.aggregate_trace(runs[1:], top=1)  # the first run is a warm-up
+    p = benchmark.aggregate_trace(runs[1:], top=1)  # the first run is a warm-up
     assert p["runs"] == 2 and p["kernel_ms"] == pytest.approx(0.05)
     assert p["by_op_type"][0] == {"op_type": "Conv", "ms": 0.04, "count": 1, "pct": 80.0}
     assert p["top_nodes"] == [{"node": "c0", "op_type": "Conv", "ms": 0.04, "pct": 80.0}]
@@ -93,7 +95,7 @@ def test_trace_split_per_run_and_aggregated():
 @pytest.mark.skipif("CUDAExecutionProvider" in ort.get_available_providers(), reason="CUDA is present")
 def test_cuda_without_cuda_is_a_usage_error(two_models):
     with pytest.raises(UsageError, match="CUDA"):
-        bench.benchmark(two_models, provider="cuda", runs=1)
+        benchmark.benchmark(two_models, provider="cuda", runs=1)
     with pytest.raises(UsageError, match="CUDA"):
         latency.LatencyTable("cuda")
 
@@ -105,7 +107,7 @@ def test_cmd_bench_json(two_models, tmp_path, capsys):
         onnx.save(m, str(paths[-1]))
     args = argparse.Namespace(models=paths, provider="cpu", threads=1, batch=1, runs=3,
                               input_shape=["1,3,16,16"], profile=False, json=True)
-    assert bench.cmd_bench(args) == 0
+    assert cmd_bench(args) == 0
     d = json.loads(capsys.readouterr().out)
     assert [m["name"] for m in d["models"]] == ["tiny_resnet.onnx", "tiny_mobilenet.onnx"]
     assert d["threads"] == 1 and all(m["n"] == 3 for m in d["models"])
@@ -115,7 +117,7 @@ def test_render_bench_prints_tables(two_models):
     from rich.console import Console
 
     console = Console(record=True, width=150)
-    bench.render_bench(bench.benchmark(two_models, runs=2, warmup=0, profile=True, top=2), console)
+    bench_tables(benchmark.benchmark(two_models, runs=2, warmup=0, profile=True, top=2), console)
     text = console.export_text()
     assert "tiny_mobilenet" in text and "speedup" in text and "Conv" in text
 
@@ -194,7 +196,7 @@ def test_robust_median_ignores_bursts():
 
 
 def test_labels_are_unique_and_short(two_models):
-    assert bench._labels(["a/m.onnx", "b/n.onnx"]) == ["m.onnx", "n.onnx"]
-    assert bench._labels(["a/m.onnx", "b/m.onnx"]) == ["a/m.onnx", "b/m.onnx"]
-    assert bench._labels(["a/m.onnx", "a/m.onnx"]) == ["m.onnx", "m.onnx#2"]
-    assert bench._labels([two_models[0], two_models[0]]) == ["tiny_resnet", "tiny_resnet#2"]
+    assert benchmark._labels(["a/m.onnx", "b/n.onnx"]) == ["m.onnx", "n.onnx"]
+    assert benchmark._labels(["a/m.onnx", "b/m.onnx"]) == ["a/m.onnx", "b/m.onnx"]
+    assert benchmark._labels(["a/m.onnx", "a/m.onnx"]) == ["m.onnx", "m.onnx#2"]
+    assert benchmark._labels([two_models[0], two_models[0]]) == ["tiny_resnet", "tiny_resnet#2"]

@@ -10,7 +10,7 @@ import pytest
 from graphs import GRAPHS
 from oracles import check_model_full, random_feeds, run, runtime_macs
 
-from onnxcc.compress import compress
+from onnxcc.compression import compress
 from onnxcc.search import TARGET_TOLERANCE
 from onnxcc.errors import CalibrationError, TargetUnreachableError, UnsupportedModelError, UsageError
 from onnxcc.sensitivity import Plan, WeightProbe, plan_weights
@@ -107,7 +107,7 @@ def test_tries_keep_the_plan_with_least_damage_on_all_fit_samples():
 
 
 def test_a_slow_first_search_is_not_repeated_unless_asked(monkeypatch):
-    monkeypatch.setattr("onnxcc.compress.SLOW_SEARCH", 0.0)
+    monkeypatch.setattr("onnxcc.compression.SLOW_SEARCH", 0.0)
     model = GRAPHS["tiny_resnet"](13)
     assert compress(model, 0.4, steps=1, round_to=1).report["search"]["tries"] == 1
     assert compress(model, 0.4, steps=1, round_to=1, tries=2).report["search"]["tries"] == 2
@@ -115,7 +115,7 @@ def test_a_slow_first_search_is_not_repeated_unless_asked(monkeypatch):
 
 def test_tries_split_the_calibration_samples_differently():
     from onnxcc.calib import Calibration
-    from onnxcc.compress import CompressConfig, _sample_split
+    from onnxcc.compression import CompressConfig, _sample_split
 
     fit = Calibration({"x": np.arange(30, dtype=np.float32)[:, None]}, "test")
     cfg = CompressConfig(flops=0.3, sens_samples=16, stat_samples=32)
@@ -126,7 +126,7 @@ def test_tries_split_the_calibration_samples_differently():
 
 
 def test_tries_by_model_cost(monkeypatch):
-    from onnxcc.compress import CompressConfig
+    from onnxcc.compression import CompressConfig
     from onnxcc.search import tries_for
 
     _, a = normalized_analysis(GRAPHS["tiny_resnet"](13))
@@ -337,7 +337,7 @@ def test_ir3_model_with_initializers_as_inputs(name, opset):
 @pytest.mark.parametrize("cosine,rel_l2,warned", [(0.99, 0.1, False), (0.8, 0.6, True), (1.0, 0.69, True)])
 def test_low_fidelity_is_reported_by_cosine_or_relative_error(caplog, cosine, rel_l2, warned):
     """A speech score, one value per sample: every per-sample cosine is 1 whatever the error."""
-    from onnxcc.compress import CompressConfig, _judge_results
+    from onnxcc.compression import CompressConfig, _judge_results
     report = {"totals": {"mac_reduction": 0.3, "latency": {"speedup": 1.2}}, "sensitivity": [],
               "fidelity": {"cosine_mean": cosine, "rel_l2": rel_l2}}
     _judge_results(CompressConfig(flops=0.3), report)
@@ -349,7 +349,7 @@ def test_min_fidelity_refuses_and_names_what_stays_faithful():
     measured curves say keeps that cosine. A cosine of 0.9 allows damage 0.2: the cheapest
     removals per share first, all of unit a (40% for 0.17), then b's first 10% costs 0.1, of
     which 0.03 is left: 3% more, 43% in all."""
-    from onnxcc.compress import CompressConfig, _judge_results
+    from onnxcc.compression import CompressConfig, _judge_results
     from onnxcc.errors import FidelityError
     curves = {"a": {"saved_fraction": [0.1, 0.2, 0.4], "damage": [0.01, 0.03, 0.17]},
               "b": {"saved_fraction": [0.1, 0.2], "damage": [0.1, 0.5]}}

@@ -1,4 +1,4 @@
-"""onnxcc.finetune: the torch executor matches onnxruntime, weights round-trip exactly, and
+"""onnxcc.finetuning: the torch executor matches onnxruntime, weights round-trip exactly, and
 distillation fine-tuning lowers the loss without touching the graph structure."""
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ from oracles import check_model_full, random_feeds, run
 
 from onnxcc.errors import CalibrationError, UnsupportedModelError, UsageError
 from onnxcc.config import FinetuneConfig
-from onnxcc.finetune import finetune, finetune_verified, load_npz, run_finetune_cli
+from onnxcc.finetuning import finetune, finetune_verified, load_npz, run_finetune_cli
 
 try:
     import torch
@@ -50,7 +50,7 @@ def _assert_close(got: np.ndarray, want: np.ndarray, what: str) -> None:
 
 
 def _torch_outputs(model: onnx.ModelProto, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
-    from onnxcc.finetune.executor import OnnxModule
+    from onnxcc.finetuning.executor import OnnxModule
 
     module = OnnxModule(model)
     with torch.no_grad():
@@ -60,7 +60,7 @@ def _torch_outputs(model: onnx.ModelProto, feeds: dict[str, np.ndarray]) -> list
 
 def _check_round_trip(model: onnx.ModelProto, feeds: dict[str, np.ndarray]) -> None:
     """torch matches onnxruntime; exporting the untrained weights gives back the same model."""
-    from onnxcc.finetune.executor import OnnxModule, export_weights
+    from onnxcc.finetuning.executor import OnnxModule, export_weights
 
     want = run(model, feeds)
     module = OnnxModule(model)
@@ -378,7 +378,7 @@ def test_every_op_the_channel_analysis_accepts_runs_in_the_executor():
     """compress --finetune trains what compress accepted: an op the analysis has a rule for and
     the executor lacks would fail only after minutes of compression."""
     from onnxcc.analysis.op_rules import CHANNEL_RULES
-    from onnxcc.finetune.executor import OPS
+    from onnxcc.finetuning.executor import OPS
 
     assert set(CHANNEL_RULES) <= set(OPS), sorted(set(CHANNEL_RULES) - set(OPS))
     tested = {n.op_type for m in ZOO.values() for n in m.graph.node}
@@ -388,7 +388,7 @@ def test_every_op_the_channel_analysis_accepts_runs_in_the_executor():
 
 @needs_torch
 def test_unsupported_op_is_one_line_error():
-    from onnxcc.finetune.executor import OnnxModule
+    from onnxcc.finetuning.executor import OnnxModule
 
     model = _one("Einsum", 13, {"a": (2, 3), "b": (3, 4)}, equation="ij,jk->ik")
     with pytest.raises(UnsupportedModelError, match="Einsum") as e:
@@ -404,7 +404,7 @@ def test_unsupported_op_is_one_line_error():
 
 @needs_torch
 def test_parameters_buffers_and_reversible_names():
-    from onnxcc.finetune.executor import OnnxModule, export_weights
+    from onnxcc.finetuning.executor import OnnxModule, export_weights
 
     model = GRAPHS["per_channel_consts"](13)
     renames = {t.name: n for t, n in zip(model.graph.initializer,
@@ -497,7 +497,7 @@ def _with_softmax(model: onnx.ModelProto) -> onnx.ModelProto:
 
 
 def test_heads_distil_logits_before_softmax():
-    from onnxcc.finetune.heads import Head as _Head, heads as _heads
+    from onnxcc.finetuning.heads import Head as _Head, heads as _heads
 
     logits = GRAPHS["tiny_resnet"](11).graph.output[0].name
     assert _heads(GRAPHS["tiny_resnet"](11)) == [_Head(logits, 1, False)]
@@ -615,7 +615,7 @@ def test_a_npy_trains_memory_mapped(tmp_path):
 
 def test_verify_rejects_non_finite_weights():
     from onnxcc.errors import VerificationError
-    from onnxcc.finetune.train import _verify
+    from onnxcc.finetuning.train import _verify
 
     model = GRAPHS["tiny_resnet"](13)
     broken = onnx.ModelProto()

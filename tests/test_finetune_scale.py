@@ -21,7 +21,7 @@ from test_finetune import _perturbed, _two_inputs
 
 from onnxcc.calib import ImagePreprocess, load_image
 from onnxcc.errors import CalibrationError
-from onnxcc.finetune import finetune, finetune_verified, load_npz, open_samples
+from onnxcc.finetuning import finetune, finetune_verified, load_npz, open_samples
 from onnxcc.passes.normalize import normalize
 
 torch = pytest.importorskip("torch")
@@ -116,7 +116,7 @@ def test_npz_members_are_memory_mapped(tmp_path):
     data = load_npz(tmp_path / "d.npz")
     assert isinstance(data["x"], np.memmap)
     np.testing.assert_array_equal(data["x"], x)
-    from onnxcc.finetune.data import ArraySamples
+    from onnxcc.finetuning.data import ArraySamples
 
     rows = ArraySamples({"x": data["x"]}, data["y"])
     assert all(np.array_equal(rows.sample(i)[0]["x"], x[i]) and rows.sample(i)[1] == i for i in range(6))
@@ -127,7 +127,7 @@ def test_npz_members_are_memory_mapped(tmp_path):
 def test_augmentation_depends_on_sample_and_epoch_only(tmp_path):
     import pickle
 
-    from onnxcc.finetune.data import TrainSet, as_samples
+    from onnxcc.finetuning.data import TrainSet, as_samples
 
     model = GRAPHS["tiny_resnet"](13)
     np.save(tmp_path / "x.npy", np.random.default_rng(0).standard_normal((4, 3, 16, 16)).astype(F32))
@@ -181,7 +181,7 @@ def test_fine_tunes_from_an_image_folder_with_workers_and_from_a_torch_dataset(t
 
 
 def test_warmup_then_cosine():
-    from onnxcc.finetune.loop import schedule
+    from onnxcc.finetuning.loop import schedule
 
     p = torch.nn.Parameter(torch.zeros(1))
     opt = torch.optim.SGD([p], lr=1.0)
@@ -273,8 +273,8 @@ def test_a_killed_run_resumes_to_the_weights_of_an_uninterrupted_one(tmp_path):
 
 
 def test_reinserted_batchnorm_is_the_identity_at_start_and_folds_back_exactly():
-    from onnxcc.finetune import batchnorm
-    from onnxcc.finetune.executor import OnnxModule, export_weights
+    from onnxcc.finetuning import batchnorm
+    from onnxcc.finetuning.executor import OnnxModule, export_weights
 
     model = normalize(GRAPHS["tiny_resnet"](13)).model   # BatchNorm folded into Convs with biases, as exported
     x = torch.from_numpy(np.random.default_rng(0).standard_normal((8, 3, 16, 16)).astype(F32))

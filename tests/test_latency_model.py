@@ -8,7 +8,7 @@ import pytest
 from graphs import GRAPHS, GraphBuilder
 
 from onnxcc import latency
-from onnxcc.compress import compress
+from onnxcc.compression import compress
 from onnxcc.search import TARGET_TOLERANCE
 from onnxcc.errors import TargetUnreachableError
 from onnxcc.latency_model import LatencyModel, axis_grid, _site

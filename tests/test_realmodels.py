@@ -163,7 +163,7 @@ def test_flops_plan_does_not_follow_the_machines_load(monkeypatch):
     import models
     import numpy as np
 
-    from onnxcc.compress import compress
+    from onnxcc.compression import compress
     from onnxcc.latency_model import LatencyModel
 
     calibrate = LatencyModel.calibrate

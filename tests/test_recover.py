@@ -11,7 +11,7 @@ from graphs import GRAPHS
 from oracles import check_model_full, run
 
 from onnxcc.calib import Calibration
-from onnxcc.compress import compress
+from onnxcc.compression import compress
 from onnxcc.passes.normalize import normalize
 from onnxcc.recover import Kept, read_channel_map, recover, with_channel_map
 from onnxcc.recover.blocks import partition

@@ -16,7 +16,7 @@ from strategies import cnn_models
 
 from onnxcc import search
 from onnxcc.calib import Calibration
-from onnxcc.compress import _sample_split, compress
+from onnxcc.compression import _sample_split, compress
 from onnxcc.config import Budget, CompressConfig
 from onnxcc.errors import VerificationError
 from onnxcc.inspect import inspect_model

@@ -38,7 +38,7 @@ BatchNorm layers training on batch statistics, its usual workflow ("torch fine-t
 Measured on the test split (never used for any choice): accuracy right after compression and
 after fine-tuning; MACs (Conv/Gemm/MatMul from onnxruntime's runtime shapes, the same counter for
 every model); params (initializer elements); latency (onnxruntime CPU, 2 threads, batch 1,
-interleaved rounds via ``onnxcc.bench.benchmark``). Writes tools/results/animal_mnist.{json,md}.
+interleaved rounds via ``onnxcc.benchmark.benchmark``). Writes tools/results/animal_mnist.{json,md}.
 Expensive stages are cached under ``<data dir>/bench_animal/`` keyed by their settings;
 ``--fresh`` recomputes everything. ``--quick`` is a small smoke run (results go to the cache dir).
 """
@@ -75,10 +75,10 @@ from bench_compress import runtime_macs, session  # noqa: E402
 from models.mobilenetv2 import build, export_onnx  # noqa: E402
 
 import onnxcc  # noqa: E402
-from onnxcc.bench import benchmark  # noqa: E402
+from onnxcc.benchmark import benchmark  # noqa: E402
 from onnxcc.calib import Calibration  # noqa: E402
-from onnxcc.compress import compress  # noqa: E402
-from onnxcc.finetune.train import history_path  # noqa: E402
+from onnxcc.compression import compress  # noqa: E402
+from onnxcc.finetuning.train import history_path  # noqa: E402
 
 SPLIT_FILE = REPO / "tools" / "data" / "animal_mnist_split.json"
 PREFIX = 10          # hex digits of sha1 kept per image in the split file (40 bits: checked unique)

@@ -43,7 +43,7 @@ import models  # noqa: E402
 import photos  # noqa: E402
 from photos import load_photos  # noqa: E402
 
-from onnxcc.compress import compress  # noqa: E402
+from onnxcc.compression import compress  # noqa: E402
 
 
 def session(model: onnx.ModelProto) -> ort.InferenceSession:

@@ -79,7 +79,7 @@ def models_for(root: Path) -> tuple[Path, Path]:
     from models import shapes
     from onnxcc import save_model
     from onnxcc.calib import Calibration
-    from onnxcc.compress import compress
+    from onnxcc.compression import compress
 
     teacher, student = root / "padres.onnx", root / "padres.cc50.onnx"
     if not student.is_file():

@@ -15,7 +15,7 @@
 Each model is calibrated on the first 50 of the ai-benchmark wheel's 100 photos; fidelity
 (top-1 agreement with the original, logit cosine) is measured on the other 50. MACs are counted
 from onnxruntime's runtime shapes. All models of one network are timed in ONE interleaved run
-(:func:`onnxcc.bench.benchmark`: rounds of 5 runs each, idle sessions not spinning), so machine
+(:func:`onnxcc.benchmark.benchmark`: rounds of 5 runs each, idle sessions not spinning), so machine
 noise hits them alike; speedup = original p50 / model p50. Writes tools/results/speed.{json,md}.
 Needs ``python tools/fetch_data.py``; the Torch-Pruning row needs
 ``pip install --no-deps torch-pruning==1.6.1``.
@@ -39,8 +39,8 @@ import models  # noqa: E402
 from bench_compress import _calibration, fidelity, logits, runtime_macs  # noqa: E402
 from photos import load_photos, load_photos_open_nsfw  # noqa: E402
 
-from onnxcc.bench import benchmark  # noqa: E402
-from onnxcc.compress import compress  # noqa: E402
+from onnxcc.benchmark import benchmark  # noqa: E402
+from onnxcc.compression import compress  # noqa: E402
 from onnxcc.inspect import inspect_model  # noqa: E402
 from onnxcc.latency import machine_info  # noqa: E402
 from onnxcc.passes.prune import PruneChannelsPass  # noqa: E402

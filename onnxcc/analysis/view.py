@@ -46,6 +46,21 @@ def batch_fixed_at_one(model: onnx.ModelProto) -> bool:
     return False
 
 
+def parse_input_shapes(specs: list[str] | None) -> dict[str | None, tuple[int, ...]]:
+    """``["1,3,224,224"]`` or ``["images:1,3,640,640", ...]`` → {name or None: shape}."""
+    shapes: dict[str | None, tuple[int, ...]] = {}
+    for spec in specs or []:
+        name, _, dims = spec.rpartition(":")
+        try:
+            shape = tuple(int(d) for d in dims.replace("x", ",").split(",") if d.strip())
+        except ValueError:
+            raise InputShapeError(f"bad --input-shape {spec!r}; expected e.g. 1,3,224,224") from None
+        if not shape or any(d <= 0 for d in shape):
+            raise InputShapeError(f"bad --input-shape {spec!r}; dims must be positive integers")
+        shapes[name or None] = shape
+    return shapes
+
+
 def resolve_input_shapes(model: onnx.ModelProto,
                          pinned: dict[str, tuple[int, ...]] | None = None) -> dict[str, tuple[int, ...]]:
     """Concrete shape per input: pins win; a symbolic leading (batch) dim becomes 1."""

@@ -169,7 +169,7 @@ def _why_no_gradients(student: onnx.ModelProto, teacher: onnx.ModelProto) -> str
     """Why block reconstruction cannot run here (None: it can)."""
     if not torch_available():
         return "torch is not installed (pip install 'onnxcc[torch]' adds block-wise reconstruction and distillation)"
-    from ..finetune.executor import unsupported_ops
+    from ..finetuning.executor import unsupported_ops
 
     bad = sorted(set(unsupported_ops(student)) | set(unsupported_ops(teacher)))
     return f"the torch executor does not run {', '.join(bad)}" if bad else None

@@ -25,7 +25,7 @@ import onnx
 import torch
 
 from ..config import Progress
-from ..finetune.executor import OnnxModule, export_weights
+from ..finetuning.executor import OnnxModule, export_weights
 from ..runtime import expose_outputs, make_session
 from .augment import augment, image_layout
 from .blocks import Block

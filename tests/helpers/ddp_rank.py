@@ -9,7 +9,7 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
-from onnxcc.finetune import finetune
+from onnxcc.finetuning import finetune
 
 student, teacher, data, out, batchnorm = sys.argv[1:6]
 tuned, history = finetune(onnx.load(student), onnx.load(teacher), data, epochs=2, lr=3e-3, batch_size=8, seed=3,

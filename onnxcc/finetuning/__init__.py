@@ -1,6 +1,6 @@
 """Fine-tune a compressed ONNX model against its original by knowledge distillation (needs torch).
 
-Importing this package does not import torch; :mod:`onnxcc.finetune.executor` (the torch
+Importing this package does not import torch; :mod:`onnxcc.finetuning.executor` (the torch
 executor, ``OnnxModule`` and ``export_weights``) does.
 """
 from __future__ import annotations

@@ -7,12 +7,10 @@ Profiling happens in a separate pass because the profiler's bookkeeping inflates
 """
 from __future__ import annotations
 
-import argparse
 import bisect
 import gc
 import json
 import os
-import sys
 import tempfile
 import time
 from collections import defaultdict
@@ -27,10 +25,12 @@ from .io import load_model
 from .runtime import _ort, make_session, providers_for
 
 ModelArg = onnx.ModelProto | str | os.PathLike
+RUNS = 50    # timed runs per model
+BATCH = 1
 
 
-def benchmark(models: list[ModelArg], provider: str = "cpu", threads: int = 2, batch: int = 1,
-              runs: int = 50, warmup: int = 5,
+def benchmark(models: list[ModelArg], provider: str = "cpu", threads: int = 0, batch: int = BATCH,
+              runs: int = RUNS, warmup: int = 5,
               input_shapes: dict[str | None, tuple[int, ...]] | None = None,
               profile: bool = False, seed: int = 0, per_round: int = 5, top: int = 15) -> dict:
     """Time ``models`` interleaved in rounds of ``per_round`` runs each; ``runs`` per model in all.
@@ -138,49 +138,6 @@ def aggregate_trace(runs: list[list[dict]], top: int = 15) -> dict:
     return {"runs": len(runs), "kernel_ms": round(total, 4), "by_op_type": ops, "top_nodes": nodes}
 
 
-def render_bench(result: dict, console) -> None:
-    """Rich tables: one row per model, then per-model profile tables when present."""
-    from rich.table import Table
-
-    t = Table(title=f"{result['provider']}, {result['threads']} threads, batch {result['batch']}, "
-                    f"{result['runs']} runs per model (interleaved by {result['per_round']})")
-    for col in ("model", "p50 ms", "p90 ms", "mean ms", "std ms", "speedup"):
-        t.add_column(col, justify="left" if col == "model" else "right",
-                     overflow="fold" if col == "model" else "ellipsis")
-    for m in result["models"]:
-        t.add_row(m["name"], f"{m['p50_ms']:.3f}", f"{m['p90_ms']:.3f}", f"{m['mean_ms']:.3f}",
-                  f"{m['std_ms']:.3f}", f"{m['speedup']:.2f}x")
-    console.print(t)
-    for m in result["models"]:
-        prof = m.get("profile")
-        if not prof:
-            continue
-        ops = Table(title=f"{m['name']}: kernel time per op type ({prof['kernel_ms']:.3f} ms per run)")
-        for col in ("op type", "nodes", "ms", "%"):
-            ops.add_column(col, justify="left" if col == "op type" else "right")
-        for d in prof["by_op_type"]:
-            ops.add_row(d["op_type"], str(d["count"]), f"{d['ms']:.3f}", f"{d['pct']:.1f}")
-        console.print(ops)
-        nodes = Table(title=f"{m['name']}: top {len(prof['top_nodes'])} nodes")
-        for col in ("node", "op type", "ms", "%"):
-            nodes.add_column(col, justify="right" if col in ("ms", "%") else "left", overflow="fold")
-        for d in prof["top_nodes"]:
-            nodes.add_row(d["node"][-50:], d["op_type"], f"{d['ms']:.3f}", f"{d['pct']:.1f}")
-        console.print(nodes)
-
-
-def cmd_bench(args: argparse.Namespace) -> int:
-    """``onnxcc bench A.onnx B.onnx ...``: the first model is the baseline of the speedups."""
-    from .cli import out, parse_input_shapes
-
-    result = benchmark([str(m) for m in args.models], provider=args.provider, threads=args.threads,
-                       batch=args.batch, runs=args.runs, input_shapes=parse_input_shapes(args.input_shape),
-                       profile=args.profile)
-    if args.json:
-        sys.stdout.write(json.dumps(result) + "\n")
-    else:
-        render_bench(result, out)
-    return 0
 
 
 def _labels(models: list[ModelArg]) -> list[str]:

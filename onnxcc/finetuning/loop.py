@@ -1,6 +1,6 @@
 """The distillation loop in torch: the student's head tensors, the loss, an epoch, an evaluation.
 
-Imports torch; :mod:`onnxcc.finetune.train` loads it only when fine-tuning runs.
+Imports torch; :mod:`onnxcc.finetuning.train` loads it only when fine-tuning runs.
 Under ``torchrun`` every rank runs this loop on its shard of each global batch; gradients are
 averaged by DistributedDataParallel, and evaluation sums are all-reduced, so every rank sees the
 same numbers as a single process with the same global batch.

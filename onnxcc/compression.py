@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -19,7 +19,7 @@ import onnx
 
 from .analysis.groups import Analysis
 from .analysis.view import batch_fixed_at_one
-from .bench import benchmark
+from .benchmark import benchmark
 from .calib import Calibration, ImagePreprocess, load_calibration
 from .config import Budget, CompressConfig, Progress
 from .allocate import faithful_share
@@ -53,30 +53,32 @@ class CompressResult:
 
 
 def compress(model: onnx.ModelProto | str | Path, flops: float | None = None,
-             calib: str | Path | Calibration | None = None,
-             input_shape: dict | None = None, method: str = "cc", steps: int = 3, provider: str = "cpu",
-             seed: int = 0, progress: Progress | None = None, preprocess: ImagePreprocess | None = None,
-             latency: float | None = None, **options: Any) -> CompressResult:
+             calib: str | Path | Calibration | None = None, input_shape: dict | None = None, *,
+             latency: float | None = None, progress: Progress | None = None,
+             preprocess: ImagePreprocess | None = None, config: CompressConfig | None = None,
+             **settings: Any) -> CompressResult:
     """Compress ``model`` so that the fraction ``flops`` of its MACs (or ``latency`` of its
     measured run time) is removed.
 
-    Returns the compressed model and a report (per layer before/after, damage curves, fidelity on
-    held-back calibration samples, measured latencies). The input model is never modified.
+    ``config`` holds the settings (:class:`CompressConfig`); keyword ``settings`` override its
+    fields (``method="prune", steps=1``). Returns the compressed model and a report (per layer
+    before/after, damage curves, fidelity on held-back calibration samples, measured latencies).
+    The input model is never modified.
     """
-    cfg = CompressConfig(flops=flops, latency=latency, method=method, steps=steps, provider=provider,
-                         seed=seed, **options)
+    targets = {k: v for k, v in (("flops", flops), ("latency", latency)) if v is not None}
+    cfg = replace(config or CompressConfig(), **targets, **settings)
     cfg.validate()
     t0 = time.perf_counter()
     original = model if isinstance(model, onnx.ModelProto) else load_model(model)
     _check_model(original)
     data = calib if isinstance(calib, Calibration) else load_calibration(
-        original, calib, pinned=input_shape, seed=seed, preprocess=preprocess)
+        original, calib, pinned=input_shape, seed=cfg.seed, preprocess=preprocess)
     fit, held = data.split()
     shapes = {k: (1,) + tuple(v.shape[1:]) for k, v in data.samples.items()}
     ins = inspect_model(original, shapes, feeds=fit.take(slice(0, 1)))
     a = ins.analysis
     if cfg.round_to is None:
-        cfg.round_to = best_multiple(provider, cfg.threads) if cfg.latency_aware else 16
+        cfg.round_to = best_multiple(cfg.provider, cfg.threads) if cfg.latency_aware else 16
     lat = _latency_model(a, ins.model, cfg, shapes, progress) if cfg.latency_aware or cfg.latency else None
     if lat is not None and not lat.surfaces:
         # only 2-D Convs are timed: a table without one prices every layer at zero
@@ -101,9 +103,9 @@ def compress(model: onnx.ModelProto | str | Path, flops: float | None = None,
     tensors = [o for n in fact.model.graph.node for o in n.output]
     with_channel_map(fact.model, channel_map(a, plan.keep, tensors))
     recovered = recover_checked(fact.model, ins.model, fit, held, mode=cfg.recover or "blocks",
-                                seconds=cfg.recover_seconds, macs=int(a.macs(plan.kept(), plan.ranks)), seed=seed,
-                                provider=provider, device=cfg.device, progress=progress, teacher_normalized=True)
-    result = verify(ins.model, recovered.model, held, shapes, provider)
+                                seconds=cfg.recover_seconds, macs=int(a.macs(plan.kept(), plan.ranks)), seed=cfg.seed,
+                                provider=cfg.provider, device=cfg.device, progress=progress, teacher_normalized=True)
+    result = verify(ins.model, recovered.model, held, shapes, cfg.provider)
     timing = _measure(original, recovered.model, shapes, cfg, progress)
     report = build_report(a, plan, cfg, curves, result, pruned.record, fact.record, data, lat, timing,
                           search, time.perf_counter() - t0)

@@ -1,6 +1,6 @@
 """Recover the accuracy of a compressed model by distilling its original into it, on the ONNX graph.
 
-The student is executed by :class:`~onnxcc.finetune.executor.OnnxModule`, so training changes only
+The student is executed by :class:`~onnxcc.finetuning.executor.OnnxModule`, so training changes only
 the numbers inside its weight tensors: the returned model has the student's exact structure.
 Data is read a sample at a time (:mod:`.data`) by a torch DataLoader, optionally in worker
 processes; the teacher runs in onnxruntime on each batch as it is used, so memory does not grow
@@ -69,7 +69,7 @@ def finetune(student: onnx.ModelProto, teacher: onnx.ModelProto, train: Any, val
 
     ``train``/``val``: a path (image folder, ``.npy``, ``.npz``; images read with ``preprocess``),
     a dict of arrays (``x`` or one per input name, optional labels ``y``), a sized, indexable
-    dataset, or a DataLoader / re-iterable of batches with a length (see :mod:`onnxcc.finetune.data`). ``config`` holds the settings; keyword ``settings``
+    dataset, or a DataLoader / re-iterable of batches with a length (see :mod:`onnxcc.finetuning.data`). ``config`` holds the settings; keyword ``settings``
     override its fields (``epochs=4, lr=1e-3``). The kept weights are those of the epoch
     (0 = untouched) with the best validation accuracy, or lowest validation distillation loss
     without labels; without ``val`` the last epoch's. With ``checkpoints`` (a folder) each epoch

@@ -1,0 +1,137 @@
+"""One function per ``onnxcc`` command: parsed arguments → one library call → what is shown."""
+from __future__ import annotations
+
+import json
+import os
+import sys
+from argparse import Namespace
+from pathlib import Path
+
+from ..analysis.view import parse_input_shapes
+from ..calib import ImagePreprocess
+from ..config import CompressConfig, FinetuneConfig
+from ..errors import UsageError
+from .render import bench_tables, compress_summary, epoch_line, fidelity_text, info_table, out, progress, recovery_text
+
+
+def cmd_info(args: Namespace) -> int:
+    from ..inspect import inspect_model, is_quantized
+
+    ins = inspect_model(args.model, parse_input_shapes(args.input_shape))
+    d = {"model": str(args.model), **ins.to_dict(), "quantized": is_quantized(ins.model)}
+    if args.json:
+        sys.stdout.write(json.dumps(d) + "\n")
+    else:
+        info_table(d)
+    return 0
+
+
+def cmd_compress(args: Namespace) -> int:
+    from ..compression import compress
+    from ..io import check_output_path, load_model, save_model
+    from ..report import write_report
+
+    config = _compress_config(args)
+    config.validate()
+    check_output_path(args.output, [args.model], args.force)
+    if args.report and Path(args.report).exists() and not Path(args.report).is_dir():
+        raise UsageError(f"--report must be a folder: {args.report}")
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise UsageError("compress runs in one process: run it alone, then 'torchrun … -m onnxcc finetune'")
+    model = load_model(args.model)
+    train = None
+    if args.finetune:
+        from ..finetuning import open_samples
+        from ..finetuning.train import require_torch
+
+        _finetune_config(args).validate()       # bad settings, data or a missing torch fail before minutes of work
+        require_torch()
+        train = open_samples(args.finetune, model, _preprocess(args))
+    with progress() as report_progress:
+        result = compress(model, calib=args.calib, input_shape=parse_input_shapes(args.input_shape),
+                          progress=report_progress, preprocess=_preprocess(args), config=config)
+        if train is not None:
+            from ..finetuning import finetune_verified
+
+            tuned, history = finetune_verified(result.model, model, train, config=_finetune_config(args),
+                                               progress=report_progress, on_epoch=epoch_line)
+            result.report["finetune"] = history
+            result.model = tuned
+    save_model(result.model, args.output)
+    report_dir = Path(args.report) if args.report else Path(str(args.output) + ".report")
+    write_report(result.report, report_dir)
+    compress_summary(args.output, result.report, report_dir)
+    return 0
+
+
+def cmd_recover(args: Namespace) -> int:
+    from ..calib import load_calibration
+    from ..io import check_output_path, load_model, save_model
+    from ..recover import MIN_SAMPLES, recover_checked
+
+    if args.recover_time is not None and args.recover_time < 0:
+        raise UsageError("--recover-time must not be negative")
+    check_output_path(args.output, [args.model, args.teacher], args.force)
+    student, teacher = load_model(args.model), load_model(args.teacher)
+    data = load_calibration(student, args.calib, pinned=parse_input_shapes(args.input_shape), seed=args.seed,
+                            preprocess=_preprocess(args))
+    if data.synthetic:
+        raise UsageError("recover needs real samples: give --calib")
+    fit, held = data.split()
+    if len(fit) < MIN_SAMPLES:
+        raise UsageError(f"recovery needs more samples: {len(data)} given, {len(held)} of them held back to verify, "
+                         f"{len(fit)} left to tune on ({MIN_SAMPLES} at least)")
+    with progress() as report_progress:
+        res = recover_checked(student, teacher, fit, held, mode=args.recover, seconds=args.recover_time,
+                              seed=args.seed, provider=args.provider, device=args.device, progress=report_progress)
+    save_model(res.model, args.output)
+    final = res.record["held_out"][res.record["kept"]]
+    out.print(f"[bold green]wrote[/] {args.output}: held-out {fidelity_text(final)}{recovery_text(res.record)}; "
+              f"{res.record['seconds']} s")
+    return 0
+
+
+def cmd_finetune(args: Namespace) -> int:
+    from ..finetuning import run_finetune_cli
+
+    with progress() as report_progress:
+        r = run_finetune_cli(args.model, args.teacher, args.data, args.output, args.val, _finetune_config(args),
+                             preprocess=_preprocess(args), resume=args.resume, progress=report_progress,
+                             on_epoch=epoch_line)
+    if not r["main"]:
+        return 0
+    h = r["history"]
+    out.print(f"[bold green]wrote[/] {r['output']}: {len(h['epochs'])} epoch(s), kept epoch {h['best_epoch']} "
+              f"(by {h['selected_by']}); last train loss {h['epochs'][-1]['train_loss']:.4g}")
+    return 0
+
+
+def cmd_bench(args: Namespace) -> int:
+    from ..benchmark import benchmark
+
+    result = benchmark([str(m) for m in args.models], provider=args.provider, threads=args.threads,
+                       batch=args.batch, runs=args.runs, input_shapes=parse_input_shapes(args.input_shape),
+                       profile=args.profile)
+    if args.json:
+        sys.stdout.write(json.dumps(result) + "\n")
+    else:
+        bench_tables(result)
+    return 0
+
+
+def _compress_config(args: Namespace) -> CompressConfig:
+    return CompressConfig(flops=args.flops, latency=args.latency, method=args.method, steps=args.steps,
+                          provider=args.provider, seed=args.seed, round_to=args.round_to, threads=args.threads,
+                          latency_aware=not args.no_latency_model, tries=args.tries, recover=args.recover,
+                          recover_seconds=args.recover_time, min_fidelity=args.min_fidelity, device=args.device)
+
+
+def _finetune_config(args: Namespace) -> FinetuneConfig:
+    return FinetuneConfig(epochs=args.epochs, lr=args.lr, batch_size=args.batch_size, optimizer=args.optimizer,
+                          warmup=args.warmup, augment=not args.no_augment, batchnorm=args.batchnorm,
+                          device=args.device, workers=args.workers, seed=args.seed)
+
+
+def _preprocess(args: Namespace) -> ImagePreprocess:
+    return ImagePreprocess(size=tuple(args.image_size), mean=tuple(args.mean), std=tuple(args.std),
+                           scale=args.scale, layout=args.layout, bgr=args.bgr, crop=args.center_crop)
