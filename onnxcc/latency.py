@@ -22,9 +22,12 @@ from typing import NamedTuple
 
 import numpy as np
 import onnx
+import platformdirs
+from filelock import FileLock
 from onnx import TensorProto, helper, numpy_helper
 
 from .benchmark import read_trace, split_runs
+from .io import atomic_write_text
 from .runtime import _ort, make_session, providers_for
 
 MULTIPLES = (1, 4, 8, 16, 32)
@@ -75,9 +78,9 @@ def chain_macs(chain: Chain) -> int:
 
 
 def cache_dir() -> Path:
-    """``$ONNXCC_CACHE`` or ``~/.cache/onnxcc``."""
+    """``$ONNXCC_CACHE``, else the platform's user cache folder (``~/.cache/onnxcc`` on Linux)."""
     env = os.environ.get("ONNXCC_CACHE")
-    return Path(env).expanduser() if env else Path.home() / ".cache" / "onnxcc"
+    return Path(env).expanduser() if env else Path(platformdirs.user_cache_dir("onnxcc", appauthor=False))
 
 
 def cache_path(provider: str = "cpu", threads: int = 2) -> Path:
@@ -117,15 +120,14 @@ class LatencyTable:
         return self.measure([factorized_chain(cin, r, cout, k, stride, hw)])[0]
 
     def _save(self) -> None:
-        # Another process may have added entries meanwhile: merge, then replace atomically.
-        entries = {**_read_entries(self.path), **self.entries}
-        doc = {"version": _CACHE_VERSION, "provider": self.provider, "threads": self.threads,
-               "machine": machine_info(self.provider), "entries": entries}
+        # Other runs may be measuring into the same file: the read-merge-replace happens under a
+        # lock so that no run's entries are lost, and the replace is atomic for lock-free readers.
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{self.path.name}.", dir=self.path.parent)
-        with os.fdopen(fd, "w") as fh:
-            json.dump(doc, fh, indent=0, sort_keys=True)
-        os.replace(tmp, self.path)
+        with FileLock(f"{self.path}.lock"):
+            self.entries = {**_read_entries(self.path), **self.entries}
+            doc = {"version": _CACHE_VERSION, "provider": self.provider, "threads": self.threads,
+                   "machine": machine_info(self.provider), "entries": self.entries}
+            atomic_write_text(self.path, json.dumps(doc, indent=0, sort_keys=True))
 
 
 def factorized_chain(cin: int, r: int, cout: int, k: int, stride: int, hw: int) -> Chain:

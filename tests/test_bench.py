@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import time
+from pathlib import Path
 
 import onnx
 import onnxruntime as ort
@@ -200,3 +202,73 @@ def test_labels_are_unique_and_short(two_models):
     assert benchmark._labels(["a/m.onnx", "b/m.onnx"]) == ["a/m.onnx", "b/m.onnx"]
     assert benchmark._labels(["a/m.onnx", "a/m.onnx"]) == ["m.onnx", "m.onnx#2"]
     assert benchmark._labels([two_models[0], two_models[0]]) == ["tiny_resnet", "tiny_resnet#2"]
+
+
+def _cache_keys(folder) -> set[str]:
+    files = list(folder.glob("latency-*.json"))
+    assert len(files) == 1, files
+    return set(json.loads(files[0].read_text())["entries"])
+
+
+def test_concurrent_compress_runs_keep_both_tables(tmp_path):
+    """Two runs started together on a fresh cache both finish, and the cache then holds every
+    entry each one measures when it runs alone (the merge happens under a file lock)."""
+    import os
+    import subprocess
+    import sys
+
+    def start(name: str, cache) -> subprocess.Popen:
+        model = tmp_path / f"{name}.onnx"
+        if not model.exists():
+            onnx.save(graphs.GRAPHS[name](13), model)
+        env = {**os.environ, "ONNXCC_CACHE": str(cache)}
+        return subprocess.Popen([sys.executable, "-m", "onnxcc", "compress", model, "--flops", "0.3", "--steps", "1",
+                                 "--tries", "1", "--recover", "none", "--threads", "1",
+                                 "-o", tmp_path / f"{name}.{cache.name}.onnx"],
+                                env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+    def finish(runs: list[subprocess.Popen]) -> None:
+        for r in runs:
+            out, err = r.communicate(timeout=600)
+            assert r.returncode == 0, err
+
+    names = ("tiny_resnet", "tiny_mobilenet")
+    finish([start(n, tmp_path / "shared") for n in names])
+    alone = {}
+    for n in names:
+        finish([start(n, tmp_path / f"alone-{n}")])
+        alone[n] = _cache_keys(tmp_path / f"alone-{n}")
+    assert alone["tiny_resnet"] != alone["tiny_mobilenet"]      # each run adds entries of its own
+    assert _cache_keys(tmp_path / "shared") >= alone["tiny_resnet"] | alone["tiny_mobilenet"]
+
+
+def _save_together(path: str, prefix: str, barrier) -> None:
+    """Save 50 entries once, at the same moment as the other process, slowly: the file is read,
+    then written 0.3 s later, as on a loaded machine or a network file system."""
+    real_read = latency._read_entries
+
+    def slow_read(p: Path) -> dict[str, float]:
+        entries = real_read(p)
+        time.sleep(0.3)
+        return entries
+
+    latency._read_entries = slow_read
+    table = latency.LatencyTable("cpu", 1, path=Path(path))
+    table.entries.update({f"{prefix}{i}": float(i) for i in range(50)})
+    barrier.wait()
+    table._save()
+
+
+def test_cache_merge_loses_nothing_under_contention(tmp_path):
+    import multiprocessing
+
+    path = tmp_path / "latency.json"
+    ctx = multiprocessing.get_context("spawn")
+    barrier = ctx.Barrier(2)
+    procs = [ctx.Process(target=_save_together, args=(str(path), p, barrier)) for p in "ab"]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(120)
+        assert p.exitcode == 0
+    assert set(json.loads(path.read_text())["entries"]) == {f"{p}{i}" for p in "ab" for i in range(50)}
