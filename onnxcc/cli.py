@@ -103,11 +103,11 @@ def cmd_compress(args: argparse.Namespace) -> int:
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         raise UsageError("compress runs in one process: run it alone, then 'torchrun … -m onnxcc finetune'")
     if args.finetune:
-        from .finetune import open_samples
-        from .finetune.train import require_torch
+        from .finetune import check_trainable, open_samples
 
-        _finetune_config(args).validate()       # bad settings, data or a missing torch fail before minutes of work
-        require_torch()
+        # bad settings, a missing torch, an op the executor lacks or bad data fail before minutes of work
+        _finetune_config(args).validate()
+        check_trainable(model, before_compression=True)
         train = open_samples(args.finetune, model, _preprocess(args))
     with _progress() as progress:
         result = compress(model, args.flops, latency=args.latency, calib=args.calib,
