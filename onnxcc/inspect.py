@@ -13,11 +13,9 @@ from .analysis.groups import Analysis, analyse
 from .analysis.view import build_view, resolve_input_shapes
 from .errors import UnsupportedModelError
 from .io import load_model
+from .ops import OPS
 from .passes.base import PassRecord
 from .passes.normalize import normalize
-
-QUANTIZED_OPS = {"QLinearConv", "ConvInteger", "QLinearMatMul", "MatMulInteger", "DequantizeLinear",
-                 "QuantizeLinear", "DynamicQuantizeLinear"}
 
 
 @dataclass
@@ -67,7 +65,8 @@ def _frozen_reasons(a: Analysis, layer) -> list[str]:
 
 def quantized_ops(model: onnx.ModelProto) -> list[str]:
     """The quantization ops of ``model`` (none for a float model)."""
-    return sorted({n.op_type for n in model.graph.node if n.op_type in QUANTIZED_OPS})
+    # by name in any domain: com.microsoft's QLinearConv is as quantized as the standard one
+    return sorted({n.op_type for n in model.graph.node if OPS.get(n.op_type).quantized})
 
 
 def is_quantized(model: onnx.ModelProto) -> bool:

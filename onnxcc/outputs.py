@@ -16,9 +16,8 @@ from typing import Any
 import numpy as np
 import onnx
 
-PEELED = ("Softmax", "LogSoftmax", "Sigmoid", "ArgMax", "ArgMin")
-PASSING = ("Identity", "Transpose", "Reshape", "Squeeze", "Unsqueeze", "Flatten", "Cast")
-CLASSIFYING = ("Softmax", "LogSoftmax", "ArgMax", "ArgMin")
+from .ops import OPS, OutputKind
+
 MIN_CLASSES = 10   # an unlabelled 2-D output this wide is taken for logits
 
 
@@ -36,10 +35,10 @@ def targets(model: onnx.ModelProto) -> list[Target]:
         name, classifier = o.name, False
         cur, n = o.name, producers.get(o.name)
         # through reshaping/renaming ops, as far as a Softmax/ArgMax lies behind them
-        while n is not None and n.input and n.op_type in PEELED + PASSING:
+        while n is not None and n.input and (kind := OPS.of(n).output) is not None:
             cur = n.input[0]
-            if n.op_type in PEELED:
-                classifier |= n.op_type in CLASSIFYING
+            if kind is not OutputKind.PASSES:
+                classifier |= kind is OutputKind.CLASSIFIES
                 name = cur
             n = producers.get(cur)
         if name not in {t.tensor for t in out}:

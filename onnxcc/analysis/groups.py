@@ -1,4 +1,4 @@
-"""Channel dependency groups and per-layer facts of a model, built once from the rule table.
+"""Channel dependency groups and per-layer facts of a model, built once from the channel rules.
 
 :func:`analyse` runs every node's rule in topological order, freezes what graph inputs and
 outputs touch, and returns an :class:`Analysis`: the groups (each a class of united atoms), the
@@ -13,10 +13,11 @@ from dataclasses import dataclass, field
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from .costs import LAYER_OPS, node_macs, node_params
+from ..ops import OPS
+from .costs import node_macs, node_params
 from .layout import Atoms, Layout, LayoutAlgebra
 from .liveness import Fold, droppable, fold
-from .op_rules import CHANNEL_RULES, RuleContext, unknown
+from .op_rules import RuleContext, unknown
 from .view import ModelView
 
 log = logging.getLogger(__name__)
@@ -204,14 +205,14 @@ class Analysis:
 def analyse(view: ModelView) -> Analysis:
     ctx = RuleContext(view)
     for node in view.nodes:
-        rule = CHANNEL_RULES.get(node.op, unknown) if node.domain in (None, "", "ai.onnx") else unknown
-        rule(ctx, node)
-        if node.op in LAYER_OPS:
+        spec = OPS.of(node)
+        (spec.channel_rule or unknown)(ctx, node)
+        if spec.layer:
             _tie_shared_weight(ctx, node)
         _freeze_subgraph_captures(ctx, node)
     for out in view.graph.outputs:
         ctx.freeze(ctx.layout(out), f"graph output {out.name}")
-    layers = [_layer(ctx, node) for node in view.nodes if node.op in LAYER_OPS]
+    layers = [_layer(ctx, node) for node in view.nodes if OPS.of(node).layer]
     total = sum(node_macs(view, n) for n in view.nodes)
     groups = _groups(ctx)
     for layer in layers:

@@ -18,14 +18,8 @@ from dataclasses import dataclass
 
 import onnx_graphsurgeon as gs
 
-from .op_rules import UNARY
+from ..ops import OPS, Liveness
 from .view import ModelView
-
-# ops whose output at a position depends on that position's input alone (or on all positions
-# alike), so that a constant map may be carried as one value per channel
-UNIFORM = frozenset(UNARY) | {"Add", "Sub", "Mul", "Div", "Pow", "Max", "Min", "Sum", "Mean", "PRelu",
-                              "Clip", "BatchNormalization", "GlobalAveragePool", "GlobalMaxPool"}
-JOINS = frozenset({"Add", "Sub", "Mul", "Div", "Max", "Min", "Sum", "Mean"})
 
 
 @dataclass(frozen=True)
@@ -105,7 +99,9 @@ def _uniform(view: ModelView, n: gs.Node, constant: frozenset[str]) -> bool:
     if n.op == "Conv":
         kernel = n.inputs[1].shape[2:] if n.inputs[1].shape else None
         return bool(kernel) and all(k == 1 for k in kernel) and not any(n.attrs.get("pads", []))
-    if n.op not in UNIFORM:
+    # only an op whose output at a position depends on that position alone (or on all alike) may
+    # carry a constant map as one value per channel
+    if OPS.of(n).liveness is None:
         return False
     if n.op == "BatchNormalization":   # statistics per channel by definition
         return True
@@ -121,7 +117,7 @@ def _uniform(view: ModelView, n: gs.Node, constant: frozenset[str]) -> bool:
 def _join(view: ModelView, n: gs.Node, constant: frozenset[str]) -> bool:
     """A broadcasting join whose result has the shape of a live operand: the constant, at one
     value per channel, broadcasts to what it was."""
-    if n.op not in JOINS:
+    if OPS.of(n).liveness is not Liveness.JOIN:
         return False
     out = view.shape(n.outputs[0])
     return any(t.name not in constant and view.shape(t) == out for t in n.inputs)

@@ -1,12 +1,12 @@
-"""How channels flow through each op: one rule per op type, kept in a table.
+"""How channels flow through each op: one rule per op type, registered in the op registry.
 
 A rule reads the layouts of a node's inputs and sets the layouts of its outputs; on the way it
 creates channel spaces (layers that choose their output channels), unites classes (residual
 joins), refines them (Split/Slice), or freezes them with a reason. An op without a rule freezes
 every channel that reaches it — never a guess.
 
-``PARAM_OPS`` lists ops whose *parameters* depend on the channel count (weights, per-channel
-constants, shape vectors): the prune pass must have a handler for each of them.
+A rule registered with ``params=True`` marks an op whose *parameters* depend on the channel
+count (weights, per-channel constants, shape vectors): the prune pass must have a handler for it.
 """
 from __future__ import annotations
 
@@ -17,22 +17,11 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from ..graph import pad_spec
+from ..ops import OPS
 from .layout import Atoms, Layout, LayoutAlgebra
 from .view import ModelView
 
 Rule = Callable[["RuleContext", gs.Node], None]
-CHANNEL_RULES: dict[str, Rule] = {}
-PARAM_OPS: set[str] = set()
-
-
-def channel_rule(*ops: str, params: bool = False):
-    def deco(fn: Rule) -> Rule:
-        for op in ops:
-            CHANNEL_RULES[op] = fn
-            if params:
-                PARAM_OPS.add(op)
-        return fn
-    return deco
 
 
 @dataclass
@@ -102,20 +91,13 @@ def _why(node: gs.Node, text: str) -> str:
 
 # ---- pass-through ops: same channels out as in -------------------------------------------------
 
-UNARY = ("Relu", "LeakyRelu", "Sigmoid", "HardSigmoid", "HardSwish", "Tanh", "Erf", "Elu", "Selu",
-         "Celu", "Softplus", "Softsign", "Exp", "Log", "Neg", "Abs", "Sqrt", "Reciprocal", "Floor",
-         "Ceil", "Round", "Mish", "Gelu", "Cast", "Identity", "Dropout", "ThresholdedRelu", "Sign",
-         "Sin", "Cos", "Not", "IsNaN", "IsInf")
-POOLS = ("MaxPool", "AveragePool", "LpPool", "GlobalAveragePool", "GlobalMaxPool", "GlobalLpPool")
-
-
-@channel_rule(*UNARY, *POOLS)
+@OPS.channel_rule(*OPS.family("unary"), *OPS.family("pool"))
 def pass_through(ctx: RuleContext, node: gs.Node) -> None:
     layout = ctx.layout(node.inputs[0])
     if len(node.outputs) > 1 and node.op == "MaxPool" and node.outputs[1].outputs:
         ctx.freeze(layout, _why(node, "MaxPool indices encode channel positions"))
         return
-    if node.op in POOLS and _on_spatial_axis(ctx, node, layout):
+    if OPS.of(node).family == "pool" and _on_spatial_axis(ctx, node, layout):
         return
     ctx.set(node.outputs[0], layout)
 
@@ -130,7 +112,7 @@ def _on_spatial_axis(ctx: RuleContext, node: gs.Node, layout: Layout | None) -> 
     return True
 
 
-@channel_rule("Resize", "Upsample", "Pad", params=True)
+@OPS.channel_rule("Resize", "Upsample", "Pad", params=True)
 def spatial_only(ctx: RuleContext, node: gs.Node) -> None:
     """Resize/Pad keep channels if they leave the channel axis alone (checked on shapes); a
     constant Pad on the channel axis (a ResNet shortcut widened with zero channels) adds fixed
@@ -154,7 +136,7 @@ def spatial_only(ctx: RuleContext, node: gs.Node) -> None:
     ctx.set(node.outputs[0], Layout(layout.axis, made[0] + layout.atoms + made[1]))
 
 
-@channel_rule("BatchNormalization", "InstanceNormalization", params=True)
+@OPS.channel_rule("BatchNormalization", "InstanceNormalization", params=True)
 def per_channel_norm(ctx: RuleContext, node: gs.Node) -> None:
     layout = ctx.layout(node.inputs[0])
     if layout is None:
@@ -168,7 +150,7 @@ def per_channel_norm(ctx: RuleContext, node: gs.Node) -> None:
     ctx.set(node.outputs[0], layout)
 
 
-@channel_rule("Transpose")
+@OPS.channel_rule("Transpose")
 def transpose(ctx: RuleContext, node: gs.Node) -> None:
     layout = ctx.layout(node.inputs[0])
     if layout is None:
@@ -180,12 +162,7 @@ def transpose(ctx: RuleContext, node: gs.Node) -> None:
 
 # ---- joins: Add, Mul, Concat ... ---------------------------------------------------------------
 
-ELEMENTWISE = ("Add", "Sub", "Mul", "Div", "Pow", "Max", "Min", "Sum", "Mean", "PRelu", "Clip",
-               "Where", "Equal", "Greater", "Less", "GreaterOrEqual", "LessOrEqual", "And", "Or",
-               "Xor", "Mod", "BitShift")
-
-
-@channel_rule(*ELEMENTWISE, params=True)
+@OPS.channel_rule(*OPS.family("elementwise"), params=True)
 def elementwise(ctx: RuleContext, node: gs.Node) -> None:
     """Broadcasting ops tie the channels of every full-width operand together.
 
@@ -239,7 +216,7 @@ def _unify_all(ctx: RuleContext, node: gs.Node, layouts: list[Layout]) -> Layout
     return unified
 
 
-@channel_rule("Concat")
+@OPS.channel_rule("Concat")
 def concat(ctx: RuleContext, node: gs.Node) -> None:
     out = node.outputs[0]
     rank = ctx.rank(out)
@@ -263,7 +240,7 @@ def concat(ctx: RuleContext, node: gs.Node) -> None:
     ctx.set(out, _unify_all(ctx, node, present))
 
 
-@channel_rule("Split", params=True)
+@OPS.channel_rule("Split", params=True)
 def split(ctx: RuleContext, node: gs.Node) -> None:
     layout = ctx.layout(node.inputs[0])
     if layout is None:
@@ -283,7 +260,7 @@ def split(ctx: RuleContext, node: gs.Node) -> None:
         start += size
 
 
-@channel_rule("Slice", params=True)
+@OPS.channel_rule("Slice", params=True)
 def slice_(ctx: RuleContext, node: gs.Node) -> None:
     layout = ctx.layout(node.inputs[0])
     if layout is None:
@@ -333,11 +310,7 @@ def slice_range(view: ModelView, node: gs.Node, axis: int, dim: int) -> tuple[in
 
 # ---- reductions and softmax -----------------------------------------------------------------
 
-REDUCE = ("ReduceMean", "ReduceMax", "ReduceMin", "ReduceSum", "ReduceProd", "ReduceL1",
-          "ReduceL2", "ReduceLogSum", "ReduceLogSumExp", "ReduceSumSquare", "ArgMax", "ArgMin")
-
-
-@channel_rule(*REDUCE)
+@OPS.channel_rule(*OPS.family("reduce"))
 def reduce(ctx: RuleContext, node: gs.Node) -> None:
     layout = ctx.layout(node.inputs[0])
     if layout is None:
@@ -363,7 +336,7 @@ def reduce(ctx: RuleContext, node: gs.Node) -> None:
     ctx.set(node.outputs[0], layout.with_axis(layout.axis - (0 if keep else sum(a < layout.axis for a in axes))))
 
 
-@channel_rule("Softmax", "LogSoftmax", "Hardmax")
+@OPS.channel_rule("Softmax", "LogSoftmax", "Hardmax")
 def softmax(ctx: RuleContext, node: gs.Node) -> None:
     layout = ctx.layout(node.inputs[0])
     if layout is None:
@@ -403,7 +376,7 @@ def map_reshape(si: tuple[int, ...], so: tuple[int, ...], layout: Layout) -> Lay
     return None
 
 
-@channel_rule("Reshape", params=True)
+@OPS.channel_rule("Reshape", params=True)
 def reshape(ctx: RuleContext, node: gs.Node) -> None:
     layout = ctx.layout(node.inputs[0])
     if layout is None:
@@ -425,7 +398,7 @@ def reshape(ctx: RuleContext, node: gs.Node) -> None:
     ctx.set(node.outputs[0], mapped)
 
 
-@channel_rule("Flatten", "Squeeze", "Unsqueeze")
+@OPS.channel_rule("Flatten", "Squeeze", "Unsqueeze")
 def flatten(ctx: RuleContext, node: gs.Node) -> None:
     layout = ctx.layout(node.inputs[0])
     if layout is None:
@@ -437,14 +410,14 @@ def flatten(ctx: RuleContext, node: gs.Node) -> None:
     ctx.set(node.outputs[0], mapped)
 
 
-@channel_rule("Shape", "Size")
+@OPS.channel_rule("Shape", "Size")
 def shape_of(ctx: RuleContext, node: gs.Node) -> None:
     """Reading a shape constrains nothing by itself; consumers of the value are checked."""
 
 
 # ---- layers: where channel spaces are born -----------------------------------------------------
 
-@channel_rule("Conv", params=True)
+@OPS.channel_rule("Conv", params=True)
 def conv(ctx: RuleContext, node: gs.Node) -> None:
     x, w, y = node.inputs[0], node.inputs[1], node.outputs[0]
     lin = ctx.layout(x)
@@ -472,7 +445,7 @@ def conv(ctx: RuleContext, node: gs.Node) -> None:
     ctx.new_space(y, 1, node, why)
 
 
-@channel_rule("ConvTranspose", params=True)
+@OPS.channel_rule("ConvTranspose", params=True)
 def conv_transpose(ctx: RuleContext, node: gs.Node) -> None:
     lin, y = ctx.layout(node.inputs[0]), node.outputs[0]
     _on_spatial_axis(ctx, node, lin)
@@ -486,7 +459,7 @@ def conv_transpose(ctx: RuleContext, node: gs.Node) -> None:
     ctx.new_space(y, 1, node)
 
 
-@channel_rule("Gemm", params=True)
+@OPS.channel_rule("Gemm", params=True)
 def gemm(ctx: RuleContext, node: gs.Node) -> None:
     lin, y = ctx.layout(node.inputs[0]), node.outputs[0]
     B = ctx.view.const(node.inputs[1])
@@ -500,7 +473,7 @@ def gemm(ctx: RuleContext, node: gs.Node) -> None:
     ctx.new_space(y, 1, node)
 
 
-@channel_rule("MatMul", params=True)
+@OPS.channel_rule("MatMul", params=True)
 def matmul(ctx: RuleContext, node: gs.Node) -> None:
     a, b, y = node.inputs[0], node.inputs[1], node.outputs[0]
     lin = ctx.layout(a)

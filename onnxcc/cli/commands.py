@@ -41,11 +41,11 @@ def cmd_compress(args: Namespace) -> int:
     model = load_model(args.model)
     train = None
     if args.finetune:
-        from ..finetuning import open_samples
-        from ..finetuning.train import require_torch
+        from ..finetuning import check_trainable, open_samples
 
-        _finetune_config(args).validate()       # bad settings, data or a missing torch fail before minutes of work
-        require_torch()
+        # bad settings, a missing torch, an op the executor lacks or bad data fail before minutes of work
+        _finetune_config(args).validate()
+        check_trainable(model, before_compression=True)
         train = open_samples(args.finetune, model, _preprocess(args))
     with progress() as report_progress:
         result = compress(model, calib=args.calib, input_shape=parse_input_shapes(args.input_shape),

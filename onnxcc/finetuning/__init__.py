@@ -6,6 +6,7 @@ executor, ``OnnxModule`` and ``export_weights``) does.
 from __future__ import annotations
 
 from .data import load_npz, open_samples
-from .train import checkpoint_folder, finetune, finetune_verified, run_finetune_cli
+from .train import check_trainable, checkpoint_folder, finetune, finetune_verified, run_finetune_cli
 
-__all__ = ["checkpoint_folder", "finetune", "finetune_verified", "load_npz", "open_samples", "run_finetune_cli"]
+__all__ = ["check_trainable", "checkpoint_folder", "finetune", "finetune_verified", "load_npz", "open_samples",
+           "run_finetune_cli"]

@@ -1,11 +1,12 @@
 """Run an ONNX graph node by node in torch so that its weights can be trained, then write them back.
 
 :class:`OnnxModule` keeps the ONNX graph as the single source of truth: it does not convert the
-model into torch layers, it interprets the same nodes with one torch function per op type
-(:data:`OPS`). Weights and biases of the layers that matter for accuracy become ``nn.Parameter``s;
-every other constant (shapes, axes, scales, BN statistics, ...) is a buffer. :func:`export_weights`
-writes the trained values back into the very initializers (or ``Constant`` nodes) they came from,
-so the fine-tuned model differs from the input only in those numbers.
+model into torch layers, it interprets the same nodes with one torch function per op type,
+registered in the op registry (:data:`onnxcc.ops.OPS`) as this module is imported. Weights and
+biases of the layers that matter for accuracy (the registry's ``weights`` positions) become
+``nn.Parameter``s; every other constant (shapes, axes, scales, BN statistics, ...) is a buffer.
+:func:`export_weights` writes the trained values back into the very initializers (or ``Constant``
+nodes) they came from, so the fine-tuned model differs from the input only in those numbers.
 """
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ import functools
 import math
 import re
 from dataclasses import dataclass
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import numpy as np
 import onnx
@@ -22,8 +23,9 @@ import torch.nn.functional as F
 from onnx import TensorProto, helper, numpy_helper
 
 from ..errors import UnsupportedModelError
+from ..ops import OPS
 
-__all__ = ["OPS", "OnnxModule", "export_weights", "unsupported_ops"]
+__all__ = ["OnnxModule", "check_supported", "export_weights"]
 
 Tensor = torch.Tensor
 
@@ -34,14 +36,6 @@ _DTYPES: dict[int, torch.dtype] = {
     TensorProto.INT32: torch.int32, TensorProto.INT64: torch.int64, TensorProto.BOOL: torch.bool,
 }
 
-# Input positions that hold learned weights. A constant there becomes an nn.Parameter; activations
-# in the same positions are simply not constants. Add/Mul only count when per-channel (see below).
-_TRAINABLE_SLOTS: dict[str, tuple[int, ...]] = {
-    "Conv": (1, 2), "ConvTranspose": (1, 2), "Gemm": (0, 1, 2), "MatMul": (0, 1),
-    "BatchNormalization": (1, 2), "InstanceNormalization": (1, 2), "PRelu": (1,),
-    "Add": (0, 1), "Mul": (0, 1),
-}
-_PER_CHANNEL_ONLY = {"Add", "Mul"}
 _TRAINABLE_DTYPES = {TensorProto.FLOAT, TensorProto.DOUBLE, TensorProto.FLOAT16}
 
 
@@ -92,17 +86,13 @@ def _opt_ints(t: Tensor | None) -> list[int] | None:
     return None if t is None else _ints(t)
 
 
-# ================================================================================== op table
+# ================================================================================== op functions
 Handler = Callable[..., "Tensor | Sequence[Tensor]"]
-OPS: dict[str, Handler] = {}
 
 
-def _op(*names: str) -> Callable[[Handler], Handler]:
-    def register(fn: Handler) -> Handler:
-        for n in names:
-            OPS[n] = fn
-        return fn
-    return register
+def _register(handlers: Mapping[str, Handler]) -> None:
+    for op, fn in handlers.items():
+        OPS.executor(op)(fn)
 
 
 def _unary(fn: Callable[[Tensor], Tensor]) -> Handler:
@@ -117,7 +107,7 @@ def _variadic(fn: Callable[[Tensor, Tensor], Tensor]) -> Handler:
     return lambda n, *xs: functools.reduce(fn, xs)
 
 
-OPS.update({op: _unary(fn) for op, fn in {
+_register({op: _unary(fn) for op, fn in {
     "Relu": torch.relu, "Sigmoid": torch.sigmoid, "Tanh": torch.tanh, "Erf": torch.erf,
     "Exp": torch.exp, "Log": torch.log, "Sqrt": torch.sqrt, "Neg": torch.neg, "Abs": torch.abs,
     "Reciprocal": torch.reciprocal, "Floor": torch.floor, "Ceil": torch.ceil, "Not": torch.logical_not,
@@ -126,108 +116,108 @@ OPS.update({op: _unary(fn) for op, fn in {
     "Round": torch.round,   # half to even, as ONNX asks
 }.items()})
 
-OPS.update({op: _binary(fn) for op, fn in {
+_register({op: _binary(fn) for op, fn in {
     "Add": torch.add, "Sub": torch.sub, "Mul": torch.mul, "Equal": torch.eq, "Greater": torch.gt,
     "Less": torch.lt, "GreaterOrEqual": torch.ge, "LessOrEqual": torch.le,
     "And": torch.logical_and, "Or": torch.logical_or, "Xor": torch.logical_xor,
 }.items()})
 
-OPS.update({op: _variadic(fn) for op, fn in {
+_register({op: _variadic(fn) for op, fn in {
     "Max": torch.maximum, "Min": torch.minimum, "Sum": torch.add,
 }.items()})
 
 
-@_op("Mean")
+@OPS.executor("Mean")
 def _mean(n: Node, *xs: Tensor) -> Tensor:
     return functools.reduce(torch.add, xs) / len(xs)
 
 
-@_op("Div")
+@OPS.executor("Div")
 def _div(n: Node, a: Tensor, b: Tensor) -> Tensor:
     # ONNX integer division truncates like C; plain torch.div would return floats
     return torch.div(a, b, rounding_mode=None if a.is_floating_point() else "trunc")
 
 
-@_op("Pow")
+@OPS.executor("Pow")
 def _pow(n: Node, a: Tensor, b: Tensor) -> Tensor:
     return torch.pow(a, b).to(a.dtype)  # the result has the base's type, whatever the exponent's
 
 
-@_op("Mod")
+@OPS.executor("Mod")
 def _mod(n: Node, a: Tensor, b: Tensor) -> Tensor:
     # fmod=1 keeps the dividend's sign (C fmod), fmod=0 the divisor's (Python %)
     return torch.fmod(a, b) if n.attr("fmod", 0) else torch.remainder(a, b)
 
 
-@_op("BitShift")
+@OPS.executor("BitShift")
 def _bit_shift(n: Node, a: Tensor, b: Tensor) -> Tensor:
     return torch.bitwise_left_shift(a, b) if n.attr("direction") == "LEFT" else torch.bitwise_right_shift(a, b)
 
 
-@_op("IsInf")
+@OPS.executor("IsInf")
 def _is_inf(n: Node, x: Tensor) -> Tensor:
     pos, neg = n.attr("detect_positive", 1), n.attr("detect_negative", 1)
     return torch.isinf(x) & (((x > 0) & bool(pos)) | ((x < 0) & bool(neg)))
 
 
-@_op("Size")
+@OPS.executor("Size")
 def _size(n: Node, x: Tensor) -> Tensor:
     return torch.tensor(x.numel(), dtype=torch.int64, device=x.device)
 
 
-@_op("Where")
+@OPS.executor("Where")
 def _where(n: Node, cond: Tensor, a: Tensor, b: Tensor) -> Tensor:
     return torch.where(cond, a, b)
 
 
 # ----------------------------------------------------------------------------- activations
-@_op("LeakyRelu")
+@OPS.executor("LeakyRelu")
 def _leaky_relu(n: Node, x: Tensor) -> Tensor:
     return F.leaky_relu(x, n.attr("alpha", 0.01))
 
 
-@_op("PRelu")
+@OPS.executor("PRelu")
 def _prelu(n: Node, x: Tensor, slope: Tensor) -> Tensor:
     return torch.where(x < 0, x * slope, x)  # slope broadcasts (C,1,1), (1,C,1,1), ... unlike F.prelu
 
 
-@_op("Elu")
+@OPS.executor("Elu")
 def _elu(n: Node, x: Tensor) -> Tensor:
     return F.elu(x, n.attr("alpha", 1.0))
 
 
-@_op("Celu")
+@OPS.executor("Celu")
 def _celu(n: Node, x: Tensor) -> Tensor:
     return F.celu(x, n.attr("alpha", 1.0))
 
 
-@_op("Selu")
+@OPS.executor("Selu")
 def _selu(n: Node, x: Tensor) -> Tensor:
     alpha, gamma = n.attr("alpha", 1.67326319217681884765625), n.attr("gamma", 1.05070102214813232421875)
     return gamma * torch.where(x > 0, x, alpha * torch.expm1(x))
 
 
-@_op("ThresholdedRelu")
+@OPS.executor("ThresholdedRelu")
 def _thresholded_relu(n: Node, x: Tensor) -> Tensor:
     return torch.where(x > n.attr("alpha", 1.0), x, torch.zeros_like(x))
 
 
-@_op("HardSigmoid")
+@OPS.executor("HardSigmoid")
 def _hard_sigmoid(n: Node, x: Tensor) -> Tensor:
     return torch.clamp(x * n.attr("alpha", 0.2) + n.attr("beta", 0.5), 0.0, 1.0)
 
 
-@_op("HardSwish")
+@OPS.executor("HardSwish")
 def _hard_swish(n: Node, x: Tensor) -> Tensor:
     return x * torch.clamp(x * (1.0 / 6.0) + 0.5, 0.0, 1.0)
 
 
-@_op("Gelu")
+@OPS.executor("Gelu")
 def _gelu(n: Node, x: Tensor) -> Tensor:
     return F.gelu(x, approximate=n.attr("approximate", "none"))
 
 
-@_op("Clip")
+@OPS.executor("Clip")
 def _clip(n: Node, x: Tensor, lo: Tensor | None = None, hi: Tensor | None = None) -> Tensor:
     if n.opset < 11:  # min/max were attributes before Clip-11
         lo, hi = n.attr("min"), n.attr("max")
@@ -245,11 +235,10 @@ def _softmax_like(fn: Callable[..., Tensor]) -> Handler:
     return run
 
 
-OPS["Softmax"] = _softmax_like(torch.softmax)
-OPS["LogSoftmax"] = _softmax_like(torch.log_softmax)
+_register({"Softmax": _softmax_like(torch.softmax), "LogSoftmax": _softmax_like(torch.log_softmax)})
 
 
-@_op("Hardmax")
+@OPS.executor("Hardmax")
 def _hardmax(n: Node, x: Tensor) -> Tensor:
     def one_hot(t: Tensor, *, dim: int) -> Tensor:   # the first maximum, as onnxruntime picks it
         return F.one_hot(t.argmax(dim), t.shape[dim]).movedim(-1, dim).to(t.dtype)
@@ -266,10 +255,10 @@ def _arg(fn: Callable[..., Tensor]) -> Handler:
     return run
 
 
-OPS.update({"ArgMax": _arg(torch.argmax), "ArgMin": _arg(torch.argmin)})
+_register({"ArgMax": _arg(torch.argmax), "ArgMin": _arg(torch.argmin)})
 
 
-@_op("LpNormalization")
+@OPS.executor("LpNormalization")
 def _lp_normalization(n: Node, x: Tensor) -> Tensor:
     norm = torch.linalg.vector_norm(x, ord=n.attr("p", 2), dim=n.attr("axis", -1), keepdim=True)
     return x / torch.where(norm == 0, 1.0, norm)  # all-zero vectors stay zero, as in onnxruntime
@@ -303,7 +292,7 @@ _CONV = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
 _CONV_T = {1: F.conv_transpose1d, 2: F.conv_transpose2d, 3: F.conv_transpose3d}
 
 
-@_op("Conv")
+@OPS.executor("Conv")
 def _conv(n: Node, x: Tensor, w: Tensor, b: Tensor | None = None) -> Tensor:
     k = tuple(w.shape[2:])
     nd = len(k)
@@ -334,7 +323,7 @@ def _conv_transpose_pads(n: Node, sizes: Sequence[int], k: Sequence[int], stride
     return pads
 
 
-@_op("ConvTranspose")
+@OPS.executor("ConvTranspose")
 def _conv_transpose(n: Node, x: Tensor, w: Tensor, b: Tensor | None = None) -> Tensor:
     k = tuple(w.shape[2:])
     nd = len(k)
@@ -348,7 +337,7 @@ def _conv_transpose(n: Node, x: Tensor, w: Tensor, b: Tensor | None = None) -> T
     return y if b is None else y + b.reshape(1, -1, *[1] * nd)
 
 
-@_op("Gemm")
+@OPS.executor("Gemm")
 def _gemm(n: Node, a: Tensor, b: Tensor, c: Tensor | None = None) -> Tensor:
     a = a.t() if n.attr("transA", 0) else a
     b = b.t() if n.attr("transB", 0) else b
@@ -356,12 +345,12 @@ def _gemm(n: Node, a: Tensor, b: Tensor, c: Tensor | None = None) -> Tensor:
     return y if c is None else y + n.attr("beta", 1.0) * c
 
 
-@_op("MatMul")
+@OPS.executor("MatMul")
 def _matmul(n: Node, a: Tensor, b: Tensor) -> Tensor:
     return torch.matmul(a, b)
 
 
-@_op("BatchNormalization")
+@OPS.executor("BatchNormalization")
 def _batch_norm(n: Node, x: Tensor, scale: Tensor, bias: Tensor, mean: Tensor, var: Tensor) -> Tensor:
     if n.attr("training_mode", 0):
         raise UnsupportedModelError(f"BatchNormalization node {n.name!r}: training_mode=1 is not supported "
@@ -370,7 +359,7 @@ def _batch_norm(n: Node, x: Tensor, scale: Tensor, bias: Tensor, mean: Tensor, v
     return F.batch_norm(x, mean, var, scale, bias, False, 0.0, n.attr("epsilon", 1e-5))
 
 
-@_op("InstanceNormalization")
+@OPS.executor("InstanceNormalization")
 def _instance_norm(n: Node, x: Tensor, scale: Tensor, bias: Tensor) -> Tensor:
     return F.instance_norm(x, weight=scale, bias=bias, eps=n.attr("epsilon", 1e-5))
 
@@ -401,14 +390,14 @@ def _crop(y: Tensor, sizes: Sequence[int]) -> Tensor:
     return y[(..., *(slice(0, s) for s in sizes))]
 
 
-@_op("MaxPool")
+@OPS.executor("MaxPool")
 def _max_pool(n: Node, x: Tensor) -> Tensor:
     k, strides, dilations, pads, ceil, out = _pool_geometry(n, x)
     y = _MAX_POOL[len(k)](_pad_spatial(x, pads, -math.inf), k, strides, 0, dilations, ceil)
     return _crop(y, out)
 
 
-@_op("AveragePool")
+@OPS.executor("AveragePool")
 def _avg_pool(n: Node, x: Tensor) -> Tensor:
     k, strides, dilations, pads, ceil, out = _pool_geometry(n, x)
     if any(d != 1 for d in dilations):
@@ -423,7 +412,7 @@ def _avg_pool(n: Node, x: Tensor) -> Tensor:
     return _crop(y, out)
 
 
-@_op("LpPool")
+@OPS.executor("LpPool")
 def _lp_pool(n: Node, x: Tensor) -> Tensor:
     k, strides, dilations, pads, ceil, out = _pool_geometry(n, x)
     if any(d != 1 for d in dilations):
@@ -433,17 +422,17 @@ def _lp_pool(n: Node, x: Tensor) -> Tensor:
     return _crop(y ** (1.0 / p), out)
 
 
-@_op("GlobalLpPool")
+@OPS.executor("GlobalLpPool")
 def _global_lp_pool(n: Node, x: Tensor) -> Tensor:
     return torch.linalg.vector_norm(x, ord=n.attr("p", 2), dim=tuple(range(2, x.ndim)), keepdim=True)
 
 
-@_op("GlobalAveragePool")
+@OPS.executor("GlobalAveragePool")
 def _global_avg_pool(n: Node, x: Tensor) -> Tensor:
     return x.mean(dim=tuple(range(2, x.ndim)), keepdim=True)
 
 
-@_op("GlobalMaxPool")
+@OPS.executor("GlobalMaxPool")
 def _global_max_pool(n: Node, x: Tensor) -> Tensor:
     return x.amax(dim=tuple(range(2, x.ndim)), keepdim=True)
 
@@ -465,7 +454,7 @@ def _prod(x: Tensor, dim: list[int], keepdim: bool) -> Tensor:
     return x
 
 
-OPS.update({op: _reduce(fn) for op, fn in {
+_register({op: _reduce(fn) for op, fn in {
     "ReduceMean": torch.mean, "ReduceMax": torch.amax, "ReduceMin": torch.amin, "ReduceSum": torch.sum,
     "ReduceProd": _prod,
     "ReduceL1": lambda x, dim, keepdim: x.abs().sum(dim=dim, keepdim=keepdim),
@@ -520,7 +509,7 @@ def _resize_axis(x: Tensor, axis: int, out: int, scale: np.float32, mode: str, c
     return lo * (1 - w1) + hi * w1
 
 
-@_op("Resize", "Upsample")
+@OPS.executor("Resize", "Upsample")
 def _resize(n: Node, x: Tensor, *args: Tensor | None) -> Tensor:
     mode = {"bilinear": "linear"}.get(n.attr("mode", "nearest"), n.attr("mode", "nearest"))
     coord = n.attr("coordinate_transformation_mode", "half_pixel")
@@ -554,7 +543,7 @@ def _resize(n: Node, x: Tensor, *args: Tensor | None) -> Tensor:
 _PAD_MODES = {"constant": "constant", "reflect": "reflect", "edge": "replicate", "wrap": "circular"}
 
 
-@_op("Pad")
+@OPS.executor("Pad")
 def _pad(n: Node, x: Tensor, pads: Tensor | None = None, value: Tensor | None = None,
          axes: Tensor | None = None) -> Tensor:
     if n.opset < 11:
@@ -579,12 +568,12 @@ def _pad(n: Node, x: Tensor, pads: Tensor | None = None, value: Tensor | None = 
     return F.pad(x, [v for b, e in reversed(per_dim) for v in (max(b, 0), max(e, 0))], mode=_PAD_MODES[mode])
 
 
-@_op("Concat")
+@OPS.executor("Concat")
 def _concat(n: Node, *xs: Tensor) -> Tensor:
     return torch.cat(xs, dim=n.attr("axis"))
 
 
-@_op("Split")
+@OPS.executor("Split")
 def _split(n: Node, x: Tensor, sizes: Tensor | None = None) -> Sequence[Tensor]:
     axis = n.attr("axis", 0)
     split = _ints(sizes) if sizes is not None else n.attr("split")
@@ -602,7 +591,7 @@ def _slice_bounds(start: int, end: int, step: int, size: int) -> tuple[int, int]
     return min(max(start, 0), size - 1), min(max(end, -1), size - 1)
 
 
-@_op("Slice")
+@OPS.executor("Slice")
 def _slice(n: Node, x: Tensor, starts: Tensor | None = None, ends: Tensor | None = None,
            axes: Tensor | None = None, steps: Tensor | None = None) -> Tensor:
     if n.opset < 10:  # starts/ends/axes were attributes, no steps
@@ -621,19 +610,19 @@ def _slice(n: Node, x: Tensor, starts: Tensor | None = None, ends: Tensor | None
     return x
 
 
-@_op("Transpose")
+@OPS.executor("Transpose")
 def _transpose(n: Node, x: Tensor) -> Tensor:
     return x.permute(n.attr("perm", list(range(x.ndim))[::-1]))
 
 
-@_op("Flatten")
+@OPS.executor("Flatten")
 def _flatten(n: Node, x: Tensor) -> Tensor:
     a = n.attr("axis", 1)
     a = a + x.ndim if a < 0 else a
     return x.reshape(math.prod(x.shape[:a]), math.prod(x.shape[a:]))
 
 
-@_op("Reshape")
+@OPS.executor("Reshape")
 def _reshape(n: Node, x: Tensor, shape: Tensor) -> Tensor:
     dims = _ints(shape)
     if not n.attr("allowzero", 0):  # 0 copies the input dim
@@ -641,13 +630,13 @@ def _reshape(n: Node, x: Tensor, shape: Tensor) -> Tensor:
     return x.reshape(dims)
 
 
-@_op("Squeeze")
+@OPS.executor("Squeeze")
 def _squeeze(n: Node, x: Tensor, axes: Tensor | None = None) -> Tensor:
     dims = _ints(axes) if axes is not None else n.attr("axes")
     return x.squeeze() if dims is None else x.squeeze(tuple(a % x.ndim for a in dims))
 
 
-@_op("Unsqueeze")
+@OPS.executor("Unsqueeze")
 def _unsqueeze(n: Node, x: Tensor, axes: Tensor | None = None) -> Tensor:
     dims = _ints(axes) if axes is not None else n.attr("axes")
     rank = x.ndim + len(dims)
@@ -656,13 +645,13 @@ def _unsqueeze(n: Node, x: Tensor, axes: Tensor | None = None) -> Tensor:
     return x
 
 
-@_op("Shape")
+@OPS.executor("Shape")
 def _shape(n: Node, x: Tensor) -> Tensor:
     dims = list(x.shape)[n.attr("start", 0):n.attr("end")]
     return torch.tensor(dims, dtype=torch.int64, device=x.device)
 
 
-@_op("Gather")
+@OPS.executor("Gather")
 def _gather(n: Node, data: Tensor, idx: Tensor) -> Tensor:
     axis = n.attr("axis", 0) % data.ndim
     idx = torch.where(idx < 0, idx + data.shape[axis], idx)
@@ -670,12 +659,12 @@ def _gather(n: Node, data: Tensor, idx: Tensor) -> Tensor:
     return out.reshape(data.shape[:axis] + idx.shape + data.shape[axis + 1:])
 
 
-@_op("Cast")
+@OPS.executor("Cast")
 def _cast(n: Node, x: Tensor) -> Tensor:
     return x.to(_dtype(n.attr("to"), n))
 
 
-@_op("Dropout")
+@OPS.executor("Dropout")
 def _dropout(n: Node, x: Tensor, *_: Tensor | None) -> Sequence[Tensor]:
     # the exported graph is for inference: Dropout stays the identity while fine-tuning too
     return x, torch.ones_like(x, dtype=torch.bool)
@@ -690,7 +679,7 @@ _CONSTANT_ATTRS: dict[str, Callable[[Any], Tensor]] = {
 }
 
 
-@_op("Constant")
+@OPS.executor("Constant")
 def _constant(n: Node) -> Tensor:
     (key, value), = n.attrs.items()
     if key not in _CONSTANT_ATTRS:
@@ -698,29 +687,29 @@ def _constant(n: Node) -> Tensor:
     return _CONSTANT_ATTRS[key](value)
 
 
-@_op("ConstantOfShape")
+@OPS.executor("ConstantOfShape")
 def _constant_of_shape(n: Node, shape: Tensor) -> Tensor:
     value = n.attr("value")
     fill = _from_proto(value) if value is not None else torch.zeros(1)
     return torch.full(_ints(shape), fill.item(), dtype=fill.dtype, device=shape.device)
 
 
-@_op("Expand")
+@OPS.executor("Expand")
 def _expand(n: Node, x: Tensor, shape: Tensor) -> Tensor:
     return x.expand(torch.broadcast_shapes(x.shape, tuple(_ints(shape))))  # bidirectional broadcast
 
 
-@_op("Range")
+@OPS.executor("Range")
 def _range(n: Node, start: Tensor, limit: Tensor, delta: Tensor) -> Tensor:
     return torch.arange(start.item(), limit.item(), delta.item(), dtype=start.dtype, device=start.device)
 
 
-@_op("Tile")
+@OPS.executor("Tile")
 def _tile(n: Node, x: Tensor, repeats: Tensor) -> Tensor:
     return x.repeat(_ints(repeats))
 
 
-@_op("SpaceToDepth")
+@OPS.executor("SpaceToDepth")
 def _space_to_depth(n: Node, x: Tensor) -> Tensor:
     b = n.attr("blocksize")
     N, C, H, W = x.shape
@@ -728,7 +717,7 @@ def _space_to_depth(n: Node, x: Tensor) -> Tensor:
     return y.reshape(N, C * b * b, H // b, W // b)
 
 
-@_op("DepthToSpace")
+@OPS.executor("DepthToSpace")
 def _depth_to_space(n: Node, x: Tensor) -> Tensor:
     b = n.attr("blocksize")
     N, C, H, W = x.shape
@@ -747,16 +736,13 @@ def _default_opset(model: onnx.ModelProto) -> int:
     raise UnsupportedModelError("model imports no default-domain (ai.onnx) opset")
 
 
-def unsupported_ops(model: onnx.ModelProto) -> list[str]:
-    """The op types of ``model`` that :class:`OnnxModule` cannot run."""
-    return sorted({f"{n.domain}:{n.op_type}" if n.domain not in ("", "ai.onnx") else n.op_type
-                   for n in model.graph.node if n.domain not in ("", "ai.onnx") or n.op_type not in OPS})
-
-
-def _check_supported(model: onnx.ModelProto) -> None:
-    bad = unsupported_ops(model)
+def check_supported(nodes: Iterable[onnx.NodeProto]) -> None:
+    """One line naming every op of ``nodes`` that :class:`OnnxModule` cannot run (and why, where
+    the registry says), before anything is built from them."""
+    bad = OPS.missing("executor", nodes)
     if bad:
-        raise UnsupportedModelError(f"fine-tuning does not support ONNX op(s) {', '.join(bad)}")
+        names = [s.name + (f" ({s.not_trainable})" if s.not_trainable else "") for s in bad]
+        raise UnsupportedModelError(f"fine-tuning does not support ONNX op(s) {', '.join(names)}")
 
 
 def _per_channel(shape: Sequence[int]) -> bool:
@@ -770,10 +756,11 @@ def _trainable(graph: onnx.GraphProto, values: Mapping[str, Tensor], writable: s
                    for a in n.attribute if a.name == "value"})
     names = set()
     for node in graph.node:
-        for pos in _TRAINABLE_SLOTS.get(node.op_type, ()):
+        spec = OPS.of(node)
+        for pos in spec.weights:
             name = node.input[pos] if pos < len(node.input) else ""
             if (name in writable and dtypes[name] in _TRAINABLE_DTYPES
-                    and (node.op_type not in _PER_CHANNEL_ONLY or _per_channel(values[name].shape))):
+                    and (not spec.per_channel_weights or _per_channel(values[name].shape))):
                 names.add(name)
     return names
 
@@ -801,7 +788,7 @@ class OnnxModule(torch.nn.Module):
         super().__init__()
         graph = model.graph
         opset = _default_opset(model)
-        _check_supported(model)
+        check_supported(graph.node)
         values = {t.name: _from_proto(t) for t in graph.initializer}
         writable = set(values)
         for proto in graph.node:
@@ -887,7 +874,7 @@ class OnnxModule(torch.nn.Module):
         env: dict[str, Tensor] = {name: getattr(self, safe) for name, safe in self.torch_names.items()}
         env.update(feeds)
         for node, dead in plan:
-            result = OPS[node.op](node, *(env[i] if i else None for i in node.inputs))
+            result = OPS.get(node.op).executor(node, *(env[i] if i else None for i in node.inputs))
             results = [result] if isinstance(result, Tensor) else list(result)
             for k, out in enumerate(node.outputs):
                 if not out:

@@ -31,8 +31,8 @@ from ..runtime import make_session
 from .data import Batches, TrainSet, as_samples, fixed_batch, is_batches, load_npz
 from .heads import heads
 
-__all__ = ["finetune", "finetune_verified", "load_npz", "run_finetune_cli", "checkpoint_folder", "history_path"]
-
+__all__ = ["check_trainable", "finetune", "finetune_verified", "load_npz", "run_finetune_cli", "checkpoint_folder",
+           "history_path"]
 
 
 def require_torch():
@@ -41,6 +41,29 @@ def require_torch():
     except ImportError:
         raise UsageError("fine-tuning needs torch: pip install 'onnxcc[torch]'") from None
     return torch
+
+
+def check_trainable(model: onnx.ModelProto, *, before_compression: bool = False) -> None:
+    """Fail in one line, before any work, where torch is missing or the torch executor cannot run
+    an op of ``model``. ``before_compression``: ``model`` is the original of a student yet to be
+    made, and only its nodes computed from the graph inputs count, as compression folds the
+    others into initializers (the executor checks the student itself again)."""
+    require_torch()
+    from .executor import check_supported   # registers the executor's ops
+
+    check_supported(_computed(model.graph) if before_compression else model.graph.node)
+
+
+def _computed(graph: onnx.GraphProto) -> list[onnx.NodeProto]:
+    """The nodes that read a graph input, directly or through other nodes (graph order is topological)."""
+    consts = {t.name for t in graph.initializer}
+    live = {i.name for i in graph.input if i.name not in consts}
+    nodes = []
+    for n in graph.node:
+        if live.intersection(n.input):
+            live.update(n.output)
+            nodes.append(n)
+    return nodes
 
 
 def _check_pair(student: onnx.ModelProto, teacher: onnx.ModelProto) -> None:
@@ -81,6 +104,7 @@ def finetune(student: onnx.ModelProto, teacher: onnx.ModelProto, train: Any, val
     names], "workers", "batchnorm_inserted", "resumed_from"?}``.
     """
     torch = require_torch()
+    check_trainable(student)   # before the data, the teacher or a process group is touched
     from .checkpoint import Checkpoints
     from .distributed import abandon, join, leave
     from .executor import export_weights

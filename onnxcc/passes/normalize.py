@@ -24,6 +24,7 @@ import onnx
 import onnx_graphsurgeon as gs
 
 from ..graph import Namer, constant, export_model, import_graph, pad_spec, set_inputs
+from ..ops import OPS
 from .base import Pass, PassRecord, PassResult, Sequence, SequenceRecord
 
 log = logging.getLogger(__name__)
@@ -88,7 +89,7 @@ class RemoveIdentityPass(Pass):
         graph = import_graph(model)
         count = 0
         for node in graph.nodes:
-            if node.op not in ("Identity", "Dropout"):
+            if not OPS.of(node).identity:
                 continue
             if node.op == "Dropout" and len(node.outputs) > 1 and node.outputs[1].outputs:
                 continue
@@ -119,10 +120,6 @@ class FoldConstantsPass(Pass):
         return _result(graph, model, CountRecord(self.name, before - len(graph.nodes)))
 
 
-# Per producer op: which weight axis holds the output channels, and which input is the bias.
-_BN_FOLD_AXIS = {"Conv": 0, "ConvTranspose": 1}
-
-
 class FoldBatchNormPass(Pass):
     """Folds a per-channel affine map of a Conv's, ConvTranspose's or Gemm's output into the layer:
     BatchNormalization, and Mul/Div/Add/Sub by a constant that varies along the channel axis only
@@ -139,9 +136,10 @@ class FoldBatchNormPass(Pass):
         while changed:
             changed = False
             for node in graph.nodes:
-                if node.op not in _AFFINE or not node.inputs or not node.outputs:
+                extract = OPS.of(node).affine
+                if extract is None or not node.inputs or not node.outputs:
                     continue
-                affine = _AFFINE[node.op](node, graph)
+                affine = extract(node, graph)
                 why = affine if isinstance(affine, str) else self._check(graph, node)
                 if why:
                     if node.op == "BatchNormalization":
@@ -159,7 +157,7 @@ class FoldBatchNormPass(Pass):
         if not node.inputs[0].inputs:
             return "on a graph input"
         prod = node.inputs[0].inputs[0]
-        if prod.op not in ("Conv", "ConvTranspose", "Gemm"):
+        if OPS.of(prod).fold_axis is None:
             return f"preceded by {prod.op}"
         if len(node.inputs[0].outputs) != 1 or node.inputs[0] in graph.outputs:
             return "producer output has other consumers"
@@ -179,7 +177,9 @@ class FoldBatchNormPass(Pass):
         """The producer computes ``y · scale + shift`` per output channel instead of ``y``."""
         prod = node.inputs[0].inputs[0]
         W = np.asarray(prod.inputs[1].values)
-        axis = (0 if prod.attrs.get("transB", 0) else 1) if prod.op == "Gemm" else _BN_FOLD_AXIS[prod.op]
+        axis = OPS.of(prod).fold_axis
+        if prod.op == "Gemm" and prod.attrs.get("transB", 0):
+            axis = 1 - axis
         channels = W.shape[axis] * (prod.attrs.get("group", 1) if prod.op == "ConvTranspose" else 1)
         scale, shift = np.broadcast_to(scale, (channels,)), np.broadcast_to(shift, (channels,))
         shape = [1] * W.ndim
@@ -196,6 +196,7 @@ class FoldBatchNormPass(Pass):
         prod.outputs[0] = out
 
 
+@OPS.affine("BatchNormalization")
 def _batchnorm(node: gs.Node, graph: gs.Graph) -> tuple[np.ndarray, np.ndarray] | str:
     if any(o.outputs for o in node.outputs[1:]) or node.attrs.get("training_mode", 0):
         return "training-mode BatchNormalization"
@@ -217,7 +218,7 @@ def _per_channel(node: gs.Node, graph: gs.Graph) -> np.ndarray | str:
         return "operand is not a constant"
     c = np.asarray(node.inputs[1].values, np.float64)
     prod = node.inputs[0].inputs[0]
-    if prod.op not in ("Conv", "ConvTranspose", "Gemm") or not isinstance(prod.inputs[1], gs.Constant):
+    if OPS.of(prod).fold_axis is None or not isinstance(prod.inputs[1], gs.Constant):
         return f"preceded by {prod.op}"
     rank = 2 if prod.op == "Gemm" else np.asarray(prod.inputs[1].values).ndim   # a Conv's output has its weight's rank
     axis = rank - 1 if prod.op == "Gemm" else 1
@@ -229,6 +230,7 @@ def _per_channel(node: gs.Node, graph: gs.Graph) -> np.ndarray | str:
     return full.reshape(-1)
 
 
+@OPS.affine("Mul", "Div")
 def _scale_by(node: gs.Node, graph: gs.Graph) -> tuple[np.ndarray, np.ndarray] | str:
     c = _per_channel(node, graph)
     if isinstance(c, str):
@@ -238,12 +240,11 @@ def _scale_by(node: gs.Node, graph: gs.Graph) -> tuple[np.ndarray, np.ndarray] |
     return (1 / c if node.op == "Div" else c), np.zeros(1)
 
 
+@OPS.affine("Add", "Sub")
 def _shift_by(node: gs.Node, graph: gs.Graph) -> tuple[np.ndarray, np.ndarray] | str:
     c = _per_channel(node, graph)
     return c if isinstance(c, str) else (np.ones(1), -c if node.op == "Sub" else c)
 
-
-_AFFINE = {"BatchNormalization": _batchnorm, "Mul": _scale_by, "Div": _scale_by, "Add": _shift_by, "Sub": _shift_by}
 
 
 class FusePadIntoConvPass(Pass):

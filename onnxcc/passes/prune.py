@@ -6,23 +6,22 @@ consumer weight columns, BatchNorm statistics, per-channel constants (PRelu slop
 squeeze-excite scales), Split sizes, Slice bounds, Reshape and Resize targets. No Gather is
 ever inserted: the producers stop computing what nobody reads.
 
-The handler table below has one entry per op whose parameters depend on the channel count
-(``op_rules.PARAM_OPS``); the pass refuses to run if an op in that set has no handler.
+The handlers below are registered in the op registry, one per op whose parameters depend on the
+channel count (its channel rule says so); the pass refuses to run if such an op has no handler.
 """
 from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
-from typing import Callable
-
 import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
 from ..analysis.groups import Analysis
-from ..analysis.op_rules import ELEMENTWISE, PARAM_OPS, slice_params
+from ..analysis.op_rules import slice_params
 from ..errors import PassContractError
 from ..graph import Namer, constant, export_model, import_graph, set_inputs
+from ..ops import OPS
 from .base import Pass, PassRecord, PassResult
 
 log = logging.getLogger(__name__)
@@ -65,18 +64,6 @@ class PruneContext:
         node.inputs[index] = constant(self.namer, old.name, values.astype(np.asarray(old.values).dtype))
 
 
-Handler = Callable[[PruneContext, gs.Node], None]
-PRUNE_HANDLERS: dict[str, Handler] = {}
-
-
-def prune_handler(*ops: str):
-    def deco(fn: Handler) -> Handler:
-        for op in ops:
-            PRUNE_HANDLERS[op] = fn
-        return fn
-    return deco
-
-
 def _take(arr: np.ndarray, mask: np.ndarray | None, axis: int) -> np.ndarray:
     return arr if mask is None else np.compress(mask, arr, axis=axis)
 
@@ -87,7 +74,7 @@ def _const(node: gs.Node, i: int) -> np.ndarray | None:
     return None
 
 
-@prune_handler("Conv", "ConvTranspose")
+@OPS.prune("Conv", "ConvTranspose")
 def prune_conv(ctx: PruneContext, node: gs.Node) -> None:
     out_m, in_m = ctx.mask(node.outputs[0]), ctx.mask(node.inputs[0])
     W = _const(node, 1)
@@ -107,7 +94,7 @@ def prune_conv(ctx: PruneContext, node: gs.Node) -> None:
         ctx.replace_const(node, 2, _take(bias, out_m, 0))
 
 
-@prune_handler("Gemm")
+@OPS.prune("Gemm")
 def prune_gemm(ctx: PruneContext, node: gs.Node) -> None:
     out_m, in_m = ctx.mask(node.outputs[0]), ctx.mask(node.inputs[0])
     if out_m is None and in_m is None:
@@ -120,7 +107,7 @@ def prune_gemm(ctx: PruneContext, node: gs.Node) -> None:
         ctx.replace_const(node, 2, _take(C, out_m, C.ndim - 1))
 
 
-@prune_handler("MatMul")
+@OPS.prune("MatMul")
 def prune_matmul(ctx: PruneContext, node: gs.Node) -> None:
     B = _const(node, 1)
     if B is None:
@@ -136,7 +123,7 @@ def prune_matmul(ctx: PruneContext, node: gs.Node) -> None:
     ctx.replace_const(node, 1, _take(_take(B, out_m, 1), in_m, 0))
 
 
-@prune_handler("BatchNormalization", "InstanceNormalization")
+@OPS.prune("BatchNormalization", "InstanceNormalization")
 def prune_norm(ctx: PruneContext, node: gs.Node) -> None:
     m = ctx.mask(node.inputs[0])
     if m is None:
@@ -147,7 +134,7 @@ def prune_norm(ctx: PruneContext, node: gs.Node) -> None:
             ctx.replace_const(node, i, _take(v, m, 0))
 
 
-@prune_handler(*ELEMENTWISE)
+@OPS.prune(*OPS.family("elementwise"))
 def prune_elementwise(ctx: PruneContext, node: gs.Node) -> None:
     out = node.outputs[0]
     axis, m = ctx.layout_axis(out), ctx.mask(out)
@@ -163,7 +150,7 @@ def prune_elementwise(ctx: PruneContext, node: gs.Node) -> None:
             ctx.replace_const(node, i, _take(v, m, a))
 
 
-@prune_handler("Split")
+@OPS.prune("Split")
 def prune_split(ctx: PruneContext, node: gs.Node) -> None:
     x = node.inputs[0]
     rank = len(ctx.analysis.view.shape(x))
@@ -180,7 +167,7 @@ def prune_split(ctx: PruneContext, node: gs.Node) -> None:
         node.attrs["split"] = [int(s) for s in sizes]
 
 
-@prune_handler("Slice")
+@OPS.prune("Slice")
 def prune_slice(ctx: PruneContext, node: gs.Node) -> None:
     x = node.inputs[0]
     axis, m = ctx.layout_axis(x), ctx.analysis.mask(x.name, ctx.keep)
@@ -203,7 +190,7 @@ def prune_slice(ctx: PruneContext, node: gs.Node) -> None:
         node.inputs[2] = constant(ctx.namer, node.inputs[2].name, np.array(ends, dtype))
 
 
-@prune_handler("Reshape")
+@OPS.prune("Reshape")
 def prune_reshape(ctx: PruneContext, node: gs.Node) -> None:
     out = node.outputs[0]
     target = _const(node, 1)
@@ -217,7 +204,7 @@ def prune_reshape(ctx: PruneContext, node: gs.Node) -> None:
         ctx.replace_const(node, 1, new)
 
 
-@prune_handler("Resize", "Upsample", "Pad")
+@OPS.prune("Resize", "Upsample", "Pad")
 def prune_resize(ctx: PruneContext, node: gs.Node) -> None:
     """Only an explicit ``sizes`` vector names the channel count; scales and pads do not."""
     if node.op != "Resize" or len(node.inputs) < 4:
@@ -236,7 +223,7 @@ class PruneChannelsPass(Pass):
     name = "PruneChannels"
 
     def __init__(self, analysis: Analysis, keep: dict[int, np.ndarray]) -> None:
-        missing = PARAM_OPS - set(PRUNE_HANDLERS)
+        missing = [spec.name for spec in OPS if spec.channel_params and spec.prune is None]
         if missing:
             raise PassContractError(f"ops with channel parameters but no prune handler: {sorted(missing)}")
         for gid, m in keep.items():
@@ -264,7 +251,7 @@ class PruneChannelsPass(Pass):
         touched = 0
         if self.keep:
             for node in list(graph.nodes):
-                handler = PRUNE_HANDLERS.get(node.op)
+                handler = OPS.of(node).prune
                 if handler is not None:
                     before = [t.name for t in node.inputs]
                     handler(ctx, node)

@@ -14,9 +14,9 @@ from dataclasses import dataclass
 
 import onnx
 
+from ..ops import OPS
 from ..outputs import targets
 
-LAYER_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
 MIN_LAYERS = 2    # a block holds at least this many weight layers where the graph allows
 MAX_LAYERS = 8    # ... and at most this many where a cut allows
 
@@ -56,7 +56,7 @@ class Liveness:
 
 def _weight_layers(model: onnx.ModelProto) -> list[bool]:
     consts = {i.name for i in model.graph.initializer}
-    return [n.op_type in LAYER_OPS and len(n.input) > 1 and n.input[1] in consts for n in model.graph.node]
+    return [OPS.of(n).layer and len(n.input) > 1 and n.input[1] in consts for n in model.graph.node]
 
 
 def partition(model: onnx.ModelProto, floats: set[str], comparable: set[str]) -> list[Block]:

@@ -23,6 +23,7 @@ from ..analysis.view import build_view, graph_inputs
 from ..calib import Calibration
 from ..config import RECOVER_MODES as MODES, Progress
 from ..errors import PassContractError, UsageError
+from ..ops import OPS
 from ..passes.base import Pass, PassRecord, PassResult
 from ..passes.normalize import normalize
 from ..runtime import expose_outputs, make_session
@@ -169,10 +170,8 @@ def _why_no_gradients(student: onnx.ModelProto, teacher: onnx.ModelProto) -> str
     """Why block reconstruction cannot run here (None: it can)."""
     if not torch_available():
         return "torch is not installed (pip install 'onnxcc[torch]' adds block-wise reconstruction and distillation)"
-    from ..finetuning.executor import unsupported_ops
-
-    bad = sorted(set(unsupported_ops(student)) | set(unsupported_ops(teacher)))
-    return f"the torch executor does not run {', '.join(bad)}" if bad else None
+    bad = OPS.missing("executor", [*student.graph.node, *teacher.graph.node])
+    return f"the torch executor does not run {', '.join(s.name for s in bad)}" if bad else None
 
 
 def _gradient_stages(start: onnx.ModelProto, start_damage: float, teacher: onnx.ModelProto, kept: ChannelMap,
