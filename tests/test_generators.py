@@ -110,6 +110,7 @@ def test_assert_same_outputs_messages():
         assert_same_outputs(a, GRAPHS["conv_chain"](), feeds=random_feeds(a))
 
 
+@pytest.mark.slow
 @settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(cnn_models())
 def test_cnn_models_check_and_run(model):

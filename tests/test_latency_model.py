@@ -87,6 +87,7 @@ def test_calibrate_splits_overhead_and_scale(fake_table):
     assert lm.overhead == 0.0 and lm.seconds() == pytest.approx(convs * 0.5)
 
 
+@pytest.mark.slow
 def test_slow_factorizations_are_never_kept(monkeypatch, tmp_path):
     monkeypatch.setenv("ONNXCC_CACHE", str(tmp_path))
     monkeypatch.setattr(latency, "measure_chains", _fake(launch=1.0))
@@ -95,6 +96,7 @@ def test_slow_factorizations_are_never_kept(monkeypatch, tmp_path):
     assert abs(res.report["totals"]["mac_reduction"] - 0.4) <= 0.02
 
 
+@pytest.mark.slow
 def test_latency_budget_prices_factorizations(monkeypatch, tmp_path):
     """decompose under --latency: takes SVD pairs the table says are fast, refuses the target
     when the table says every pair is slower than its dense conv."""
@@ -117,6 +119,7 @@ def _wide_chain():
     return g.build(g.conv(y, 16, 1, bias=True))
 
 
+@pytest.mark.slow
 def test_latency_budget_is_met_by_the_model():
     model = _wide_chain()
     res = compress(model, latency=0.3, steps=2)
@@ -132,6 +135,7 @@ def _cli(*args):
     return subprocess.run([sys.executable, "-m", "onnxcc", *args], capture_output=True, text=True)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("target", [["--flops", "0.3", "--latency", "0.3"], [], ["--latency", "1.5"]])
 def test_cli_needs_exactly_one_valid_target(tmp_path, target):
     src = tmp_path / "m.onnx"

@@ -1,4 +1,5 @@
 """Property-based: random CNNs built from every supported op family."""
+import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -10,6 +11,7 @@ from onnxcc.passes.factorize import FactorizeConvPass
 from onnxcc.passes.prune import PruneChannelsPass
 
 
+@pytest.mark.slow
 @settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(model=cnn_models(), seed=st.integers(0, 2**16), frac=st.floats(0.1, 0.9))
 def test_random_cnns_normalize_analyse_prune_factorize(model, seed, frac):

@@ -18,6 +18,8 @@ from onnxcc.passes.prune import PruneChannelsPass
 
 LIGHT_DIR = Path(_onnx.__file__).parent / "backend/test/data/light"
 LIGHT = sorted(LIGHT_DIR.glob("*.onnx"))
+pytestmark = pytest.mark.slow   # minutes of real models: the full suite (CI) runs them
+
 HEAVY = {"light_vgg19", "light_zfnet512", "light_bvlc_alexnet"}  # >500 MB of FC weights
 # Grouped convs everywhere (ShuffleNet) or grouped convs + LRN (AlexNet): little to compress.
 LOW_COMPRESSIBLE = {"light_shufflenet", "light_bvlc_alexnet"}

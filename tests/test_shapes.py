@@ -41,6 +41,7 @@ def _calibration(model: onnx.ModelProto, n: int, seed: int = 0) -> Calibration:
 
 # ---- hand-built graphs -------------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_filters_that_become_a_spatial_axis_are_frozen_not_pruned():
     """The keras audio crash: a Conv1D's filters, transposed into a Conv2D's frequency axis,
     were taken for channels the Conv2D sums over (IndexError in channel_scores)."""
@@ -54,6 +55,7 @@ def test_filters_that_become_a_spatial_axis_are_frozen_not_pruned():
     assert res.report["totals"]["mac_reduction"] >= 0.29
 
 
+@pytest.mark.slow
 def test_a_shared_weight_stays_one_initializer_pruned_alike_for_every_reader():
     model = GRAPHS["shared_weights"](13)
     norm, a = normalized_analysis(model)

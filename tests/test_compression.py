@@ -17,6 +17,7 @@ from onnxcc.sensitivity import Plan, WeightProbe, plan_weights
 from engine_helpers import normalized_analysis
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["tiny_resnet", "tiny_mobilenet", "concat", "split", "se_block", "transpose_nhwc"])
 @pytest.mark.parametrize("method", ["cc", "prune", "decompose"])
 def test_target_met_and_model_valid(name, method):
@@ -251,6 +252,7 @@ def test_cli_compress_bad_input_exit_2_nothing_written(tmp_path, case):
     assert src.read_bytes() == before
 
 
+@pytest.mark.slow
 def test_cli_compress_then_finetune(tmp_path):
     pytest.importorskip("torch")
     src = tmp_path / "m.onnx"
@@ -317,6 +319,7 @@ def test_refits_that_hurt_the_outputs_are_dropped(monkeypatch):
     assert all(np.array_equal(weights[k], plain[k]) for k in plain)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name,opset", [("tiny_resnet", 7), ("tiny_mobilenet", 8), ("conv_bn", 7), ("se_block", 8)])
 def test_ir3_model_with_initializers_as_inputs(name, opset):
     """Exports of IR < 4 list every initializer as a graph input too (the ONNX model zoo's

@@ -26,8 +26,8 @@ from onnxcc.passes.normalize import normalize
 
 torch = pytest.importorskip("torch")
 F32 = np.float32
-REPO = Path(__file__).resolve().parents[1]
-HELPER = Path(__file__).parent / "helpers" / "ddp_rank.py"
+REPO = Path(__file__).resolve().parents[2]
+HELPER = Path(__file__).parents[1] / "helpers" / "ddp_rank.py"
 
 
 def _weights(model: onnx.ModelProto) -> dict[str, np.ndarray]:
@@ -201,6 +201,7 @@ def _torchrun(nproc: int, *args: str, env=None) -> subprocess.CompletedProcess:
                            *args], capture_output=True, text=True, timeout=600, env=env or _env())
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("batchnorm", [True, False])
 def test_ddp_two_processes_equal_one_process_with_the_same_global_batch(tmp_path, batchnorm):
     """2 ranks (gloo), 4 samples each per step: both hold identical weights, and they equal one
@@ -272,6 +273,7 @@ def test_a_killed_run_resumes_to_the_weights_of_an_uninterrupted_one(tmp_path):
     assert not ckpt.parent.exists()
 
 
+@pytest.mark.slow
 def test_reinserted_batchnorm_is_the_identity_at_start_and_folds_back_exactly():
     from onnxcc.finetuning import batchnorm
     from onnxcc.finetuning.executor import OnnxModule, export_weights
@@ -298,6 +300,7 @@ def test_reinserted_batchnorm_is_the_identity_at_start_and_folds_back_exactly():
     np.testing.assert_allclose(run(exported, {"x": x[:1].numpy()})[0], trained[:1].numpy(), rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.slow
 def test_fine_tunes_with_batchnorm(tmp_path):
     student, teacher, data = _pair(tmp_path, n=48)
     tuned, history = finetune_verified(onnx.load(student), onnx.load(teacher), data, data, epochs=2, lr=3e-3,
@@ -307,6 +310,7 @@ def test_fine_tunes_with_batchnorm(tmp_path):
     assert [n.op_type for n in tuned.graph.node] == [n.op_type for n in onnx.load(student).graph.node]
 
 
+@pytest.mark.slow
 def test_fine_tunes_from_the_callers_batches():
     """A DataLoader (or any re-iterable of batches with a length) is used as it comes."""
     teacher = _dynamic_batch(normalize(GRAPHS["tiny_resnet"](13)).model)

@@ -40,6 +40,7 @@ def test_channel_map_round_trips_through_metadata():
     assert {k: (v.axis, v.index.tolist()) for k, v in back.items()} == {k: (v.axis, v.index.tolist()) for k, v in cmap.items()}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("mode", ["stats", "blocks"])
 def test_nothing_removed_leaves_outputs_unchanged(mode):
     model = normalize(_batch_dynamic(GRAPHS["tiny_mobilenet"](13))).model
@@ -77,6 +78,7 @@ def _compressed(name: str, flops: float, n: int):
     return model, res.model, data
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["tiny_resnet", "tiny_mobilenet"])
 def test_blocks_lower_the_error_on_samples_recovery_never_saw(name):
     teacher, student, data = _compressed(name, 0.5, 64)
@@ -108,6 +110,7 @@ def test_blocks_cover_the_graph_and_end_at_joins():
     assert sum(b.layers for b in blocks) == sum(ops[o] in ("Conv", "Gemm") for o in ops)
 
 
+@pytest.mark.slow
 def test_cli_recover_writes_a_better_model_and_refuses_bad_input(tmp_path):
     teacher, student, data = _compressed("tiny_resnet", 0.5, 64)
     paths = {k: tmp_path / f"{k}.onnx" for k in ("teacher", "student")}

@@ -5,10 +5,11 @@ import sys
 from pathlib import Path
 
 import onnx
+import pytest
 
 from oracles import check_model_full
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def _setup_lines() -> list[str]:
@@ -16,6 +17,7 @@ def _setup_lines() -> list[str]:
     return [lines[i + 1] for i, l in enumerate(lines) if l.startswith("# 1.") or l.startswith("# 2.")]
 
 
+@pytest.mark.slow
 def test_readme_main_job_runs(tmp_path):
     first = _setup_lines()[0]
     job = first[first.index("onnxcc compress"):]
