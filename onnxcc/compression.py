@@ -28,6 +28,9 @@ from .inspect import inspect_model, quantized_ops
 from .io import load_model
 from .latency import best_multiple, latency_table
 from .latency_model import LatencyModel
+from .analysis.costs import model_params
+from .passes.base import Sequence
+from .passes.check import CheckPass
 from .passes.factorize import FactorizeConvPass
 from .passes.prune import PruneChannelsPass
 from .passes.weights import ReplaceInitializersPass
@@ -35,7 +38,7 @@ from .recover import channel_map, recover_checked, with_channel_map
 from .report import build_report
 from .search import check_reachable, search_plan, tries_for
 from .sensitivity import Plan, WeightProbe
-from .verify import verify
+from .verify import fidelity
 
 log = logging.getLogger(__name__)
 
@@ -96,19 +99,22 @@ def compress(model: onnx.ModelProto | str | Path, flops: float | None = None,
     (plan, curves, weights), search = _best_search(a, ins.model, fit, cfg, budget, speed,
                                                    not batch_fixed_at_one(original), progress)
     # The emulated weights go into the graph, pruning slices them, and a plain SVD at rank r
-    # recovers the (already rank-r) factors exactly.
-    reweighted = ReplaceInitializersPass(weights)(ins.model)
-    pruned = PruneChannelsPass(a, plan.keep)(reweighted.model)
-    fact = FactorizeConvPass(plan.ranks)(pruned.model)
-    tensors = [o for n in fact.model.graph.node for o in n.output]
-    with_channel_map(fact.model, channel_map(a, plan.keep, tensors))
-    recovered = recover_checked(fact.model, ins.model, fit, held, mode=cfg.recover or "blocks",
-                                seconds=cfg.recover_seconds, macs=int(a.macs(plan.kept(), plan.ranks)), seed=cfg.seed,
+    # recovers the (already rank-r) factors exactly. The check ends the rewrite and, as recovery
+    # changes only weights, holds after it too.
+    check = CheckPass(shapes, held.take(slice(0, 1)), macs=int(a.macs(plan.kept(), plan.ranks)),
+                      max_params=model_params(original))
+    rewrite = Sequence(ReplaceInitializersPass(weights), PruneChannelsPass(a, plan.keep), FactorizeConvPass(plan.ranks),
+                       check, name="rewrite")(ins.model)
+    tensors = [o for n in rewrite.model.graph.node for o in n.output]
+    with_channel_map(rewrite.model, channel_map(a, plan.keep, tensors))
+    recovered = recover_checked(rewrite.model, ins.model, fit, held, mode=cfg.recover or "blocks",
+                                seconds=cfg.recover_seconds, macs=check.macs, seed=cfg.seed,
                                 provider=cfg.provider, device=cfg.device, progress=progress, teacher_normalized=True)
-    result = verify(ins.model, recovered.model, held, shapes, cfg.provider)
+    final = check(recovered.model)
     timing = _measure(original, recovered.model, shapes, cfg, progress)
-    report = build_report(a, plan, cfg, curves, result, pruned.record, fact.record, data, lat, timing,
-                          search, time.perf_counter() - t0)
+    report = build_report(a, plan, cfg, curves, rewrite.record, final.record,
+                          fidelity(ins.model, recovered.model, held, cfg.provider), data, lat, timing, search,
+                          time.perf_counter() - t0)
     report["recovery"] = recovered.record
     _judge_results(cfg, report)
     return CompressResult(recovered.model, report, plan, weights, recovered.stages)

@@ -10,12 +10,16 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from .io import atomic_write_text
+from .passes.check import CheckRecord
+from .passes.factorize import FactorizeRecord
+from .passes.prune import PruneRecord
 
 if TYPE_CHECKING:   # annotations only: writing a report needs none of them
     from .analysis.groups import Analysis
     from .calib import Calibration
     from .config import CompressConfig
     from .latency_model import LatencyModel
+    from .passes.base import SequenceRecord
     from .sensitivity import Plan
 
 log = logging.getLogger(__name__)
@@ -159,12 +163,15 @@ def _plots(r: dict[str, Any], folder: Path) -> list[Path]:
     return out
 
 
-def build_report(a: Analysis, plan: Plan, cfg: CompressConfig, curves: list[dict], verification: dict[str, Any],
-                 prune_rec, fact_rec, data: Calibration, lat: LatencyModel | None, timing: dict[str, float],
-                 search: dict[str, Any], seconds: float) -> dict[str, Any]:
-    """The report of one run: per layer before/after (channels, rank, MACs, predicted ms), the
-    removed channels per group, the measured damage curves (of the try kept), the tries'
-    damages, totals and held-out fidelity."""
+def build_report(a: Analysis, plan: Plan, cfg: CompressConfig, curves: list[dict], rewrite: SequenceRecord,
+                 final: CheckRecord, fidelity: dict[str, Any], data: Calibration, lat: LatencyModel | None,
+                 timing: dict[str, float], search: dict[str, Any], seconds: float) -> dict[str, Any]:
+    """The report of one run, from the plan and the records of the rewrite's passes and of the
+    final check: per layer before/after (channels, rank, MACs, predicted ms), the removed channels
+    per group, the measured damage curves (of the try kept), the tries' damages, totals and
+    held-out fidelity."""
+    prune_rec = next(r for r in rewrite.records if isinstance(r, PruneRecord))
+    fact_rec = next(r for r in rewrite.records if isinstance(r, FactorizeRecord))
     kept = plan.kept()
     dead = a.dead(kept)
     layers = []
@@ -184,21 +191,21 @@ def build_report(a: Analysis, plan: Plan, cfg: CompressConfig, curves: list[dict
     groups = {str(gid): {"channels": [a.groups[gid].size, int(m.sum())],
                          "removed": [int(i) for i in np.flatnonzero(~m)]}
               for gid, m in plan.keep.items() if not m.all()}
-    macs_after = verification["macs"]
+    macs_after = final.macs
     return {
         "config": {k: (list(v) if isinstance(v, tuple) else v) for k, v in cfg.__dict__.items()},
         "calibration": {"source": data.source, "samples": len(data), "synthetic": data.synthetic},
         "totals": {
             "macs_before": int(a.total_macs), "macs_after": int(macs_after),
             "mac_reduction": round(1 - macs_after / a.total_macs, 4),
-            "planned_macs_after": int(a.macs(kept, plan.ranks)),
-            "params_before": verification["params_before"], "params_after": verification["params_after"],
+            "planned_macs_after": final.planned_macs,
+            "params_before": final.max_params, "params_after": final.params,
             "channels_removed": int(prune_rec.channels_removed), "layers_factorized": len(fact_rec.layers),
             "groups_emptied": sum(n == 0 for n in kept.values()), "layers_folded": len(dead),
             "latency": {**timing, **_predicted(lat, plan)},
             "seconds": round(seconds, 1),
         },
-        "fidelity": verification["fidelity"],
+        "fidelity": fidelity,
         "search": search,
         "layers": layers, "groups": groups, "sensitivity": curves,
     }

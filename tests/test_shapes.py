@@ -22,7 +22,9 @@ from onnxcc.errors import VerificationError
 from onnxcc.inspect import inspect_model
 from onnxcc.passes.prune import PruneChannelsPass
 from onnxcc.sensitivity import Plan, WeightProbe, channel_scores, plan_weights
-from onnxcc.verify import fidelity, verify
+from onnxcc.analysis.costs import model_params
+from onnxcc.passes.check import CheckPass
+from onnxcc.verify import fidelity
 
 
 def _readers(model: onnx.ModelProto) -> Counter:
@@ -96,8 +98,9 @@ def test_verify_refuses_a_model_with_more_parameters():
     reader = next(n for n in copied.graph.node if n.input[1:2] == [w.name])
     reader.input[1] = dup.name
     cal = _calibration(model, 4)
+    check = CheckPass({"x": (1, 3, 12, 12)}, cal.take(slice(0, 1)), max_params=model_params(model))
     with pytest.raises(VerificationError, match="more parameters"):
-        verify(model, copied, cal, {"x": (1, 3, 12, 12)})
+        check(copied)
 
 
 # ---- search: never worse than doing the obvious -------------------------------------------------

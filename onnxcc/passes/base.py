@@ -1,7 +1,8 @@
 """The pass framework: a pass maps a model to ``PassResult(model, record)``.
 
 A subclass implements :meth:`Pass.call`; ``__call__`` checks ``requires`` on the input, runs
-``call``, checks ``ensures`` on the *result*, and names the failing pass when something breaks. ``Sequence`` chains passes and keeps
+``call``, checks ``ensures`` on the *result* (by default: :func:`check_structure`), and names the
+failing pass when something breaks. ``Sequence`` chains passes and keeps
 every record, so reports are built from records rather than by re-reading graphs.
 """
 from __future__ import annotations
@@ -13,6 +14,24 @@ from typing import Any
 import onnx
 
 from ..errors import OnnxccError, PassContractError
+
+
+def check_structure(model: onnx.ModelProto, unique_node_names: bool = False) -> None:
+    """Nodes in topological order, each tensor produced once (and, if asked, node names unique)."""
+    graph = model.graph
+    known = {i.name for i in graph.input} | {i.name for i in graph.initializer}
+    names: set[str] = set()
+    for node in graph.node:
+        missing = next((t for t in node.input if t and t not in known), None)
+        if missing is not None:
+            raise PassContractError(f"node {node.name or node.op_type} reads {missing!r} before it is produced")
+        for t in node.output:
+            if t and t in known:
+                raise PassContractError(f"tensor {t!r} is produced twice")
+            known.add(t)
+        if unique_node_names and (not node.name or node.name in names):
+            raise PassContractError(f"node names are not unique: {node.name!r} ({node.op_type})")
+        names.add(node.name)
 
 
 @dataclass(frozen=True)
@@ -50,7 +69,9 @@ class Pass:
         """Raise PassContractError if ``model`` is not a valid input for this pass."""
 
     def ensures(self, model: onnx.ModelProto) -> None:
-        """Raise PassContractError if the result breaks what this pass promises."""
+        """Raise PassContractError if the result breaks what this pass promises: by default a
+        graph in topological order with each tensor produced once, what every later pass reads."""
+        check_structure(model)
 
     def call(self, model: onnx.ModelProto) -> PassResult:
         """Build and return a new model; never mutate ``model`` (tests check the input bytes).

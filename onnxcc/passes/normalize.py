@@ -11,6 +11,7 @@
   ``Div``, ``Add`` and ``Sub`` by a per-channel (or scalar) constant.
 - ``FusePadIntoConvPass``: a zero ``Pad`` on spatial axes only (TF "same" padding) merges into
   the following Convs' ``pads``.
+- ``NameNodesPass``: unnamed and repeated node names become unique ones.
 
 Each is exact up to float rounding; ``normalize()`` runs them in that order.
 """
@@ -289,9 +290,31 @@ class FusePadIntoConvPass(Pass):
         return begin[2:] + end[2:]
 
 
+class NameNodesPass(Pass):
+    """Every node gets a name of its own (exporters leave many empty, some repeat them): the
+    report and the records name layers by them."""
+
+    name = "NameNodes"
+
+    def call(self, model: onnx.ModelProto) -> PassResult:
+        names = [n.name for n in model.graph.node]
+        if all(names) and len(set(names)) == len(names):
+            return PassResult(model, CountRecord(self.name, 0))
+        graph = import_graph(model)
+        namer = Namer(graph)   # avoids every node and tensor name: a repeated name is taken already
+        seen: set[str] = set()
+        count = 0
+        for node in graph.nodes:
+            if not node.name or node.name in seen:
+                node.name = namer(f"{node.op}_{node.outputs[0].name}" if node.outputs else node.op)
+                count += 1
+            seen.add(node.name)
+        return _result(graph, model, CountRecord(self.name, count))
+
+
 def normalize_passes() -> Sequence:
     return Sequence(LiftConstantsPass(), RemoveIdentityPass(), FoldConstantsPass(),
-                    FoldBatchNormPass(), FusePadIntoConvPass(), name="Normalize")
+                    FoldBatchNormPass(), FusePadIntoConvPass(), NameNodesPass(), name="Normalize")
 
 
 def normalize(model: onnx.ModelProto) -> PassResult:
@@ -300,4 +323,4 @@ def normalize(model: onnx.ModelProto) -> PassResult:
 
 
 __all__ = ["LiftConstantsPass", "RemoveIdentityPass", "FoldConstantsPass", "FoldBatchNormPass",
-           "FusePadIntoConvPass", "normalize", "normalize_passes", "SequenceRecord"]
+           "FusePadIntoConvPass", "NameNodesPass", "normalize", "normalize_passes", "SequenceRecord"]
