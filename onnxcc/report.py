@@ -51,13 +51,17 @@ def to_markdown(r: dict[str, Any]) -> str:
         f"- fidelity on {f['samples']} held-back samples: cosine {f['cosine_mean']} (min {f['cosine_min']}), "
         f"relative L2 {f['rel_l2']}" + (f", top-1 agreement {f['top1_agreement']:.1%}" if "top1_agreement" in f else ""),
         *_recovery_lines(r.get("recovery", {})),
-        "", "| layer | op | in | out | rank | MACs before | MACs after |", "|---|---|---|---|---|---|---|",
+        "", "## Layers", "", "![per layer](layers.png)", "", "![sensitivity](sensitivity.png)", "",
+        "| layer | op | in | out | rank | MACs before | after pruning | after | predicted ms before → after |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for l in r["layers"]:
         rank = "-" if l["rank"][1] is None else f"{l['rank'][1]}/{l['rank'][0]}"
         widths = (f"{l['in_channels'][0]}→{l['in_channels'][1]} | {l['out_channels'][0]}→{l['out_channels'][1]}"
                   if not l.get("folded") else f"{l['in_channels'][0]} | {l['out_channels'][0]} (folded away)")
-        lines.append(f"| {l['name']} | {l['op']} | {widths} | {rank} | {l['macs'][0]:,} | {l['macs'][1]:,} |")
+        ms = " → ".join(f"{v:.4f}" for v in l["predicted_ms"]) if "predicted_ms" in l else "-"
+        lines.append(f"| {l['name']} | {l['op']} | {widths} | {rank} | {l['macs'][0]:,} | {l.get('macs_pruned', '-'):,} | "
+                     f"{l['macs'][1]:,} | {ms} |")
     return "\n".join(lines) + "\n"
 
 
@@ -132,19 +136,7 @@ def _plots(r: dict[str, Any], folder: Path) -> list[Path]:
     fig.savefig(out[-1], dpi=110)
     plt.close(fig)
 
-    layers = [l for l in r["layers"] if l["macs"][0] > 0]
-    fig, ax = plt.subplots(figsize=(max(7, len(layers) * 0.12), 4))
-    ax.bar(range(len(layers)), [l["macs"][0] for l in layers], color="lightgray", label="before")
-    ax.bar(range(len(layers)), [l["macs"][1] for l in layers], color="tab:green", label="after")
-    ax.set_xlabel("layer (graph order)")
-    ax.set_ylabel("MACs")
-    ax.legend()
-    ax.set_title("per-layer allocation")
-    fig.tight_layout()
-    out.append(folder / "allocation.png")
-    fig.savefig(out[-1], dpi=110)
-    plt.close(fig)
-
+    out.append(_layers_plot(r["layers"], folder / "layers.png", plt))
     blocks = [b for b in r.get("recovery", {}).get("blocks", []) if b.get("steps")]
     if blocks:
         fig, ax = plt.subplots(figsize=(max(6, len(blocks) * 0.3), 3.5))
@@ -161,6 +153,37 @@ def _plots(r: dict[str, Any], folder: Path) -> list[Path]:
         fig.savefig(out[-1], dpi=110)
         plt.close(fig)
     return out
+
+
+def _layers_plot(layers: list[dict[str, Any]], path: Path, plt) -> Path:
+    """One row per layer, named: its MACs before, after pruning alone and after pruning and
+    factorization; beside them its predicted time before and after where the latency model ran."""
+    layers = [l for l in layers if l["macs"][0] > 0]
+    timed = all("predicted_ms" in l for l in layers)
+    y = np.arange(len(layers))[::-1]
+    fig, axes = plt.subplots(1, 2 if timed else 1, sharey=True, squeeze=False,
+                             figsize=(12 if timed else 8, 1.2 + 0.17 * len(layers)))
+    ax = axes[0][0]
+    ax.barh(y, [l["macs"][0] for l in layers], 0.8, color="lightgray", label="before")
+    ax.barh(y, [l["macs_pruned"] for l in layers], 0.8, color="tab:blue", label="after pruning")
+    ax.barh(y, [l["macs"][1] for l in layers], 0.45, color="tab:green", label="after pruning and factorization")
+    ax.set_yticks(y, [l["name"][-40:] + (" (factorized)" if l["rank"][1] is not None else "") for l in layers],
+                  fontsize=6)
+    ax.set_xlabel("MACs")
+    ax.legend(fontsize=7, loc="lower right", framealpha=0.7)
+    ax.set_title("per layer: pruned (blue) and factorized (green) apart", fontsize=9)
+    if timed:
+        ax = axes[0][1]
+        ax.barh(y, [l["predicted_ms"][0] for l in layers], 0.8, color="lightgray", label="before")
+        ax.barh(y, [l["predicted_ms"][1] for l in layers], 0.45, color="tab:green", label="after")
+        ax.set_xlabel("predicted ms (latency model, measured on this machine)")
+        ax.legend(fontsize=7, loc="lower right", framealpha=0.7)
+        ax.set_title("per layer time", fontsize=9)
+    ax.set_ylim(-0.8, len(layers) - 0.2)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
 
 
 def build_report(a: Analysis, plan: Plan, cfg: CompressConfig, curves: list[dict], rewrite: SequenceRecord,
@@ -183,6 +206,7 @@ def build_report(a: Analysis, plan: Plan, cfg: CompressConfig, curves: list[dict
             "in_channels": [l.cin, cin], "out_channels": [l.cout, cout],
             "rank": [min(l.cout, l.cin * l.kk) if l.op == "Conv" else None, rank],
             "macs": [int(l.macs), int(round(a.layer_macs(l, kept, rank)))],
+            "macs_pruned": int(round(a.layer_macs(l, kept, None))),
             "folded": l.key in dead,
         })
         if lat is not None:

@@ -220,7 +220,12 @@ def test_cli_compress_writes_model_and_report(tmp_path):
     check_model_full(onnx.load(out))
     rep = json.loads((tmp_path / "rep" / "report.json").read_text())
     assert rep["totals"]["macs_after"] < rep["totals"]["macs_before"]
-    assert (tmp_path / "rep" / "report.md").exists()
+    md = (tmp_path / "rep" / "report.md").read_text()
+    for plot in ("layers.png", "sensitivity.png"):      # linked and written
+        assert f"({plot})" in md and (tmp_path / "rep" / plot).stat().st_size > 0
+    for l in rep["layers"]:      # pruning alone, then factorization, never adds MACs
+        assert l["macs"][0] >= l["macs_pruned"] >= l["macs"][1]
+    assert any("predicted_ms" in l for l in rep["layers"])
     # no terminal here: progress comes as plain lines on stdout, stderr keeps to warnings
     assert "step 1/2: measuring" in r.stdout and "step 2/2: measuring" in r.stdout and "measuring" not in r.stderr
 
