@@ -5,7 +5,7 @@ MACs are a poor proxy for latency: onnxruntime's CPU Convs run in an NCHWc layou
 block, and in plain NCHW otherwise. So here (AVX-512) 100 channels cost as much as 112, and 93 more
 than 96. Candidates are timed as tiny models of one Conv (or, for an SVD pair, two), inside a
 network-like context and interleaved in rounds like :mod:`onnxcc.benchmark` (see
-:func:`measure_chains`); each median is cached in a JSON file per provider, thread count and
+:func:`measure_chains`); each median, relative to a reference Conv timed beside it, is cached in a JSON file per provider, thread count and
 machine, so a table of ~50 candidates is measured once (about 8 s on 2 cores) and then read back.
 """
 from __future__ import annotations
@@ -31,7 +31,7 @@ from .io import atomic_write_text
 from .runtime import _ort, make_session, providers_for
 
 MULTIPLES = (1, 4, 8, 16, 32)
-_CACHE_VERSION = 2  # bump whenever the measurement method changes: old numbers are not comparable
+_CACHE_VERSION = 3  # bump whenever the measurement method changes: old numbers are not comparable (3: ratios to REFERENCE)
 _CONTEXT = 16  # channels of the context Convs: a multiple of every NCHWc block size
 
 
@@ -51,6 +51,9 @@ class ConvSpec(NamedTuple):
 # A measurable request: input size (an int for square inputs, else (height, width)) and the Conv
 # layers applied in sequence.
 Chain = tuple[Pair, tuple[ConvSpec, ...]]
+
+# What every cached time is relative to: a mid-network 3x3 Conv, timed beside each batch
+REFERENCE: Chain = ((28, 28), (ConvSpec(64, 64, 3),))
 
 
 def _pair(v: Pair) -> tuple[int, int]:
@@ -94,7 +97,13 @@ def machine_hash(provider: str = "cpu") -> str:
 
 
 class LatencyTable:
-    """Measured latencies (seconds) backed by one cache file; measures only what is missing."""
+    """Measured latencies (seconds) backed by one cache file; measures only what is missing.
+
+    The file holds each chain's time relative to :data:`REFERENCE`, a Conv timed in the same
+    interleaved run: a load that slows the machine while a batch is measured (another compress
+    run, a test suite) slows the reference alike, so batches measured at different times and
+    loads stay comparable. Seconds are those ratios times the reference as timed in this process.
+    """
 
     def __init__(self, provider: str = "cpu", threads: int = 2, path: Path | None = None,
                  budget_s: float = 0.06):
@@ -102,15 +111,25 @@ class LatencyTable:
         self.provider, self.threads, self.budget_s = provider, threads, budget_s
         self.path = path or cache_path(provider, threads)
         self.entries: dict[str, float] = _read_entries(self.path)
+        self._reference: float | None = None
 
     def measure(self, chains: list[Chain]) -> list[float]:
-        """Latency per chain; the uncached ones are timed together, interleaved, then saved."""
+        """Latency per chain; the uncached ones are timed together with the reference, interleaved,
+        then saved."""
         missing = list(dict.fromkeys(ch for ch in chains if chain_key(ch) not in self.entries))
         if missing:
-            times = measure_chains(missing, self.provider, self.threads, self.budget_s)
-            self.entries.update({chain_key(ch): t for ch, t in zip(missing, times)})
+            *times, ref = measure_chains(missing + [REFERENCE], self.provider, self.threads, self.budget_s)
+            self.entries.update({chain_key(ch): t / ref for ch, t in zip(missing, times)})
+            self._reference = self._reference or ref
             self._save()
-        return [self.entries[chain_key(ch)] for ch in chains]
+        ref = self.reference()
+        return [self.entries[chain_key(ch)] * ref for ch in chains]
+
+    def reference(self) -> float:
+        """Seconds of :data:`REFERENCE` here and now (timed once per table)."""
+        if self._reference is None:
+            self._reference = measure_chains([REFERENCE], self.provider, self.threads, self.budget_s)[0]
+        return self._reference
 
     def conv(self, cin: int, cout: int, k: int, stride: int, hw_in: int, group: int = 1) -> float:
         return self.measure([(hw_in, (ConvSpec(cin, cout, k, stride, group),))])[0]

@@ -140,20 +140,38 @@ def counted_measure(monkeypatch, tmp_path):
 
 
 def test_latency_cache_written_and_reused(counted_measure, tmp_path):
+    def timed() -> list:
+        return [c for c in counted_measure if c != latency.REFERENCE]
+
     t = latency.conv_latency(8, 16, 3, 1, 12, threads=1)
-    assert t > 0 and len(counted_measure) == 1
+    assert t > 0 and len(timed()) == 1 and counted_measure.count(latency.REFERENCE) == 1   # beside the reference
     files = list(tmp_path.glob("latency-cpu-1-*.json"))
     assert len(files) == 1 and files[0] == latency.cache_path("cpu", 1)
     assert latency.conv_latency(8, 16, 3, 1, 12, threads=1) == t
-    fresh = latency.LatencyTable("cpu", 1)  # a new process would read the file back
-    assert fresh.conv(8, 16, 3, 1, 12) == t
-    assert len(counted_measure) == 1
+    ratio = json.loads(files[0].read_text())["entries"]["hw12:8-16k3s1g1"]
+    assert ratio == pytest.approx(t / latency.latency_table("cpu", 1).reference())
+    fresh = latency.LatencyTable("cpu", 1)  # a new process reads the ratios back and times the reference only
+    assert fresh.conv(8, 16, 3, 1, 12) == pytest.approx(ratio * fresh.reference())
+    assert len(timed()) == 1 and counted_measure.count(latency.REFERENCE) == 2
     f = latency.factorized_latency(8, 4, 16, 3, 2, 12, threads=1)
-    assert f > 0 and len(counted_measure) == 2
+    assert f > 0 and len(timed()) == 2
     assert latency.factorized_latency(8, 4, 16, 3, 2, 12, threads=1) == f
-    assert len(counted_measure) == 2
+    assert len(timed()) == 2
     entries = json.loads(files[0].read_text())["entries"]
     assert set(entries) == {"hw12:8-16k3s1g1", "hw12:8-4k3s2g1;4-16k1s1g1"}
+
+
+def test_cached_times_are_relative_to_a_reference_timed_beside_them(monkeypatch, tmp_path):
+    """A batch measured under a load that doubles every time reads back as one measured unloaded."""
+    monkeypatch.setenv("ONNXCC_CACHE", str(tmp_path))
+    load = {"factor": 2.0}
+    monkeypatch.setattr(latency, "measure_chains", lambda chains, *a, **k: [
+        latency.chain_macs(ch) * 1e-11 * load["factor"] for ch in chains])
+    chain = (12, (latency.ConvSpec(8, 16, 3),))
+    loaded = latency.LatencyTable("cpu", 5).measure([chain])[0]
+    load["factor"] = 1.0
+    quiet = latency.LatencyTable("cpu", 5).measure([chain])[0]
+    assert quiet == pytest.approx(latency.chain_macs(chain) * 1e-11) and loaded == pytest.approx(2 * quiet)
 
 
 def test_chain_geometry():
