@@ -12,7 +12,7 @@ import logging
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import numpy as np
 import onnx
@@ -36,6 +36,7 @@ from .passes.prune import PruneChannelsPass
 from .passes.weights import ReplaceInitializersPass
 from .recover import channel_map, recover_checked, with_channel_map
 from .report import build_report
+from .resume import SearchCheckpoint, fingerprint
 from .search import check_reachable, search_plan, tries_for
 from .sensitivity import Plan, WeightProbe
 from .verify import fidelity
@@ -59,14 +60,15 @@ def compress(model: onnx.ModelProto | str | Path, flops: float | None = None,
              calib: str | Path | Calibration | None = None, input_shape: dict | None = None, *,
              latency: float | None = None, progress: Progress | None = None,
              preprocess: ImagePreprocess | None = None, config: CompressConfig | None = None,
-             **settings: Any) -> CompressResult:
+             checkpoint: str | Path | None = None, resume: bool = False, **settings: Any) -> CompressResult:
     """Compress ``model`` so that the fraction ``flops`` of its MACs (or ``latency`` of its
     measured run time) is removed.
 
     ``config`` holds the settings (:class:`CompressConfig`); keyword ``settings`` override its
     fields (``method="prune", steps=1``). Returns the compressed model and a report (per layer
     before/after, damage curves, fidelity on held-back calibration samples, measured latencies).
-    The input model is never modified.
+    The input model is never modified. With ``checkpoint`` (a folder) every finished search step
+    is kept there, and ``resume`` continues a killed run from them (:mod:`onnxcc.resume`).
     """
     targets = {k: v for k, v in (("flops", flops), ("latency", latency)) if v is not None}
     cfg = replace(config or CompressConfig(), **targets, **settings)
@@ -80,9 +82,13 @@ def compress(model: onnx.ModelProto | str | Path, flops: float | None = None,
     shapes = {k: (1,) + tuple(v.shape[1:]) for k, v in data.samples.items()}
     ins = inspect_model(original, shapes, feeds=fit.take(slice(0, 1)))
     a = ins.analysis
+    ckpt = (SearchCheckpoint(checkpoint, fingerprint(original, data.samples, _search_settings(cfg, shapes)), resume)
+            if checkpoint is not None else None)
+    measured = ckpt.measured if ckpt else lambda name, measure: measure()
     if cfg.round_to is None:
-        cfg.round_to = best_multiple(cfg.provider, cfg.threads) if cfg.latency_aware else 16
-    lat = _latency_model(a, ins.model, cfg, shapes, progress) if cfg.latency_aware or cfg.latency else None
+        cfg.round_to = measured("round_to", lambda: best_multiple(cfg.provider, cfg.threads)) if cfg.latency_aware else 16
+    lat = (_latency_model(a, ins.model, cfg, shapes, progress, measured) if cfg.latency_aware or cfg.latency
+           else None)
     if lat is not None and not lat.surfaces:
         # only 2-D Convs are timed: a table without one prices every layer at zero
         if cfg.latency is not None:
@@ -97,7 +103,7 @@ def compress(model: onnx.ModelProto | str | Path, flops: float | None = None,
     speed = lat if cfg.latency is not None or cfg.method == "cc" else None
 
     (plan, curves, weights), search = _best_search(a, ins.model, fit, cfg, budget, speed,
-                                                   not batch_fixed_at_one(original), progress)
+                                                   not batch_fixed_at_one(original), progress, ckpt)
     # The emulated weights go into the graph, pruning slices them, and a plain SVD at rank r
     # recovers the (already rank-r) factors exactly. The check ends the rewrite and, as recovery
     # changes only weights, holds after it too.
@@ -121,7 +127,8 @@ def compress(model: onnx.ModelProto | str | Path, flops: float | None = None,
 
 
 def _best_search(a: Analysis, model: onnx.ModelProto, fit: Calibration, cfg: CompressConfig, budget: Budget,
-                 speed: LatencyModel | None, batched: bool, progress: Progress | None
+                 speed: LatencyModel | None, batched: bool, progress: Progress | None,
+                 ckpt: SearchCheckpoint | None = None
                  ) -> tuple[tuple[Plan, list[dict], dict[str, np.ndarray]], dict[str, Any]]:
     """The plan of the search (of ``tries_for`` searches, each on its own split of ``fit``) whose
     weights do least damage on the calibration samples; a record of the tries."""
@@ -129,10 +136,11 @@ def _best_search(a: Analysis, model: onnx.ModelProto, fit: Calibration, cfg: Com
     found = []
     for t in range(tries):
         started = time.perf_counter()
+        steps = ckpt.steps_of(t + 1) if ckpt else None
         sens, stat = _sample_split(fit, cfg, t, tries)
         probe = WeightProbe(a, model, sens, cfg.provider, cfg.threads, batched=batched, stat_feeds=stat)
-        found.append(search_plan(a, probe, cfg, budget, speed, _tagged(progress, t, tries)))
-        seconds = time.perf_counter() - started
+        found.append(search_plan(a, probe, cfg, budget, speed, _tagged(progress, t, tries), steps))
+        seconds = steps.seconds() if steps else time.perf_counter() - started
         if t == 0 and tries > 1 and cfg.tries is None and seconds > SLOW_SEARCH:
             # the cost proxy misses activation-heavy models (CenterFace at 384×512: 8× open-nsfw's
             # seconds per proxy unit); a search this slow is not repeated unless asked for
@@ -151,12 +159,24 @@ def _best_search(a: Analysis, model: onnx.ModelProto, fit: Calibration, cfg: Com
 
 
 def _latency_model(a: Analysis, model: onnx.ModelProto, cfg: CompressConfig, shapes: dict,
-                   progress: Progress | None) -> LatencyModel:
-    lat = LatencyModel(a, latency_table(cfg.provider, cfg.threads), cfg.round_to, progress)
-    runs = benchmark([model], cfg.provider, cfg.threads, runs=30, warmup=3, input_shapes=shapes)
-    # a low percentile: other processes only ever add time, and the table holds quiet numbers
-    lat.calibrate(float(np.percentile(runs["models"][0]["latencies_ms"], 20)) / 1e3)
+                   progress: Progress | None, measured: Callable[[str, Callable[[], Any]], Any]) -> LatencyModel:
+    table = latency_table(cfg.provider, cfg.threads)
+    table.pin_reference(measured("latency_reference_seconds", table.reference))
+    lat = LatencyModel(a, table, cfg.round_to, progress)
+
+    def whole() -> float:
+        runs = benchmark([model], cfg.provider, cfg.threads, runs=30, warmup=3, input_shapes=shapes)
+        # a low percentile: other processes only ever add time, and the table holds quiet numbers
+        return float(np.percentile(runs["models"][0]["latencies_ms"], 20)) / 1e3
+
+    lat.calibrate(measured("model_seconds", whole))
     return lat
+
+
+def _search_settings(cfg: CompressConfig, shapes: dict) -> dict[str, Any]:
+    """What decides the plan besides the model and the samples (recovery's settings do not)."""
+    skip = {"recover", "recover_seconds", "min_fidelity", "device"}
+    return {"shapes": shapes, **{k: v for k, v in vars(cfg).items() if k not in skip}}
 
 
 def _budget(a: Analysis, lat: LatencyModel | None, cfg: CompressConfig) -> Budget:

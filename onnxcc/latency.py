@@ -125,6 +125,10 @@ class LatencyTable:
         ref = self.reference()
         return [self.entries[chain_key(ch)] * ref for ch in chains]
 
+    def pin_reference(self, seconds: float) -> None:
+        """Price with ``seconds`` for the reference (a resumed run prices as the killed one did)."""
+        self._reference = seconds
+
     def reference(self) -> float:
         """Seconds of :data:`REFERENCE` here and now (timed once per table)."""
         if self._reference is None:

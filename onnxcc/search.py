@@ -12,7 +12,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass, field
 from functools import partial
-from typing import Any, Callable
+from typing import Any, Callable, Protocol
 
 import numpy as np
 
@@ -106,6 +106,14 @@ def emulate(probe: WeightProbe, plan: Plan, prev: dict[str, np.ndarray],
     return weights, stats, refit_damage
 
 
+class StepStore(Protocol):
+    """Where a search keeps its finished steps (:class:`onnxcc.resume.SearchCheckpoint`, per search)."""
+
+    def step(self, step: int) -> tuple[Plan, dict, dict[str, np.ndarray]] | None: ...
+
+    def save_step(self, step: int, plan: Plan, curves: dict, weights: dict[str, np.ndarray]) -> None: ...
+
+
 TARGET_TOLERANCE = 0.004   # share of the total the last step may fall short by (twice it beyond) before grids get finer
 STEP_OVERSHOOT = 0.5       # share of a step's budget a step before the last may remove beyond it
 FINER_GRID_GAIN = 0.8      # a finer grid's plan must measure at most this share of a coarser one's damage
@@ -194,14 +202,21 @@ def _units(a: Analysis, cfg: CompressConfig) -> list[_Unit]:
 
 
 def search_plan(a: Analysis, probe: WeightProbe, cfg: CompressConfig, budget: Budget, lat: LatencyModel | None,
-                progress: Progress | None) -> tuple[Plan, list[dict], dict[str, np.ndarray]]:
+                progress: Progress | None, steps: StepStore | None = None) -> tuple[Plan, list[dict], dict[str, np.ndarray]]:
     """One multi-step search: the plan, each step's damage curves, and the weights that emulate
-    the plan, refit once more with statistics of the final plan."""
+    the plan, refit once more with statistics of the final plan. With ``steps``, each finished
+    step is saved there, and steps saved by an earlier run are read back instead of measured."""
     plan, curves, weights = Plan(), [], {}
     for step in range(1, cfg.steps + 1):
-        plan, step_curves = _take_step(a, probe, plan, weights, cfg, budget, lat, step, progress)
+        saved = steps.step(step) if steps else None
+        if saved is not None:
+            plan, step_curves, weights = saved
+        else:
+            plan, step_curves = _take_step(a, probe, plan, weights, cfg, budget, lat, step, progress)
+            weights = emulate(probe, plan, weights, cfg.reconstruct)[0]
+            if steps:
+                steps.save_step(step, plan, step_curves, weights)
         curves.append(step_curves)
-        weights = emulate(probe, plan, weights, cfg.reconstruct)[0]
     _drop_useless_ranks(a, plan, lat, strict=budget.kind == "flops")
     return plan, curves, emulate(probe, plan, weights, cfg.reconstruct)[0]
 

@@ -3,15 +3,20 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import sys
 from argparse import Namespace
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Iterator
 
 from ..analysis.view import parse_input_shapes
 from ..calib import ImagePreprocess
 from ..config import CompressConfig, FinetuneConfig
 from ..errors import UsageError
-from .render import bench_tables, compress_summary, epoch_line, fidelity_text, info_table, out, progress, recovery_text
+from ..resume import checkpoint_folder
+from .render import (bench_tables, compress_summary, epoch_line, fail, fidelity_text, info_table, out, progress,
+                     recovery_text)
 
 
 def cmd_info(args: Namespace) -> int:
@@ -47,9 +52,11 @@ def cmd_compress(args: Namespace) -> int:
         _finetune_config(args).validate()
         check_trainable(model, before_compression=True)
         train = open_samples(args.finetune, model, _preprocess(args))
-    with progress() as report_progress:
+    folder = checkpoint_folder(args.output)
+    with progress() as report_progress, _resumable(folder):
         result = compress(model, calib=args.calib, input_shape=parse_input_shapes(args.input_shape),
-                          progress=report_progress, preprocess=_preprocess(args), config=config)
+                          progress=report_progress, preprocess=_preprocess(args), config=config,
+                          checkpoint=folder, resume=args.resume)
         if train is not None:
             from ..finetuning import finetune_verified
 
@@ -60,8 +67,21 @@ def cmd_compress(args: Namespace) -> int:
     save_model(result.model, args.output)
     report_dir = Path(args.report) if args.report else Path(str(args.output) + ".report")
     write_report(result.report, report_dir)
+    shutil.rmtree(folder, ignore_errors=True)
     compress_summary(args.output, result.report, report_dir)
     return 0
+
+
+@contextmanager
+def _resumable(folder: Path) -> Iterator[None]:
+    """Ctrl-C says where the measurements are and how to continue from them."""
+    try:
+        yield
+    except KeyboardInterrupt:
+        if (folder / "run.json").is_file():
+            fail(f"interrupted: what was measured is kept in {folder}/; run the same command with --resume "
+                 "to continue from it")
+        raise
 
 
 def cmd_recover(args: Namespace) -> int:

@@ -114,6 +114,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="skip the layer latency measurements (MAC budget only; factorizations not checked "
                         "for speed)")
     c.add_argument("--force", action="store_true", help="allow overwriting the input model")
+    c.add_argument("--resume", action="store_true",
+                   help="continue a killed or interrupted run from the steps it measured (kept in OUTPUT.search/ "
+                        "until OUTPUT is written)")
     c.add_argument("--finetune", type=Path, metavar="DATA",
                    help="then distil the original into the result, on the data of 'onnxcc finetune --data' "
                         "(image folder, .npy, .npz; needs torch)")
