@@ -46,33 +46,53 @@ def recovery_text(rec: dict) -> str:
 
 @contextmanager
 def progress() -> Iterator[Callable[[str, int, int], None]]:
-    """A progress callback: a rich bar on a terminal, plain lines on stdout otherwise."""
+    """A progress callback: a rich bar on a terminal, plain lines on stdout otherwise; both say
+    how long the current stage has left."""
     if not err.is_terminal:
         yield LineProgress()
         return
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+    from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn,
+                               TimeRemainingColumn)
 
     with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                  console=err, transient=True) as bar:
+                  TimeRemainingColumn(), console=err, transient=True) as bar:
         task = bar.add_task("starting", total=None)
-        yield lambda desc, done, total: bar.update(task, description=desc, completed=done, total=total)
+        stage = [None]
+
+        def update(desc: str, done: int, total: int) -> None:
+            if desc != stage[0]:   # a new stage: its rate says nothing of the last one's
+                stage[0] = desc
+                bar.reset(task, total=total, completed=done, description=desc)
+            else:
+                bar.update(task, completed=done, total=total)
+
+        yield update
 
 
 class LineProgress:
     """Progress where no bar can show (a log file, CI, a pipe): a line when the work changes and
-    at most every ``every`` seconds within it, so an hour of measuring is not an hour of silence.
-    On stdout: stderr is kept for the one line of an error."""
+    at most every ``every`` seconds within it, so an hour of measuring is not an hour of silence,
+    with the time the stage has left at its rate so far. On stdout: stderr is kept for the one
+    line of an error."""
 
     def __init__(self, every: float = 30.0) -> None:
         self.every, self.desc, self.last, self.start = every, None, 0.0, time.monotonic()
+        self.stage_start, self.stage_done = self.start, 0
 
     def __call__(self, desc: str, done: int, total: int) -> None:
         now = time.monotonic()
-        if desc == self.desc and now - self.last < self.every:
+        if desc != self.desc:
+            self.stage_start, self.stage_done = now, done
+        elif now - self.last < self.every:
             return
         self.desc, self.last = desc, now
-        print(f"[{now - self.start:6.0f} s] {desc} {done}/{total}", flush=True)
+        rate = (done - self.stage_done) / (now - self.stage_start) if now > self.stage_start else 0.0
+        left = f", ~{_duration((total - done) / rate)} left" if rate > 0 and total > done else ""
+        print(f"[{now - self.start:6.0f} s] {desc} {done}/{total}{left}", flush=True)
 
+
+def _duration(seconds: float) -> str:
+    return f"{seconds:.0f} s" if seconds < 90 else f"{seconds / 60:.0f} min"
 
 
 def epoch_line(row: dict) -> None:

@@ -74,3 +74,20 @@ def test_pinning_a_declared_dim_says_how_to_free_it(small_model):
 def test_unknown_option_is_one_line(small_model):
     r = onnxcc("info", small_model, "--bogus")
     assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1
+
+
+def test_line_progress_says_how_long_the_stage_has_left(monkeypatch, capsys):
+    from onnxcc.cli import render
+
+    now = [100.0]
+    monkeypatch.setattr(render.time, "monotonic", lambda: now[0])
+    p = render.LineProgress(every=30.0)
+    p("step 1/2: measuring", 0, 100)
+    now[0] += 60
+    p("step 1/2: measuring", 20, 100)          # 20 in 60 s: 80 more take 4 min
+    now[0] += 1
+    p("step 1/2: measuring", 21, 100)          # within 30 s of the last line: silent
+    p("timing", 0, 1)                           # a new stage starts its own clock
+    lines = capsys.readouterr().out.splitlines()
+    assert lines == ["[     0 s] step 1/2: measuring 0/100", "[    60 s] step 1/2: measuring 20/100, ~4 min left",
+                     "[    61 s] timing 0/1"]
