@@ -139,7 +139,12 @@ def _best_search(a: Analysis, model: onnx.ModelProto, fit: Calibration, cfg: Com
         steps = ckpt.steps_of(t + 1) if ckpt else None
         sens, stat = _sample_split(fit, cfg, t, tries)
         probe = WeightProbe(a, model, sens, cfg.provider, cfg.threads, batched=batched, stat_feeds=stat)
-        found.append(search_plan(a, probe, cfg, budget, speed, _tagged(progress, t, tries), steps))
+        if cfg.ray_address:
+            probe.on_ray(cfg.ray_address, cfg.ray_workers)
+        try:
+            found.append(search_plan(a, probe, cfg, budget, speed, _tagged(progress, t, tries), steps))
+        finally:
+            probe.close()
         seconds = steps.seconds() if steps else time.perf_counter() - started
         if t == 0 and tries > 1 and cfg.tries is None and seconds > SLOW_SEARCH:
             # the cost proxy misses activation-heavy models (CenterFace at 384×512: 8× open-nsfw's
@@ -175,7 +180,7 @@ def _latency_model(a: Analysis, model: onnx.ModelProto, cfg: CompressConfig, sha
 
 def _search_settings(cfg: CompressConfig, shapes: dict) -> dict[str, Any]:
     """What decides the plan besides the model and the samples (recovery's settings do not)."""
-    skip = {"recover", "recover_seconds", "min_fidelity", "device"}
+    skip = {"recover", "recover_seconds", "min_fidelity", "device", "ray_address", "ray_workers"}
     return {"shapes": shapes, **{k: v for k, v in vars(cfg).items() if k not in skip}}
 
 

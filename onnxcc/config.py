@@ -39,6 +39,8 @@ class CompressConfig:
     recover_seconds: float | None = None   # the gradient stages' time; None: by the model's size
     min_fidelity: float | None = None  # refuse to write a model whose held-back cosine is below this
     device: str = "auto"               # where recovery trains: auto | cpu | cuda
+    ray_address: str | None = None     # measure on Ray: local | auto | HOST:PORT; None: in this process
+    ray_workers: int = 2               # Ray workers (one CPU each) measuring candidates
 
     def validate(self) -> None:
         if (self.flops is None) == (self.latency is None):
@@ -58,6 +60,8 @@ class CompressConfig:
             raise UsageError(f"--recover must be one of {', '.join(RECOVER_MODES)}")
         if self.recover_seconds is not None and self.recover_seconds < 0:
             raise UsageError("--recover-time must not be negative")
+        if self.ray_workers < 1:
+            raise UsageError("--ray-workers must be at least 1")
         if self.min_fidelity is not None and not -1 <= self.min_fidelity <= 1:
             raise UsageError(f"--min-fidelity is a cosine in [-1, 1], got {self.min_fidelity}")
 

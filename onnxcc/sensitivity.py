@@ -13,7 +13,7 @@ candidates run from cached activations of the nodes they cannot change (:mod:`on
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Callable
 
 import numpy as np
@@ -25,7 +25,8 @@ from .outputs import Standardizer
 from .outputs import targets as output_targets
 from .reconstruct import _ridge, refit, rows, second_moments, whitener
 from .runtime import expose_outputs, make_session, quiet_run
-from .suffix import SuffixRunner, batches
+from .measure import DamageRunner, InProcess, RayPool, RunnerSpec
+from .suffix import batches
 
 log = logging.getLogger(__name__)
 
@@ -113,13 +114,22 @@ class WeightProbe:
         self.batch = RUN_BATCH if batched else 1
         reference = self._reference_outputs()
         shapes = analysis.view.shapes   # one sample's; float32 is close enough to size the cache
-        self.suffixes = SuffixRunner(self.model, feeds, self.targets,
-                                     lambda t: 4 * int(np.prod(shapes.get(t, (1,)))), self.batch,
-                                     provider, threads)
+        # the original outputs, each kept (standardised) by the comparison it serves
+        self.spec = RunnerSpec(b"", feeds, self.targets, [Standardizer(r) for r in reference],
+                               {t: 4 * int(np.prod(s)) for t, s in shapes.items() if s is not None},
+                               self.batch, provider, threads)
+        self.runner = DamageRunner(self.spec, self.model, self.session)
+        self.measurer: InProcess | RayPool = InProcess(self.runner)
         self._svd_cache: dict[tuple, tuple[np.ndarray, np.ndarray, np.ndarray]] = {}
         self._original_acts: dict[str, np.ndarray] | None = None
-        # the original outputs, each kept (standardised) by the comparison it serves
-        self.standardizers = [Standardizer(r) for r in reference]
+
+    def on_ray(self, address: str, workers: int) -> None:
+        """Measure candidates on Ray workers from now on (see :class:`onnxcc.measure.RayPool`)."""
+        spec = replace(self.spec, model=self.model.SerializeToString())
+        self.measurer = RayPool(spec, address, workers, self.runner.suffixes.cut)
+
+    def close(self) -> None:
+        self.measurer.close()
 
     def _reference_outputs(self) -> list[np.ndarray]:
         """The original outputs. Batched runs are kept only where they give what single samples
@@ -159,25 +169,16 @@ class WeightProbe:
         return self._run({**self.original, **weights}, self.targets)
 
     def damage(self, weights: dict[str, np.ndarray]) -> float:
-        return self._damage_of(self.outputs(weights))
-
-    def _damage_of(self, outputs: list[np.ndarray]) -> float:
-        return float(np.mean([std.relative_error(o) for o, std in zip(outputs, self.standardizers)]))
+        return self.runner.damage_of(self.outputs(weights))
 
     def damages(self, base: dict[str, np.ndarray], changes: list[tuple[set[str], Callable[[], dict]]],
                 done: Callable[[], None] | None = None) -> list[float]:
         """Damage of ``{**base, **build()}`` for each (layer keys, build) in ``changes``; only the
-        nodes from the first changed layer on are run, from cached activations under ``base``."""
+        nodes from the first changed layer on are run, from cached activations under ``base``
+        (here or on Ray workers: :mod:`onnxcc.measure`)."""
         views = [[self.views[k] for k in keys if k in self.views] for keys, _ in changes]
         names = [[w for v in vs for w in (v.weight, v.bias) if w] for vs in views]
-        out = [0.0] * len(changes)
-        runs = self.suffixes.outputs({**self.original, **base}, [(n, b) for n, (_, b) in zip(names, changes)],
-                                     self._run)
-        for i, outputs in runs:
-            out[i] = self._damage_of(outputs)
-            if done:
-                done()
-        return out
+        return self.measurer.damages({**self.original, **base}, [(n, b) for n, (_, b) in zip(names, changes)], done)
 
     def statistics(self, weights: dict[str, np.ndarray], full: set[str]) -> "Stats":
         """Per layer: E[p²] of every input column; the full second-moment matrix for ``full``."""

@@ -62,7 +62,7 @@ def test_damages_from_cuts_with_a_partial_last_batch(name):
              for k in random_feeds(model)}
     probe = WeightProbe(a, norm, feeds, batched=True)
     assert _check(probe) > 0
-    assert probe.suffixes.enabled
+    assert probe.runner.suffixes.enabled
 
 
 @pytest.mark.parametrize("name", ["tiny_resnet", "reshape_gemm"])

@@ -143,7 +143,8 @@ def _compress_config(args: Namespace) -> CompressConfig:
     return CompressConfig(flops=args.flops, latency=args.latency, method=args.method, steps=args.steps,
                           provider=args.provider, seed=args.seed, round_to=args.round_to, threads=args.threads,
                           latency_aware=not args.no_latency_model, tries=args.tries, recover=args.recover,
-                          recover_seconds=args.recover_time, min_fidelity=args.min_fidelity, device=args.device)
+                          recover_seconds=args.recover_time, min_fidelity=args.min_fidelity, device=args.device,
+                          ray_address=args.ray_address, ray_workers=args.ray_workers)
 
 
 def _finetune_config(args: Namespace) -> FinetuneConfig:

@@ -114,6 +114,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="skip the layer latency measurements (MAC budget only; factorizations not checked "
                         "for speed)")
     c.add_argument("--force", action="store_true", help="allow overwriting the input model")
+    c.add_argument("--ray-address", metavar="local|auto|HOST:PORT", default=CompressConfig.ray_address,
+                   help="measure the candidates on Ray workers: local starts Ray here, auto joins the cluster "
+                        "'ray start' runs, HOST:PORT a remote one (pip install 'onnxcc[ray]'); the plan is the "
+                        "one measured in this process")
+    c.add_argument("--ray-workers", type=int, default=CompressConfig.ray_workers, metavar="N",
+                   help="Ray workers, one CPU each (--workers is fine-tuning's data loaders)")
     c.add_argument("--resume", action="store_true",
                    help="continue a killed or interrupted run from the steps it measured (kept in OUTPUT.search/ "
                         "until OUTPUT is written)")
