@@ -102,8 +102,11 @@ def compress(model: onnx.ModelProto | str | Path, flops: float | None = None,
     # the decompose ablation under a MAC budget has nothing else, so it keeps them.
     speed = lat if cfg.latency is not None or cfg.method == "cc" else None
 
-    (plan, curves, weights), search = _best_search(a, ins.model, fit, cfg, budget, speed,
-                                                   not batch_fixed_at_one(original), progress, ckpt)
+    batched = not batch_fixed_at_one(original)
+    found, search = _best_search(a, ins.model, fit, cfg, budget, speed, batched, progress, ckpt)
+    if cfg.latency is not None:
+        found, search = _meet_latency(a, ins.model, fit, cfg, lat, batched, progress, ckpt, shapes, found, search)
+    plan, curves, weights = found
     # The emulated weights go into the graph, pruning slices them, and a plain SVD at rank r
     # recovers the (already rank-r) factors exactly. The check ends the rewrite and, as recovery
     # changes only weights, holds after it too.
@@ -126,17 +129,59 @@ def compress(model: onnx.ModelProto | str | Path, flops: float | None = None,
     return CompressResult(recovered.model, report, plan, weights, recovered.stages)
 
 
+Found = tuple[Plan, list[dict], dict[str, np.ndarray]]   # a search's plan, damage curves, emulated weights
+LATENCY_TOLERANCE = 0.02   # the measured latency reduction may miss --latency by this much before a second search
+
+
+def _meet_latency(a: Analysis, model: onnx.ModelProto, fit: Calibration, cfg: CompressConfig, lat: LatencyModel,
+                  batched: bool, progress: Progress | None, ckpt: SearchCheckpoint | None, shapes: dict,
+                  found: Found, search: dict[str, Any]) -> tuple[Found, dict[str, Any]]:
+    """--latency is priced by the latency model, whose per-layer sums miss what a rewritten
+    network really saves (open-nsfw: 50% predicted, 62% measured). The plan's model is built and
+    timed against the original; where it misses the target by more than LATENCY_TOLERANCE, the
+    search runs once more with the predicted target moved by what the miss says about the
+    remaining time, and the plan that lands nearer is kept."""
+    def measured_reduction(f: Found) -> tuple[float, float]:
+        plan, _, weights = f
+        built = Sequence(ReplaceInitializersPass(weights), PruneChannelsPass(a, plan.keep),
+                         FactorizeConvPass(plan.ranks), name="rewrite")(model).model
+        if progress:
+            progress("timing the plan against --latency", 0, 1)
+        b = benchmark([model, built], cfg.provider, cfg.threads, runs=40, warmup=3, input_shapes=shapes)
+        before, after = (m["p50_ms"] for m in b["models"])
+        return 1 - lat.seconds(plan.kept(), plan.ranks) / lat.seconds(), 1 - after / before
+
+    predicted, real = measured_reduction(found)
+    rounds = [{"asked": cfg.latency, "predicted": round(predicted, 4), "measured": round(real, 4)}]
+    if abs(real - cfg.latency) > LATENCY_TOLERANCE and real < 1:
+        asked = 1 - (1 - predicted) * (1 - cfg.latency) / (1 - real)
+        retry = replace(cfg, latency=float(np.clip(asked, 0.01, 0.99)))
+        log.info("--latency %s: the plan measures %.1f%% less latency (%.1f%% predicted); searching again for "
+                 "%.1f%% predicted", cfg.latency, 100 * real, 100 * predicted, 100 * retry.latency)
+        budget = _budget(a, lat, retry)
+        try:
+            check_reachable(a, retry, budget)
+        except UnsupportedModelError:
+            return found, {**search, "latency_rounds": rounds}
+        again, again_search = _best_search(a, model, fit, retry, budget, lat, batched, progress, ckpt, first=101)
+        predicted, real2 = measured_reduction(again)
+        rounds.append({"asked": round(retry.latency, 4), "predicted": round(predicted, 4), "measured": round(real2, 4)})
+        if abs(real2 - cfg.latency) < abs(real - cfg.latency):
+            found, search = again, again_search
+    return found, {**search, "latency_rounds": rounds}
+
+
 def _best_search(a: Analysis, model: onnx.ModelProto, fit: Calibration, cfg: CompressConfig, budget: Budget,
                  speed: LatencyModel | None, batched: bool, progress: Progress | None,
-                 ckpt: SearchCheckpoint | None = None
-                 ) -> tuple[tuple[Plan, list[dict], dict[str, np.ndarray]], dict[str, Any]]:
+                 ckpt: SearchCheckpoint | None = None, first: int = 1) -> tuple[Found, dict[str, Any]]:
     """The plan of the search (of ``tries_for`` searches, each on its own split of ``fit``) whose
-    weights do least damage on the calibration samples; a record of the tries."""
+    weights do least damage on the calibration samples; a record of the tries. ``first``: the
+    checkpoint's number of the first search."""
     tries = tries_for(a, cfg, len(fit))
     found = []
     for t in range(tries):
         started = time.perf_counter()
-        steps = ckpt.steps_of(t + 1) if ckpt else None
+        steps = ckpt.steps_of(first + t) if ckpt else None
         sens, stat = _sample_split(fit, cfg, t, tries)
         probe = WeightProbe(a, model, sens, cfg.provider, cfg.threads, batched=batched, stat_feeds=stat)
         if cfg.ray_address:

@@ -98,6 +98,12 @@ def _emptied(t: dict[str, Any]) -> str:
 
 
 def _search_line(search: dict[str, Any]) -> str:
+    rounds = "".join(f"; --latency {r['asked']} searched: {r['predicted']:.1%} less latency predicted, "
+                     f"{r['measured']:.1%} measured" for r in search.get("latency_rounds", []))
+    return _tries_line(search) + rounds
+
+
+def _tries_line(search: dict[str, Any]) -> str:
     if search.get("tries", 1) == 1:
         return "- one search"
     damages = ", ".join(f"{d:.4g}" for d in search["damages"])
