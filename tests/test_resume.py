@@ -2,16 +2,15 @@
 measured and ends with the model an uninterrupted run writes."""
 from __future__ import annotations
 
-import os
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
 import onnx
 import pytest
+
+from processes import kill_when_written
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 ARGS = ["--flops", "0.5", "--steps", "3", "--tries", "1", "--recover", "none", "--no-latency-model"]
@@ -32,11 +31,7 @@ def test_kill_9_then_resume_writes_what_an_uninterrupted_run_writes(tmp_path):
     out = tmp_path / "killed.onnx"
     run = _compress(out, wait=False)
     first = Path(str(out) + ".search") / "try1-step1.npz"
-    deadline = time.monotonic() + 300
-    while not first.is_file() and run.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.05)
-    os.kill(run.pid, signal.SIGKILL)
-    run.wait()
+    kill_when_written(run, first)
     assert first.is_file() and not out.exists()
     assert not (first.parent / "try1-step3.npz").exists()      # killed in the middle of the search
     resumed = _compress(out, "--resume")

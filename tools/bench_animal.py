@@ -185,13 +185,18 @@ def image_folders(cache: Path, data: dict) -> dict[str, Path]:
     return {split: root / split for split in ("train", "val")}
 
 
-def load_data(limit: int | None) -> tuple[dict[str, tuple[np.ndarray, np.ndarray]], dict[str, Any]]:
+def split_images() -> tuple[np.ndarray, np.ndarray, dict[str, np.ndarray], dict[str, int]]:
+    """The raw images and labels, the indices of each split, and the deduplication counts."""
     root = models.data_dir() / "animal_mnist"
     if not (root / "images.npy").is_file():
         raise SystemExit(f"{root}/images.npy missing: run python tools/fetch_data.py first")
     images, labels = np.load(root / "images.npy"), np.load(root / "labels.npy")
     keep, stats = deduplicate(images, labels)
-    idx = load_split(keep)
+    return images, labels, load_split(keep), stats
+
+
+def load_data(limit: int | None) -> tuple[dict[str, tuple[np.ndarray, np.ndarray]], dict[str, Any]]:
+    images, labels, idx, stats = split_images()
     if limit:  # --quick: a seeded subset of each split
         rng = np.random.default_rng(0)
         idx = {k: np.sort(rng.choice(v, min(len(v), limit if k == "train" else limit // 2), replace=False))

@@ -28,8 +28,7 @@ import torch.nn.functional as F
 REPO = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(REPO), str(REPO / "tools")]
 
-import models  # noqa: E402
-from bench_animal import deduplicate, load_split  # noqa: E402
+from bench_animal import split_images  # noqa: E402
 from models.animal_cnn import AnimalCNN  # noqa: E402
 
 OUT = REPO / "examples"
@@ -84,13 +83,7 @@ def main() -> None:
     p.add_argument("--epochs", type=int, default=8)
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args()
-    torch.set_num_threads(max(1, torch.get_num_threads()))
-    root = models.data_dir() / "animal_mnist"
-    if not (root / "images.npy").is_file():
-        raise SystemExit(f"{root}/images.npy missing: run python tools/fetch_data.py first")
-    images, labels = np.load(root / "images.npy"), np.load(root / "labels.npy")
-    keep, _ = deduplicate(images, labels)
-    idx = load_split(keep)
+    images, labels, idx, _ = split_images()
     data = {k: (preprocess(images[v]), labels[v].astype(np.int64)) for k, v in idx.items()}
     model, acc = train(data, args.epochs, args.seed)
     acc["test"] = accuracy(model, *data["test"])

@@ -8,7 +8,7 @@ import sys
 from argparse import Namespace
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 from ..analysis.view import parse_input_shapes
 from ..calib import ImagePreprocess
@@ -23,12 +23,8 @@ def cmd_info(args: Namespace) -> int:
     from ..inspect import inspect_model, is_quantized
 
     ins = inspect_model(args.model, parse_input_shapes(args.input_shape))
-    d = {"model": str(args.model), **ins.to_dict(), "quantized": is_quantized(ins.model)}
-    if args.json:
-        sys.stdout.write(json.dumps(d) + "\n")
-    else:
-        info_table(d)
-    return 0
+    return _show({"model": str(args.model), **ins.to_dict(), "quantized": is_quantized(ins.model)}, info_table,
+                 args.json)
 
 
 def cmd_compress(args: Namespace) -> int:
@@ -132,10 +128,15 @@ def cmd_bench(args: Namespace) -> int:
     result = benchmark([str(m) for m in args.models], provider=args.provider, threads=args.threads,
                        batch=args.batch, runs=args.runs, input_shapes=parse_input_shapes(args.input_shape),
                        profile=args.profile)
-    if args.json:
+    return _show(result, bench_tables, args.json)
+
+
+def _show(result: dict, table: Callable[[dict], None], as_json: bool) -> int:
+    """``--json``: one object on stdout, for scripts; else the tables."""
+    if as_json:
         sys.stdout.write(json.dumps(result) + "\n")
     else:
-        bench_tables(result)
+        table(result)
     return 0
 
 

@@ -397,11 +397,17 @@ def _max_pool(n: Node, x: Tensor) -> Tensor:
     return _crop(y, out)
 
 
-@OPS.executor("AveragePool")
-def _avg_pool(n: Node, x: Tensor) -> Tensor:
+def _undilated_geometry(n: Node, x: Tensor) -> tuple:
+    """:func:`_pool_geometry` of a pool torch can only run undilated (its averaging pools)."""
     k, strides, dilations, pads, ceil, out = _pool_geometry(n, x)
     if any(d != 1 for d in dilations):
-        raise UnsupportedModelError(f"AveragePool node {n.name!r}: dilations are not supported for fine-tuning")
+        raise UnsupportedModelError(f"{n.op} node {n.name!r}: dilations are not supported for fine-tuning")
+    return k, strides, pads, ceil, out
+
+
+@OPS.executor("AveragePool")
+def _avg_pool(n: Node, x: Tensor) -> Tensor:
+    k, strides, pads, ceil, out = _undilated_geometry(n, x)
 
     def pool(t: Tensor) -> Tensor:
         return _AVG_POOL[len(k)](_pad_spatial(t, pads), k, strides, 0, ceil)
@@ -414,9 +420,7 @@ def _avg_pool(n: Node, x: Tensor) -> Tensor:
 
 @OPS.executor("LpPool")
 def _lp_pool(n: Node, x: Tensor) -> Tensor:
-    k, strides, dilations, pads, ceil, out = _pool_geometry(n, x)
-    if any(d != 1 for d in dilations):
-        raise UnsupportedModelError(f"LpPool node {n.name!r}: dilations are not supported for fine-tuning")
+    k, strides, pads, ceil, out = _undilated_geometry(n, x)
     p = n.attr("p", 2)
     y = _AVG_POOL[len(k)](_pad_spatial(x.abs() ** p, pads), k, strides, 0, ceil) * math.prod(k)
     return _crop(y ** (1.0 / p), out)

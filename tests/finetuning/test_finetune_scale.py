@@ -4,10 +4,8 @@ checkpoints and a killed run that resumes to the weights of one that never stopp
 from __future__ import annotations
 
 import os
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -17,6 +15,7 @@ from onnx import numpy_helper
 
 from graphs import GRAPHS
 from oracles import check_model_full, run
+from processes import kill_when_written
 from test_finetune import _perturbed, _two_inputs
 
 from onnxcc.calib import ImagePreprocess, load_image
@@ -253,11 +252,7 @@ def test_a_killed_run_resumes_to_the_weights_of_an_uninterrupted_one(tmp_path):
     proc = subprocess.Popen([sys.executable, "-m", "onnxcc", *map(str, args), "-o", str(out)], env=_env(),
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     ckpt = Path(str(out) + ".ckpt") / "last.pt"
-    deadline = time.monotonic() + 300
-    while not ckpt.exists() and proc.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.02)
-    os.kill(proc.pid, signal.SIGKILL)
-    proc.wait()
+    kill_when_written(proc, ckpt)
     assert ckpt.exists() and not out.exists(), "the run ended before it could be killed"
     epoch = torch.load(ckpt, weights_only=True)["epoch"]
     assert 1 <= epoch < 4
