@@ -23,7 +23,7 @@ from .benchmark import benchmark
 from .calib import Calibration, ImagePreprocess, load_calibration
 from .config import Budget, CompressConfig, Progress
 from .allocate import faithful_share
-from .errors import FidelityError, UnsupportedModelError
+from .errors import FidelityError, TargetUnreachableError, UnsupportedModelError
 from .inspect import inspect_model, quantized_ops
 from .io import load_model
 from .latency import best_multiple, latency_table
@@ -173,14 +173,15 @@ def _meet_latency(a: Analysis, model: onnx.ModelProto, fit: Calibration, cfg: Co
         budget = _budget(a, lat, retry)
         try:
             check_reachable(a, retry, budget)
-        except UnsupportedModelError:
+        except (TargetUnreachableError, UnsupportedModelError):   # the nearest plan found stays
             break
         again = _best_search(a, model, fit, retry, budget, lat, batched, progress, ckpt, first=100 * len(tried) + 1)
         tried.append((*measured(again[0]), *again))
         rounds.append({"asked": round(retry.latency, 4), "predicted": round(tried[-1][0], 4),
                        "measured": round(tried[-1][1], 4)})
-    _, _, found, search = min(tried, key=lambda t: abs(t[1] - goal))
-    return found, {**search, "latency_rounds": rounds}
+    kept = min(range(len(tried)), key=lambda i: abs(tried[i][1] - goal))
+    _, _, found, search = tried[kept]
+    return found, {**search, "latency_rounds": rounds, "latency_kept": kept + 1}
 
 
 def _best_search(a: Analysis, model: onnx.ModelProto, fit: Calibration, cfg: CompressConfig, budget: Budget,

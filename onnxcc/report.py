@@ -98,8 +98,9 @@ def _emptied(t: dict[str, Any]) -> str:
 
 
 def _search_line(search: dict[str, Any]) -> str:
-    rounds = "".join(f"; --latency {r['asked']} searched: {r['predicted']:.1%} less latency predicted, "
-                     f"{r['measured']:.1%} measured" for r in search.get("latency_rounds", []))
+    rounds = "".join(f"; search for {r['asked']:.1%} less latency: {r['predicted']:.1%} predicted, "
+                     f"{r['measured']:.1%} measured" + (" (kept)" if i == search.get("latency_kept") else "")
+                     for i, r in enumerate(search.get("latency_rounds", []), 1))
     return _tries_line(search) + rounds
 
 
