@@ -112,8 +112,7 @@ def compress(model: onnx.ModelProto | str | Path, flops: float | None = None,
     # changes only weights, holds after it too.
     check = CheckPass(shapes, held.take(slice(0, 1)), macs=int(a.macs(plan.kept(), plan.ranks)),
                       max_params=model_params(original))
-    rewrite = Sequence(ReplaceInitializersPass(weights), PruneChannelsPass(a, plan.keep), FactorizeConvPass(plan.ranks),
-                       check, name="rewrite")(ins.model)
+    rewrite = Sequence(*_rewrite_passes(a, plan, weights), check, name="rewrite")(ins.model)
     tensors = [o for n in rewrite.model.graph.node for o in n.output]
     with_channel_map(rewrite.model, channel_map(a, plan.keep, tensors))
     recovered = recover_checked(rewrite.model, ins.model, fit, held, mode=cfg.recover or "blocks",
@@ -145,13 +144,9 @@ def _meet_latency(a: Analysis, model: onnx.ModelProto, fit: Calibration, cfg: Co
     (predicted, measured) points. The plan measured nearest the target is kept."""
     def measured(f: Found) -> tuple[float, float]:
         plan, _, weights = f
-        built = Sequence(ReplaceInitializersPass(weights), PruneChannelsPass(a, plan.keep),
-                         FactorizeConvPass(plan.ranks), name="rewrite")(model).model
-        if progress:
-            progress("timing the plan against --latency", 0, 1)
-        b = benchmark([model, built], cfg.provider, cfg.threads, runs=40, warmup=3, input_shapes=shapes)
-        before, after = (m["p50_ms"] for m in b["models"])
-        return 1 - lat.seconds(plan.kept(), plan.ranks) / lat.seconds(), 1 - after / before
+        built = Sequence(*_rewrite_passes(a, plan, weights), name="rewrite")(model).model
+        timing = _measure(model, built, shapes, cfg, progress)
+        return 1 - lat.seconds(plan.kept(), plan.ranks) / lat.seconds(), 1 - timing["ms_after"] / timing["ms_before"]
 
     goal = cfg.latency
     tried = [(*measured(found), found, search)]
@@ -160,16 +155,17 @@ def _meet_latency(a: Analysis, model: onnx.ModelProto, fit: Calibration, cfg: Co
         best = min(tried, key=lambda t: abs(t[1] - goal))
         if abs(best[1] - goal) <= LATENCY_TOLERANCE:
             break
-        (p1, r1), (p2, r2) = [t[:2] for t in tried[-2:]] if len(tried) > 1 else [(0.0, 0.0), tried[0][:2]]
+        p, r = tried[-1][:2]
         if len(tried) == 1:
-            asked = 1 - (1 - p2) * (1 - goal) / (1 - r2) if r2 < 1 else goal
-        elif r1 != r2:
-            asked = p1 + (goal - r1) * (p2 - p1) / (r2 - r1)
+            asked = 1 - (1 - p) * (1 - goal) / (1 - r) if r < 1 else goal
         else:
-            break
+            p0, r0 = tried[-2][:2]
+            if r0 == r:
+                break
+            asked = p0 + (goal - r0) * (p - p0) / (r - r0)
         retry = replace(cfg, latency=float(np.clip(asked, 0.01, 0.99)))
         log.info("--latency %s: the plan measures %.1f%% less latency (%.1f%% predicted); searching again for "
-                 "%.1f%% predicted", goal, 100 * r2, 100 * p2, 100 * retry.latency)
+                 "%.1f%% predicted", goal, 100 * r, 100 * p, 100 * retry.latency)
         budget = _budget(a, lat, retry)
         try:
             check_reachable(a, retry, budget)
@@ -182,6 +178,11 @@ def _meet_latency(a: Analysis, model: onnx.ModelProto, fit: Calibration, cfg: Co
     kept = min(range(len(tried)), key=lambda i: abs(tried[i][1] - goal))
     _, _, found, search = tried[kept]
     return found, {**search, "latency_rounds": rounds, "latency_kept": kept + 1}
+
+
+def _rewrite_passes(a: Analysis, plan: Plan, weights: dict[str, np.ndarray]) -> list:
+    """The plan made physical: its emulated weights, then pruning, then factorization."""
+    return [ReplaceInitializersPass(weights), PruneChannelsPass(a, plan.keep), FactorizeConvPass(plan.ranks)]
 
 
 def _best_search(a: Analysis, model: onnx.ModelProto, fit: Calibration, cfg: CompressConfig, budget: Budget,

@@ -60,14 +60,9 @@ class DamageRunner:
         self.suffixes = SuffixRunner(model, spec.feeds, spec.targets, lambda t: spec.sample_bytes.get(t, 4),
                                      spec.batch, spec.provider, spec.threads)
 
-    def run(self, weights: Weights, outputs: list[str], feeds: dict[str, np.ndarray] | None = None,
-            batch: int | None = None, quiet: bool = False) -> list[np.ndarray]:
-        """``outputs`` over all samples (in runs of ``batch``) with ``weights`` fed."""
-        feeds = self.spec.feeds if feeds is None else feeds
-        options = quiet_run() if quiet else None
-        parts = [self.session.run(outputs, {**part, **weights}, options)
-                 for part in batches(feeds, batch or self.spec.batch)]
-        return [np.concatenate([p[j] for p in parts]) for j in range(len(outputs))]
+    def run(self, weights: Weights, outputs: list[str]) -> list[np.ndarray]:
+        """``outputs`` over all samples with ``weights`` fed."""
+        return run_batched(self.session, weights, outputs, self.spec.feeds, self.spec.batch)
 
     def damage_of(self, outputs: list[np.ndarray]) -> float:
         return float(np.mean([std.relative_error(o) for o, std in zip(outputs, self.spec.standardizers)]))
@@ -81,6 +76,15 @@ class DamageRunner:
         """Built jobs (a worker's call): (index, damage) of each."""
         changes = [(names, (lambda w=w: w)) for _, names, w in jobs]
         return [(jobs[k][0], d) for k, d in self.damages(base, changes)]
+
+
+def run_batched(session, weights: Weights, outputs: list[str], feeds: dict[str, np.ndarray], batch: int,
+                quiet: bool = False) -> list[np.ndarray]:
+    """``outputs`` of ``session`` over all ``feeds``, run ``batch`` samples at a time, with
+    ``weights`` fed. ``quiet``: a failure only raises (onnxruntime logs nothing)."""
+    options = quiet_run() if quiet else None
+    parts = [session.run(outputs, {**part, **weights}, options) for part in batches(feeds, batch)]
+    return [np.concatenate([p[j] for p in parts]) for j in range(len(outputs))]
 
 
 class InProcess:
@@ -117,8 +121,6 @@ class RayPool:
 
     def __init__(self, spec: RunnerSpec, address: str, workers: int, cut: Callable[[Sequence[str]], int]) -> None:
         ray = self.ray = require_ray()
-        if workers < 1:
-            raise UsageError("--workers must be at least 1")
         self.started = not ray.is_initialized()
         if self.started:
             os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")   # no GPU is asked for: keep Ray quiet

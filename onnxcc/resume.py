@@ -20,7 +20,7 @@ import os
 import shutil
 import time
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Any, Callable
 
 import numpy as np
 import onnx
@@ -58,7 +58,6 @@ class SearchCheckpoint:
             shutil.rmtree(self.folder, ignore_errors=True)
             self.run = {"fingerprint": key, "measured": {}}
             self._save_run()
-        self.resumed_steps = 0
 
     def measured(self, name: str, measure: Callable[[], Any]) -> Any:
         """A measurement of this machine the plan depends on: the checkpoint's where it has one."""
@@ -80,7 +79,6 @@ class SearchCheckpoint:
             meta = json.loads(str(z["meta"]))
             keep = {int(g): z[f"keep/{g}"] for g in meta["groups"]}
             weights = {name: z[f"weight/{i}"] for i, name in enumerate(meta["weights"])}
-        self.resumed_steps += 1
         return Plan(keep, {k: int(r) for k, r in meta["ranks"].items()}), meta["curves"], weights, meta["seconds"]
 
     def save_step(self, search: int, step: int, plan: Plan, curves: dict, weights: dict[str, np.ndarray],
@@ -145,4 +143,4 @@ def checkpoint_folder(output: str | os.PathLike) -> Path:
     return Path(str(output) + ".search")
 
 
-__all__: Iterable[str] = ["SearchCheckpoint", "checkpoint_folder", "fingerprint"]
+__all__ = ["SearchCheckpoint", "checkpoint_folder", "fingerprint"]

@@ -24,9 +24,8 @@ from .analysis.groups import Analysis, Layer
 from .outputs import Standardizer
 from .outputs import targets as output_targets
 from .reconstruct import _ridge, refit, rows, second_moments, whitener
-from .runtime import expose_outputs, make_session, quiet_run
-from .measure import DamageRunner, InProcess, RayPool, RunnerSpec
-from .suffix import batches
+from .runtime import expose_outputs, make_session
+from .measure import DamageRunner, InProcess, RayPool, RunnerSpec, run_batched
 
 log = logging.getLogger(__name__)
 
@@ -159,11 +158,8 @@ class WeightProbe:
              feeds: dict[str, np.ndarray] | None = None, batch: int | None = None,
              quiet: bool = False) -> list[np.ndarray]:
         """``quiet``: a failure only raises (onnxruntime logs nothing), for runs allowed to fail."""
-        feeds = self.feeds if feeds is None else feeds
-        batch = self.batch if batch is None else batch
-        options = quiet_run() if quiet else None
-        parts = [self.session.run(outputs, {**part, **weights}, options) for part in batches(feeds, batch)]
-        return [np.concatenate([p[j] for p in parts]) for j in range(len(outputs))]
+        return run_batched(self.session, weights, outputs, self.feeds if feeds is None else feeds,
+                           self.batch if batch is None else batch, quiet)
 
     def outputs(self, weights: dict[str, np.ndarray]) -> list[np.ndarray]:
         return self._run({**self.original, **weights}, self.targets)
