@@ -30,7 +30,7 @@ from .measure import DamageRunner, InProcess, RayPool, RunnerSpec, run_batched
 log = logging.getLogger(__name__)
 
 ROWS_PER_UNKNOWN = 4
-MIN_REFIT_FRACTION = 0.05   # the smallest kept fraction compress allows (its min_keep)
+MIN_REFIT_FRACTION = 0.05   # the smallest kept fraction a refit is planned for
 RUN_BATCH = 8               # samples per onnxruntime run where the model's batch is dynamic
 
 

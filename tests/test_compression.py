@@ -11,6 +11,7 @@ from graphs import GRAPHS
 from oracles import check_model_full, random_feeds, run, runtime_macs
 
 from onnxcc.compression import compress
+from onnxcc.config import CompressConfig
 from onnxcc.search import TARGET_TOLERANCE
 from onnxcc.errors import CalibrationError, TargetUnreachableError, UnsupportedModelError, UsageError
 from onnxcc.sensitivity import Plan, WeightProbe, plan_weights
@@ -288,8 +289,9 @@ def test_cli_compress_bad_finetune_data_fails_before_work(tmp_path):
 @pytest.mark.parametrize("name", ["tiny_mobilenet", "concat"])
 def test_coarse_multiples_fall_back_to_finer_ones_near_the_target(name):
     """Narrow layers: at multiples of 16 one option is worth many points of the total; the
-    allocation then refines its grid instead of overshooting the target."""
-    res = compress(GRAPHS[name](13), 0.3, steps=1, round_to=16)
+    allocation then refines its grid instead of overshooting the target. (Groups of 5-7 channels:
+    the default floor of a quarter of each leaves too few widths to land on at any grid.)"""
+    res = compress(GRAPHS[name](13), 0.3, steps=1, round_to=16, min_keep=0.05)
     assert abs(res.report["totals"]["mac_reduction"] - 0.3) <= 0.01
 
 
@@ -427,7 +429,7 @@ def test_emptying_is_measured_besides_the_narrowest_width():
     for gid, g in a.groups.items():
         if g.droppable:
             removed = curves[f"group:{gid}"]["removed"]
-            assert removed[-1] == g.size and removed[-2] == g.size - int(np.ceil(0.05 * g.size))
+            assert removed[-1] == g.size and removed[-2] == g.size - int(np.ceil(CompressConfig().min_keep * g.size))
 
 
 def test_a_conv_folded_away_between_two_emptied_groups_offers_no_rank():
