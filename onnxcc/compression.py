@@ -37,7 +37,7 @@ from .passes.weights import ReplaceInitializersPass
 from .recover import channel_map, recover_checked, with_channel_map
 from .report import build_report
 from .resume import SearchCheckpoint, fingerprint
-from .search import check_reachable, search_plan, tries_for
+from .search import check_reachable, estimate_seconds, search_plan, tries_for
 from .sensitivity import Plan, WeightProbe
 from .verify import fidelity
 
@@ -200,11 +200,20 @@ def _best_search(a: Analysis, model: onnx.ModelProto, fit: Calibration, cfg: Com
         probe = WeightProbe(a, model, sens, cfg.provider, cfg.threads, batched=batched, stat_feeds=stat)
         if cfg.ray_address:
             probe.on_ray(cfg.ray_address, cfg.ray_workers)
+        if t == 0:
+            estimate = _estimate(a, cfg, probe)
+            log.info("search: about %.0f s of measuring estimated per search, %d searches", estimate, tries)
+            if progress:
+                total = estimate * tries
+                progress(f"search: ~{total:.0f} s of measuring estimated" if total < 90 else
+                         f"search: ~{total / 60:.0f} min of measuring estimated", 0, 1)
         try:
             found.append(search_plan(a, probe, cfg, budget, speed, _tagged(progress, t, tries), steps))
         finally:
             probe.close()
         seconds = steps.seconds() if steps else time.perf_counter() - started
+        if t == 0:
+            timed = {"estimated_seconds": round(estimate, 1), "first_search_seconds": round(seconds, 1)}
         if t == 0 and tries > 1 and cfg.tries is None and seconds > SLOW_SEARCH:
             # the cost proxy misses activation-heavy models (CenterFace at 384×512: 8× open-nsfw's
             # seconds per proxy unit); a search this slow is not repeated unless asked for
@@ -212,14 +221,21 @@ def _best_search(a: Analysis, model: onnx.ModelProto, fit: Calibration, cfg: Com
             tries = 1
             break
     if tries == 1:
-        return found[0], {"tries": 1, "damages": [], "kept": 1}
+        return found[0], {"tries": 1, "damages": [], "kept": 1, **timed}
     judge = WeightProbe(a, model, fit.take(slice(0, PICK_SAMPLES)), cfg.provider, cfg.threads, batched=batched)
     damages = [judge.damage(weights) for _, _, weights in found]
     pick, samples = int(np.argmin(damages)), min(len(fit), PICK_SAMPLES)
     log.info("damage on %d calibration samples per try: %s; keeping try %d", samples,
              ", ".join(f"{d:.4g}" for d in damages), pick + 1)
     return found[pick], {"tries": tries, "samples": samples, "damages": [round(d, 6) for d in damages],
-                         "kept": pick + 1}
+                         "kept": pick + 1, **timed}
+
+
+def _estimate(a: Analysis, cfg: CompressConfig, probe: WeightProbe) -> float:
+    """:func:`estimate_seconds` of one search, from one timed whole run of ``probe``'s samples."""
+    started = time.perf_counter()   # the probe's reference run has warmed its session
+    probe.damage({})
+    return estimate_seconds(a, cfg, time.perf_counter() - started, cfg.ray_workers if cfg.ray_address else 1)
 
 
 def _latency_model(a: Analysis, model: onnx.ModelProto, cfg: CompressConfig, shapes: dict,

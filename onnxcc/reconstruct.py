@@ -39,17 +39,20 @@ def _patches(x: np.ndarray, node: gs.Node) -> np.ndarray | None:
     return win[:, :, ::sh, ::sw, ::dh, ::dw]
 
 
-def rows(x: np.ndarray, node: gs.Node, seed: int = 0) -> np.ndarray | None:
+def rows(x: np.ndarray, node: gs.Node, seed: int = 0, span: tuple[int, int] | None = None) -> np.ndarray | None:
     """The layer's input as regression rows (patches for a 2-D Conv), subsampled; None if n/a.
 
     Rows are chosen before the patches are gathered: a 3×3 Conv over 64 channels at 160×160
-    has 600 MB of patches per 10 images, of which at most MAX_ROWS are used."""
+    has 600 MB of patches per 10 images, of which at most MAX_ROWS are used. ``span`` (first,
+    total): ``x`` holds samples first.. of ``total``; the rows are those the whole set would
+    give that fall in this part, so parts streamed one after another give the whole set's rows."""
+    first, total = span or (0, len(x))
     if node.op == "Conv":
         win = _patches(x, node) if node.attrs.get("group", 1) == 1 else None
         if win is None:
             return None
         n, _, ho, wo = win.shape[:4]
-        pick = _pick(n * ho * wo, seed)
+        pick = _part(_pick(total * ho * wo, seed), first * ho * wo, n * ho * wo)
         if pick is None:
             r = win.transpose(0, 2, 3, 1, 4, 5)
         else:
@@ -62,7 +65,8 @@ def rows(x: np.ndarray, node: gs.Node, seed: int = 0) -> np.ndarray | None:
         r = x.reshape(-1, x.shape[-1])
     else:
         return None
-    pick = _pick(len(r), seed)
+    per = len(r) // max(len(x), 1)   # rows per sample
+    pick = _part(_pick(total * per, seed), first * per, len(r))
     return np.ascontiguousarray(r if pick is None else r[pick], np.float32)
 
 
@@ -71,19 +75,26 @@ def _pick(n: int, seed: int) -> np.ndarray | None:
     return None if n <= MAX_ROWS else np.random.default_rng(seed).choice(n, MAX_ROWS, replace=False)
 
 
-def second_moments(r: np.ndarray, target: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """(E[z zᵀ], E[t zᵀ]) for z = [row; 1] and t = [target row; 1] (t = z when no target).
+def _part(pick: np.ndarray | None, start: int, count: int) -> np.ndarray | None:
+    """The picked rows among rows start..start+count, numbered from ``start``."""
+    return None if pick is None else pick[(pick >= start) & (pick < start + count)] - start
+
+
+def moment_sums(r: np.ndarray, target: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray | None]:
+    """(Σ z zᵀ, Σ t zᵀ) for z = [row; 1] and t = [target row; 1] (None when no target: t = z),
+    to be divided by the rows summed over.
 
     ``target`` holds the same rows as seen by the *original* model: refitting towards them
     also undoes the error that upstream removals already put into this layer's input.
     The products run in float32 (the Gram of a 3×3 Conv over 512 channels is 4609² from 16k
-    rows: twice as fast as float64, and far below the ridge in error); the moments are
+    rows: twice as fast as float64, and far below the ridge in error); the sums are
     returned in float64 for the solves."""
     one = np.ones((len(r), 1), np.float32)
     z = np.concatenate([r, one], 1, dtype=np.float32)
-    t = z if target is None else np.concatenate([target, one], 1, dtype=np.float32)
-    S = (z.T @ z).astype(np.float64) / len(z)
-    return S, (S if target is None else (t.T @ z).astype(np.float64) / len(z))
+    S = (z.T @ z).astype(np.float64)
+    if target is None:
+        return S, None
+    return S, (np.concatenate([target, one], 1, dtype=np.float32).T @ z).astype(np.float64)
 
 
 def _ridge(S: np.ndarray) -> np.ndarray:

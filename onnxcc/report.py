@@ -101,7 +101,9 @@ def _search_line(search: dict[str, Any]) -> str:
     rounds = "".join(f"; search for {r['asked']:.1%} less latency: {r['predicted']:.1%} predicted, "
                      f"{r['measured']:.1%} measured" + (" (kept)" if i == search.get("latency_kept") else "")
                      for i, r in enumerate(search.get("latency_rounds", []), 1))
-    return _tries_line(search) + rounds
+    timed = (f"; the first search took {search['first_search_seconds']:.0f} s, "
+             f"{search['estimated_seconds']:.0f} s estimated before it measured" if "estimated_seconds" in search else "")
+    return _tries_line(search) + timed + rounds
 
 
 def _tries_line(search: dict[str, Any]) -> str:

@@ -23,7 +23,7 @@ import onnx_graphsurgeon as gs
 from .analysis.groups import Analysis, Layer
 from .outputs import Standardizer
 from .outputs import targets as output_targets
-from .reconstruct import _ridge, refit, rows, second_moments, whitener
+from .reconstruct import _ridge, moment_sums, refit, rows, whitener
 from .runtime import expose_outputs, make_session
 from .measure import DamageRunner, InProcess, RayPool, RunnerSpec, run_batched
 
@@ -120,7 +120,6 @@ class WeightProbe:
         self.runner = DamageRunner(self.spec, self.model, self.session)
         self.measurer: InProcess | RayPool = InProcess(self.runner)
         self._svd_cache: dict[tuple, tuple[np.ndarray, np.ndarray, np.ndarray]] = {}
-        self._original_acts: dict[str, np.ndarray] | None = None
 
     def on_ray(self, address: str, workers: int) -> None:
         """Measure candidates on Ray workers from now on (see :class:`onnxcc.measure.RayPool`)."""
@@ -177,28 +176,29 @@ class WeightProbe:
         return self.measurer.damages({**self.original, **base}, [(n, b) for n, (_, b) in zip(names, changes)], done)
 
     def statistics(self, weights: dict[str, np.ndarray], full: set[str]) -> "Stats":
-        """Per layer: E[p²] of every input column; the full second-moment matrix for ``full``."""
+        """Per layer: E[p²] of every input column; the full second-moment matrix for ``full``.
+
+        The samples stream through in runs of ``batch``: every layer's input for every sample at
+        once (and the original's beside them) is what outgrew memory on big models, while each
+        run's rows are the ones the whole set would give (:func:`rows` with a span)."""
         names = [self.inputs[k] for k in self.views]
         computed = [n for n in dict.fromkeys(names) if n not in self.stat_feeds]
-        acts = dict(zip(computed, self._run({**self.original, **weights}, computed, self.stat_feeds)))
-        acts.update({n: self.stat_feeds[n] for n in names if n in self.stat_feeds})
-        if full and self._original_acts is None:
-            self._original_acts = dict(zip(computed, self._run(self.original, computed, self.stat_feeds)))
-        stats = Stats()
-        for key, v in self.views.items():
-            if v.layer.op == "ConvTranspose":
-                continue
-            name = self.inputs[key]
-            r = rows(np.asarray(acts[name]), v.node)
-            if r is None:
-                continue
-            stats.energy[key] = np.square(r).mean(0, dtype=np.float64)
-            stats.rows[key] = len(r)
-            # a refit needs ROWS_PER_UNKNOWN rows per kept column: skip moments that can never be used
-            if key in full and len(r) >= ROWS_PER_UNKNOWN * (MIN_REFIT_FRACTION * r.shape[1] + 1):
-                orig = self._original_acts.get(name)
-                stats.moments[key] = second_moments(r, None if orig is None else rows(np.asarray(orig), v.node))
-        return stats
+        keys = [k for k, v in self.views.items() if v.layer.op != "ConvTranspose"]
+        n = len(next(iter(self.stat_feeds.values())))
+        sums = _MomentSums()
+        for first in range(0, n, self.batch):
+            part = {k: v[first:first + self.batch] for k, v in self.stat_feeds.items()}
+            acts = dict(zip(computed, self._run({**self.original, **weights}, computed, part)))
+            acts.update({name: part[name] for name in names if name in part})
+            orig = dict(zip(computed, self._run(self.original, computed, part))) if full else {}
+            for key in keys:
+                name, node = self.inputs[key], self.views[key].node
+                r = rows(np.asarray(acts[name]), node, span=(first, n))
+                if r is not None:
+                    target = (rows(np.asarray(orig[name]), node, span=(first, n)) if key in full and name in orig
+                              else None)
+                    sums.add(key, r, target, key in full)
+        return sums.stats()
 
     def forget_svds(self) -> None:
         self._svd_cache.clear()
@@ -223,6 +223,40 @@ class Stats:
         if self.rows.get(key, 0) < ROWS_PER_UNKNOWN * (kept_columns + 1):
             return None
         return self.moments.get(key)
+
+
+class _MomentSums:
+    """Sums of squares and second-moment products over streamed rows, per layer."""
+
+    def __init__(self) -> None:
+        self.energy: dict[str, np.ndarray] = {}
+        self.products: dict[str, tuple[np.ndarray, np.ndarray | None]] = {}   # key -> (Σ zzᵀ, Σ tzᵀ or None: t = z)
+        self.rows: dict[str, int] = {}
+
+    def add(self, key: str, r: np.ndarray, target: np.ndarray | None, moments: bool) -> None:
+        sq = np.square(r).sum(0, dtype=np.float64)
+        self.energy[key] = self.energy.get(key, 0.0) + sq
+        self.rows[key] = self.rows.get(key, 0) + len(r)
+        if moments:
+            S, C = moment_sums(r, target)
+            if key in self.products:
+                S0, C0 = self.products[key]
+                S, C = S0 + S, (None if C is None else C0 + C)
+            self.products[key] = (S, C)
+
+    def stats(self) -> "Stats":
+        """The means; moments only for layers whose rows clearly outnumber their unknowns (a refit
+        needs ROWS_PER_UNKNOWN rows per kept column)."""
+        stats = Stats()
+        for key, total in self.rows.items():
+            stats.rows[key] = total
+            stats.energy[key] = self.energy[key] / max(total, 1)
+            if key in self.products:
+                S, C = self.products[key]
+                if total >= ROWS_PER_UNKNOWN * (MIN_REFIT_FRACTION * (len(S) - 1) + 1):
+                    S = S / total
+                    stats.moments[key] = (S, S if C is None else C / total)
+        return stats
 
 
 def plan_weights(probe: WeightProbe, plan: Plan, stats: Stats | None = None,

@@ -108,6 +108,28 @@ def test_tries_keep_the_plan_with_least_damage_on_all_fit_samples():
     assert probe.damage(res.weights) == pytest.approx(min(s["damages"]), rel=1e-4, abs=1e-6)  # damages are rounded to 6 places
 
 
+def test_the_search_time_is_estimated_before_measuring_and_reported_beside_the_time_taken(tmp_path):
+    from onnxcc.report import write_report
+    from onnxcc.search import estimate_seconds
+
+    messages = []
+    model = GRAPHS["tiny_resnet"](13)
+    res = compress(model, 0.4, steps=2, round_to=1, progress=lambda m, d, t: messages.append(m))
+    s = res.report["search"]
+    assert s["estimated_seconds"] > 0 and s["first_search_seconds"] > 0
+    first_step = next(i for i, m in enumerate(messages) if "measuring" in m and "step" in m)
+    assert any("estimated" in m for m in messages[:first_step])
+    write_report(res.report, tmp_path)
+    assert "s estimated before it measured" in (tmp_path / "report.md").read_text()
+    # the proxy: linear in the steps and the time of a whole run; workers share the candidates
+    _, a = normalized_analysis(model)
+    cfg = CompressConfig(flops=0.4, steps=1)
+    one = estimate_seconds(a, cfg, 1.0)
+    assert estimate_seconds(a, CompressConfig(flops=0.4, steps=3), 1.0) == pytest.approx(3 * one)
+    assert estimate_seconds(a, cfg, 2.0) == pytest.approx(2 * one)
+    assert estimate_seconds(a, cfg, 1.0, workers=2) < one
+
+
 def test_a_slow_first_search_is_not_repeated_unless_asked(monkeypatch):
     monkeypatch.setattr("onnxcc.compression.SLOW_SEARCH", 0.0)
     model = GRAPHS["tiny_resnet"](13)

@@ -32,3 +32,15 @@ def test_subsampled_rows_are_distinct_patches(monkeypatch):
     full = {row.tobytes() for row in _unfold(x, 3, 1, 1, 1)}
     assert r.shape == (50, 27)
     assert len({row.tobytes() for row in r}) == 50 and all(row.tobytes() in full for row in r)
+
+
+@pytest.mark.parametrize("max_rows", [50, 10 ** 6])
+def test_rows_streamed_in_parts_are_the_whole_sets_rows(monkeypatch, max_rows):
+    monkeypatch.setattr(reconstruct, "MAX_ROWS", max_rows)
+    x = np.random.default_rng(2).standard_normal((7, 3, 10, 10)).astype(np.float32)
+    node = _conv(3, 3, 1, 1, 1)
+    whole = reconstruct.rows(x, node)
+    parts = np.concatenate([reconstruct.rows(x[i:i + 3], node, span=(i, len(x))) for i in range(0, len(x), 3)])
+    assert len(parts) == len(whole) == min(max_rows, 7 * 100)
+    key = lambda r: r[np.lexsort(r.T[::-1])]   # the same rows, in any order
+    np.testing.assert_array_equal(key(parts), key(whole))

@@ -58,3 +58,27 @@ def test_scores_mark_removed_channels_and_order_the_rest():
     assert np.isinf(s[gid][0])
     live = np.sort(s[gid][1:])
     np.testing.assert_array_equal(live, np.arange(len(live)))   # a strict removal order
+
+
+def test_statistics_streamed_in_runs_equal_one_run_over_every_sample(monkeypatch):
+    """Layer inputs stream through a run at a time (memory); the rows and sums are the whole set's."""
+    from onnxcc import reconstruct
+
+    monkeypatch.setattr(reconstruct, "MAX_ROWS", 300)   # subsampled rows must be the same ones too
+    model = GRAPHS["tiny_resnet"](13)
+    norm, a = normalized_analysis(model)
+    probe = WeightProbe(a, norm, random_feeds(model, seed=4, batch=20), batched=True)
+    gid = next(g for g, grp in a.groups.items() if grp.prunable)
+    plan = Plan()
+    plan.keep[gid] = np.arange(a.groups[gid].size) % 2 == 0
+    weights = plan_weights(probe, plan)
+    full = set(probe.views)
+    streamed = probe.statistics(weights, full)
+    probe.batch = 20
+    whole = probe.statistics(weights, full)
+    assert streamed.rows == whole.rows and set(streamed.moments) == set(whole.moments) and whole.moments
+    for k in whole.energy:
+        np.testing.assert_allclose(streamed.energy[k], whole.energy[k], rtol=1e-5)
+    for k, (S, C) in whole.moments.items():
+        np.testing.assert_allclose(streamed.moments[k][0], S, rtol=1e-4, atol=1e-6)
+        np.testing.assert_allclose(streamed.moments[k][1], C, rtol=1e-4, atol=1e-6)
