@@ -29,7 +29,8 @@ class CompressConfig:
     fractions: tuple[float, ...] = (0.2, 0.45, 0.7, 1.0)  # 1.0: never extrapolate
     # a group keeps at least this fraction of its channels (or is emptied where its branch may be):
     # narrower groups measure little damage alone but leave recovery too little to work with
-    # (MobileNetV2 --flops 0.5 with a 320->16 bottleneck: 0% top-1 agreement after recovery, 54% at 0.25)
+    # (MobileNetV2 --flops 0.5 cut a 320-channel bottleneck to 16: 0% top-1 agreement after
+    # recovery; 52% with this floor)
     min_keep: float = 0.25
     reconstruct: bool = True           # least-squares refit + activation-aware SVD (beyond CC)
     stat_samples: int = 32             # calibration samples for layer-input statistics
