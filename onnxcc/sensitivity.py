@@ -190,7 +190,8 @@ class WeightProbe:
             part = {k: v[first:first + self.batch] for k, v in self.stat_feeds.items()}
             acts = dict(zip(computed, self._run({**self.original, **weights}, computed, part)))
             acts.update({name: part[name] for name in names if name in part})
-            orig = dict(zip(computed, self._run(self.original, computed, part))) if full else {}
+            # under the original weights the original's rows are these rows: no second run (t = z)
+            orig = dict(zip(computed, self._run(self.original, computed, part))) if full and weights else {}
             for key in keys:
                 name, node = self.inputs[key], self.views[key].node
                 r = rows(np.asarray(acts[name]), node, span=(first, n))
