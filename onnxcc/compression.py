@@ -37,8 +37,9 @@ from .passes.weights import ReplaceInitializersPass
 from .recover import channel_map, recover_checked, with_channel_map
 from .report import build_report
 from .resume import SearchCheckpoint, fingerprint
-from .search import check_reachable, estimate_seconds, search_plan, tries_for
-from .sensitivity import Plan, WeightProbe
+from .runtime import make_session
+from .search import SENS_SAMPLES, STEPS, SearchSize, check_reachable, search_plan, size_search, tries_for
+from .sensitivity import RUN_BATCH, Plan, WeightProbe
 from .verify import fidelity
 
 log = logging.getLogger(__name__)
@@ -103,9 +104,13 @@ def compress(model: onnx.ModelProto | str | Path, flops: float | None = None,
     speed = lat if cfg.latency is not None or cfg.method == "cc" else None
 
     batched = not batch_fixed_at_one(original)
+    cfg, size = _size_search(a, ins.model, fit, cfg, batched, progress, measured)
     found, search = _best_search(a, ins.model, fit, cfg, budget, speed, batched, progress, ckpt)
     if cfg.latency is not None:
         found, search = _meet_latency(a, ins.model, fit, cfg, lat, batched, progress, ckpt, shapes, found, search)
+    search["estimated_seconds"] = round(size.estimated_seconds, 1)
+    if size.asked_seconds > size.estimated_seconds:
+        search["full_size_estimated_seconds"] = round(size.asked_seconds, 1)
     plan, curves, weights = found
     # The emulated weights go into the graph, pruning slices them, and a plain SVD at rank r
     # recovers the (already rank-r) factors exactly. The check ends the rewrite and, as recovery
@@ -200,20 +205,13 @@ def _best_search(a: Analysis, model: onnx.ModelProto, fit: Calibration, cfg: Com
         probe = WeightProbe(a, model, sens, cfg.provider, cfg.threads, batched=batched, stat_feeds=stat)
         if cfg.ray_address:
             probe.on_ray(cfg.ray_address, cfg.ray_workers)
-        if t == 0:
-            estimate = _estimate(a, cfg, probe)
-            log.info("search: about %.0f s of measuring estimated per search, %d searches", estimate, tries)
-            if progress:
-                total = estimate * tries
-                progress(f"search: ~{total:.0f} s of measuring estimated" if total < 90 else
-                         f"search: ~{total / 60:.0f} min of measuring estimated", 0, 1)
         try:
             found.append(search_plan(a, probe, cfg, budget, speed, _tagged(progress, t, tries), steps))
         finally:
             probe.close()
         seconds = steps.seconds() if steps else time.perf_counter() - started
         if t == 0:
-            timed = {"estimated_seconds": round(estimate, 1), "first_search_seconds": round(seconds, 1)}
+            timed = {"first_search_seconds": round(seconds, 1)}
         if t == 0 and tries > 1 and cfg.tries is None and seconds > SLOW_SEARCH:
             # the cost proxy misses activation-heavy models (CenterFace at 384×512: 8× open-nsfw's
             # seconds per proxy unit); a search this slow is not repeated unless asked for
@@ -231,11 +229,42 @@ def _best_search(a: Analysis, model: onnx.ModelProto, fit: Calibration, cfg: Com
                          "kept": pick + 1, **timed}
 
 
-def _estimate(a: Analysis, cfg: CompressConfig, probe: WeightProbe) -> float:
-    """:func:`estimate_seconds` of one search, from one timed whole run of ``probe``'s samples."""
-    started = time.perf_counter()   # the probe's reference run has warmed its session
-    probe.damage({})
-    return estimate_seconds(a, cfg, time.perf_counter() - started, cfg.ray_workers if cfg.ray_address else 1)
+def _size_search(a: Analysis, model: onnx.ModelProto, fit: Calibration, cfg: CompressConfig, batched: bool,
+                 progress: Progress | None, measured: Callable[[str, Callable[[], Any]], Any]
+                 ) -> tuple[CompressConfig, SearchSize]:
+    """``cfg`` with the steps and samples per measurement :func:`size_search` gives the time of
+    one sample's run (kept by the checkpoint: a resumed run sizes itself as the killed one did);
+    says what the search is estimated to take, and what it gave up to fit ``search_seconds``."""
+    size = size_search(a, cfg, measured("sample_seconds", lambda: _sample_seconds(model, fit, cfg, batched)),
+                       len(fit), cfg.ray_workers if cfg.ray_address else 1)
+    sized = replace(cfg, steps=size.steps, sens_samples=size.sens_samples)
+    tries = tries_for(a, sized, len(fit))
+    total = size.estimated_seconds * tries
+    line = f"search: ~{total:.0f} s of measuring estimated" if total < 90 else \
+        f"search: ~{total / 60:.0f} min of measuring estimated"
+    if size.asked_seconds > size.estimated_seconds:
+        line += (f" ({size.steps} step(s) on {size.sens_samples} samples per measurement to fit --search-time "
+                 f"{cfg.search_seconds:.0f} s; {STEPS} steps on {SENS_SAMPLES}: ~{size.asked_seconds / 60:.0f} min)")
+    log.info("%s; %d search(es)", line, tries)
+    if progress:
+        progress(line, 0, 1)
+    return sized, size
+
+
+def _sample_seconds(model: onnx.ModelProto, fit: Calibration, cfg: CompressConfig, batched: bool) -> float:
+    """One sample's run through ``model``, timed on a batch as the probe runs them, after a warm-up run
+    (one sample at a time where a batch does not run)."""
+    sess = make_session(model, cfg.provider, cfg.threads)
+    for n in dict.fromkeys((min(len(fit), RUN_BATCH) if batched else 1, 1)):
+        feeds = fit.take(slice(0, n))
+        try:
+            sess.run(None, feeds)
+        except Exception:  # noqa: BLE001 - a batch fixed inside the graph; onnxruntime raises several types
+            continue
+        started = time.perf_counter()
+        sess.run(None, feeds)
+        return (time.perf_counter() - started) / n
+    raise UnsupportedModelError("onnxruntime cannot run the model on one calibration sample")
 
 
 def _latency_model(a: Analysis, model: onnx.ModelProto, cfg: CompressConfig, shapes: dict,

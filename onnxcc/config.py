@@ -21,11 +21,13 @@ class CompressConfig:
     flops: float | None = None         # fraction of MACs to remove
     latency: float | None = None       # or: fraction of the measured latency to remove
     method: str = "cc"
-    steps: int = 3
+    steps: int | None = None           # multi-step removal; None: 3, fewer where the search would outlast search_seconds
     provider: str = "cpu"
     seed: int = 0
     gamma: float = 0.9                 # weight of the remaining-compression-space look-ahead
-    sens_samples: int = 16             # calibration samples per damage measurement (8 proved too noisy)
+    sens_samples: int | None = None    # calibration samples per damage measurement; None: 16, 8 where 1 step
+    #                                    on 16 would outlast search_seconds (8 is noisier on some models)
+    search_seconds: float = 420.0      # what one search should measure for at most (estimated before it starts)
     fractions: tuple[float, ...] = (0.2, 0.45, 0.7, 1.0)  # 1.0: never extrapolate
     # a group keeps at least this fraction of its channels (or is emptied where its branch may be):
     # narrower groups measure little damage alone but leave recovery too little to work with
@@ -56,8 +58,12 @@ class CompressConfig:
             raise UsageError("--round-to must be at least 1")
         if self.method not in METHODS:
             raise UsageError(f"--method must be one of {', '.join(METHODS)}")
-        if self.steps < 1:
+        if self.steps is not None and self.steps < 1:
             raise UsageError("--steps must be at least 1")
+        if self.sens_samples is not None and self.sens_samples < 1:
+            raise UsageError("sens_samples must be at least 1")
+        if self.search_seconds <= 0:
+            raise UsageError("--search-time must be positive")
         if self.tries is not None and self.tries < 1:
             raise UsageError("--tries must be at least 1")
         if self.recover not in (None,) + RECOVER_MODES:

@@ -10,7 +10,7 @@ where pruning made it slower.
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import partial
 from typing import Any, Callable, Protocol
 
@@ -212,6 +212,39 @@ def estimate_seconds(a: Analysis, cfg: CompressConfig, run_seconds: float, worke
         amounts = len(cfg.fractions) + (u.kind == "prune" and a.groups[u.unit].droppable)
         runs += amounts * reach[min((order[k] for k in u.touched if k in order), default=0)]
     return cfg.steps * (runs / workers + STEP_RUNS) * run_seconds
+
+
+STEPS = 3              # multi-step removal where the search's time allows ...
+SENS_SAMPLES = 16      # ... on this many samples per damage measurement,
+FEWEST_SAMPLES = 8     # down to this many where even one step on SENS_SAMPLES would not fit
+
+
+@dataclass(frozen=True)
+class SearchSize:
+    """The steps and samples per measurement a search gets, and what it is estimated to take."""
+
+    steps: int
+    sens_samples: int
+    estimated_seconds: float   # one search's measuring, at these settings
+    asked_seconds: float       # ... and at the full settings, had the user left both open
+
+
+def size_search(a: Analysis, cfg: CompressConfig, sample_seconds: float, samples: int, workers: int = 1) -> SearchSize:
+    """Steps and samples per measurement for the settings the user left open (None): the most
+    steps, then the most samples, whose estimated measuring time fits ``cfg.search_seconds``;
+    the cheapest where none fits. ``sample_seconds``: one sample's run through the model;
+    ``samples``: calibration samples there are to measure on. Deterministic given the timing,
+    which a resumed run reads back, so a resumed search sizes itself as the killed one did."""
+    steps = [cfg.steps] if cfg.steps is not None else list(range(STEPS, 0, -1))
+    counts = [cfg.sens_samples] if cfg.sens_samples is not None else [SENS_SAMPLES, FEWEST_SAMPLES]
+    rungs = [(st, min(n, samples)) for n in counts for st in steps]
+
+    def estimate(st: int, n: int) -> float:
+        return estimate_seconds(a, replace(cfg, steps=st), sample_seconds * n, workers)
+
+    fits = [r for r in rungs if estimate(*r) <= cfg.search_seconds]
+    st, n = fits[0] if fits else rungs[-1]
+    return SearchSize(st, n, estimate(st, n), estimate(*rungs[0]))
 
 
 def _units(a: Analysis, cfg: CompressConfig) -> list[_Unit]:

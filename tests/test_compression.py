@@ -1,5 +1,6 @@
 """compress(): budgets met on varied graphs, the rewrite stays exact, bad input is refused cleanly."""
 import json
+from dataclasses import replace
 import subprocess
 import sys
 
@@ -10,6 +11,7 @@ import pytest
 from graphs import GRAPHS
 from oracles import check_model_full, random_feeds, run, runtime_macs
 
+from onnxcc.calib import Calibration
 from onnxcc.compression import compress
 from onnxcc.config import CompressConfig
 from onnxcc.search import TARGET_TOLERANCE
@@ -154,12 +156,47 @@ def test_tries_by_model_cost(monkeypatch):
     from onnxcc.search import tries_for
 
     _, a = normalized_analysis(GRAPHS["tiny_resnet"](13))
-    assert tries_for(a, CompressConfig(flops=0.3), 24) == 3
-    assert tries_for(a, CompressConfig(flops=0.3, tries=2), 24) == 2
+    cfg = CompressConfig(flops=0.3, sens_samples=16)
+    assert tries_for(a, cfg, 24) == 3
+    assert tries_for(a, replace(cfg, tries=2), 24) == 2
     # no more samples than one damage measurement takes: every split would be the same
-    assert tries_for(a, CompressConfig(flops=0.3, tries=2), 16) == 1
+    assert tries_for(a, replace(cfg, tries=2), 16) == 1
     monkeypatch.setattr("onnxcc.search.CHEAP_SEARCH", a.total_macs / 2)
-    assert tries_for(a, CompressConfig(flops=0.3), 24) == 1
+    assert tries_for(a, cfg, 24) == 1
+
+
+def test_the_search_is_sized_to_its_time_steps_first_then_samples():
+    from onnxcc.search import estimate_seconds, size_search
+
+    _, a = normalized_analysis(GRAPHS["tiny_resnet"](13))
+    cfg = CompressConfig(flops=0.3)
+
+    def cost(steps, samples):
+        return estimate_seconds(a, replace(cfg, steps=steps), samples * 1.0)
+
+    def sized(seconds, **given):
+        s = size_search(a, replace(cfg, search_seconds=seconds, **given), 1.0, 40)
+        return s.steps, s.sens_samples
+
+    assert sized(cost(3, 16)) == (3, 16)
+    assert sized(cost(3, 16) * 0.99) == (2, 16)
+    assert sized(cost(1, 16) * 0.99) == (1, 8)     # 3 or 2 steps on 8 cost as much as 1 on 16 or more
+    assert sized(cost(1, 8) * 0.5) == (1, 8)          # nothing fits: the cheapest
+    assert sized(cost(1, 8) * 0.5, steps=3) == (3, 8)  # what the user gave stays
+    assert sized(cost(1, 8) * 0.5, sens_samples=12) == (1, 12)
+    assert size_search(a, replace(cfg, search_seconds=1e9), 1.0, 10).sens_samples == 10   # no more than there are
+    s = size_search(a, replace(cfg, search_seconds=cost(1, 16)), 1.0, 40)
+    assert s.estimated_seconds == pytest.approx(cost(1, 16)) and s.asked_seconds == pytest.approx(cost(3, 16))
+
+
+def test_a_short_search_time_measures_one_step_on_fewer_samples_and_says_so():
+    messages = []
+    x = np.random.default_rng(0).standard_normal((40, 3, 16, 16)).astype(np.float32)
+    res = compress(GRAPHS["tiny_resnet"](13), 0.4, calib=Calibration({"x": x}, "test"), round_to=1,
+                   search_seconds=1e-6, progress=lambda m, d, t: messages.append(m))
+    assert (res.report["config"]["steps"], res.report["config"]["sens_samples"]) == (1, 8)
+    assert res.report["search"]["full_size_estimated_seconds"] > res.report["search"]["estimated_seconds"]
+    assert any("to fit --search-time" in m for m in messages)
 
 
 def test_empty_plan_probe_has_zero_damage():

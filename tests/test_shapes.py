@@ -134,7 +134,7 @@ def _uniform_damage(model: onnx.ModelProto, cal: Calibration, searched: Plan, we
     both measured by one probe on the same samples, both refit the same way."""
     ins = inspect_model(model, {k: (1, *v.shape[1:]) for k, v in cal.samples.items()}, feeds=cal.take(slice(0, 1)))
     a = ins.analysis
-    sens, stat = _sample_split(cal, CompressConfig(flops=0.3))   # the search's own split
+    sens, stat = _sample_split(cal, CompressConfig(flops=0.3, sens_samples=16))   # the search's own split
     probe = WeightProbe(a, ins.model, sens, stat_feeds=stat)
     stats = probe.statistics({}, set(probe.views))
     scores = channel_scores(probe, Plan(), {}, stats)

@@ -142,6 +142,7 @@ def _show(result: dict, table: Callable[[dict], None], as_json: bool) -> int:
 
 def _compress_config(args: Namespace) -> CompressConfig:
     return CompressConfig(flops=args.flops, latency=args.latency, method=args.method, steps=args.steps,
+                          search_seconds=args.search_time,
                           provider=args.provider, seed=args.seed, round_to=args.round_to, threads=args.threads,
                           latency_aware=not args.no_latency_model, tries=args.tries, recover=args.recover,
                           recover_seconds=args.recover_time, min_fidelity=args.min_fidelity, device=args.device,

@@ -96,7 +96,12 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--input-shape", action="append", metavar="[NAME:]DIMS", help=shape_help)
     c.add_argument("--method", choices=METHODS, default=CompressConfig.method,
                    help="cc: joint (default); prune / decompose: single-technique ablations")
-    c.add_argument("--steps", type=int, default=CompressConfig.steps, help="multi-step removal: re-measure after each step")
+    c.add_argument("--steps", type=int, default=CompressConfig.steps,
+                   help="multi-step removal: re-measure after each step (default: 3, fewer where one search "
+                        "would measure for longer than --search-time)")
+    c.add_argument("--search-time", type=float, default=CompressConfig.search_seconds, metavar="SECONDS",
+                   help="what one search may measure for, estimated before it starts; a bigger model gets fewer "
+                        "steps, then 8 instead of 16 samples per measurement (default: %(default)s)")
     c.add_argument("--tries", type=int, default=CompressConfig.tries, metavar="N",
                    help="independent searches on rotated calibration splits; the plan with the least damage "
                         "on all calibration samples is kept (default: 3 for cheap models, 2, then 1 as the "
