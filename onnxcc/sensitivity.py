@@ -32,6 +32,7 @@ log = logging.getLogger(__name__)
 ROWS_PER_UNKNOWN = 4
 MIN_REFIT_FRACTION = 0.05   # the smallest kept fraction a refit is planned for
 RUN_BATCH = 8               # samples per onnxruntime run where the model's batch is dynamic
+STAT_RUN_BYTES = 256 << 20  # layer inputs one statistics run may return (fewer samples per run where wider)
 
 
 @dataclass
@@ -118,6 +119,10 @@ class WeightProbe:
                                {t: 4 * int(np.prod(s)) for t, s in shapes.items() if s is not None},
                                self.batch, provider, threads)
         self.runner = DamageRunner(self.spec, self.model, self.session)
+        # statistics runs return every layer's input, twice where the original's are wanted too: a
+        # 16-GMAC detector at 576×576 returns 133 MB of them per sample
+        inputs = sum(self.spec.sample_bytes.get(t, 0) for t in set(self.inputs.values()))
+        self.stat_batch = int(np.clip(STAT_RUN_BYTES // max(inputs, 1), 1, self.batch))
         self.measurer: InProcess | RayPool = InProcess(self.runner)
         self._svd_cache: dict[tuple, tuple[np.ndarray, np.ndarray, np.ndarray]] = {}
 
@@ -186,8 +191,8 @@ class WeightProbe:
         keys = [k for k, v in self.views.items() if v.layer.op != "ConvTranspose"]
         n = len(next(iter(self.stat_feeds.values())))
         sums = _MomentSums()
-        for first in range(0, n, self.batch):
-            part = {k: v[first:first + self.batch] for k, v in self.stat_feeds.items()}
+        for first in range(0, n, self.stat_batch):
+            part = {k: v[first:first + self.stat_batch] for k, v in self.stat_feeds.items()}
             acts = dict(zip(computed, self._run({**self.original, **weights}, computed, part)))
             acts.update({name: part[name] for name in names if name in part})
             # under the original weights the original's rows are these rows: no second run (t = z)
@@ -240,10 +245,13 @@ class _MomentSums:
         self.rows[key] = self.rows.get(key, 0) + len(r)
         if moments:
             S, C = moment_sums(r, target)
-            if key in self.products:
+            if key in self.products:   # in place: a wide layer's sums are hundreds of MB
                 S0, C0 = self.products[key]
-                S, C = S0 + S, (None if C is None else C0 + C)
-            self.products[key] = (S, C)
+                S0 += S
+                if C0 is not None:
+                    C0 += C
+            else:
+                self.products[key] = (S, C)
 
     def stats(self) -> "Stats":
         """The means; moments only for layers whose rows clearly outnumber their unknowns (a refit
@@ -255,8 +263,10 @@ class _MomentSums:
             if key in self.products:
                 S, C = self.products[key]
                 if total >= ROWS_PER_UNKNOWN * (MIN_REFIT_FRACTION * (len(S) - 1) + 1):
-                    S = S / total
-                    stats.moments[key] = (S, S if C is None else C / total)
+                    S /= total   # in place: the sums are not used again
+                    if C is not None:
+                        C /= total
+                    stats.moments[key] = (S, S if C is None else C)
         return stats
 
 

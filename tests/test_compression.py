@@ -192,7 +192,7 @@ def test_the_search_is_sized_to_its_time_steps_first_then_samples():
 def test_a_short_search_time_measures_one_step_on_fewer_samples_and_says_so():
     messages = []
     x = np.random.default_rng(0).standard_normal((40, 3, 16, 16)).astype(np.float32)
-    res = compress(GRAPHS["tiny_resnet"](13), 0.4, calib=Calibration({"x": x}, "test"), round_to=1,
+    res = compress(GRAPHS["tiny_resnet"](13), 0.4, calib=Calibration({"x": x}, "test"), round_to=1, recover="none", latency_aware=False,
                    search_seconds=1e-6, progress=lambda m, d, t: messages.append(m))
     assert (res.report["config"]["steps"], res.report["config"]["sens_samples"]) == (1, 8)
     assert res.report["search"]["full_size_estimated_seconds"] > res.report["search"]["estimated_seconds"]

@@ -73,12 +73,18 @@ def test_statistics_streamed_in_runs_equal_one_run_over_every_sample(monkeypatch
     plan.keep[gid] = np.arange(a.groups[gid].size) % 2 == 0
     weights = plan_weights(probe, plan)
     full = set(probe.views)
+    assert probe.stat_batch == 8
     streamed = probe.statistics(weights, full)
-    probe.batch = 20
+    probe.stat_batch = 3   # what wide layer inputs get (STAT_RUN_BYTES): runs of 3 samples, the last of 2
+    narrow = probe.statistics(weights, full)
+    probe.stat_batch = probe.batch = 20
     whole = probe.statistics(weights, full)
-    assert streamed.rows == whole.rows and set(streamed.moments) == set(whole.moments) and whole.moments
-    for k in whole.energy:
-        np.testing.assert_allclose(streamed.energy[k], whole.energy[k], rtol=1e-5)
-    for k, (S, C) in whole.moments.items():
-        np.testing.assert_allclose(streamed.moments[k][0], S, rtol=1e-4, atol=1e-6)
-        np.testing.assert_allclose(streamed.moments[k][1], C, rtol=1e-4, atol=1e-6)
+    for part in (streamed, narrow):
+        assert part.rows == whole.rows and set(part.moments) == set(whole.moments) and whole.moments
+        for k in whole.energy:
+            np.testing.assert_allclose(part.energy[k], whole.energy[k], rtol=1e-5)
+        for k, (S, C) in whole.moments.items():
+            np.testing.assert_allclose(part.moments[k][0], S, rtol=1e-4, atol=1e-6)
+            np.testing.assert_allclose(part.moments[k][1], C, rtol=1e-4, atol=1e-6)
+    monkeypatch.setattr("onnxcc.sensitivity.STAT_RUN_BYTES", 1)   # wider layer inputs than a run may return
+    assert WeightProbe(a, norm, random_feeds(model, seed=4, batch=20), batched=True).stat_batch == 1
