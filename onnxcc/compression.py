@@ -23,7 +23,9 @@ from .benchmark import benchmark
 from .calib import Calibration, ImagePreprocess, load_calibration
 from .config import Budget, CompressConfig, Progress
 from .allocate import faithful_share
-from .errors import FidelityError, TargetUnreachableError, UnsupportedModelError
+from .errors import FidelityError, ResourceError, TargetUnreachableError, UnsupportedModelError
+from .footprint import Footprint, estimate as estimate_footprint
+from .memory import available_bytes, peak_rss_bytes
 from .inspect import inspect_model, quantized_ops
 from .io import load_model
 from .latency import best_multiple, latency_table
@@ -38,7 +40,7 @@ from .recover import channel_map, recover_checked, with_channel_map
 from .report import build_report
 from .resume import SearchCheckpoint, fingerprint
 from .runtime import make_session
-from .search import SENS_SAMPLES, STEPS, SearchSize, check_reachable, search_plan, size_search, tries_for
+from .search import SearchSize, check_reachable, search_plan, size_search, tries_for
 from .sensitivity import RUN_BATCH, Plan, WeightProbe
 from .verify import fidelity
 
@@ -105,6 +107,7 @@ def compress(model: onnx.ModelProto | str | Path, flops: float | None = None,
 
     batched = not batch_fixed_at_one(original)
     cfg, size = _size_search(a, ins.model, fit, cfg, batched, progress, measured)
+    memory = _check_memory(a, ins.model, data, cfg, batched)
     found, search = _best_search(a, ins.model, fit, cfg, budget, speed, batched, progress, ckpt)
     if cfg.latency is not None:
         found, search = _meet_latency(a, ins.model, fit, cfg, lat, batched, progress, ckpt, shapes, found, search)
@@ -129,6 +132,8 @@ def compress(model: onnx.ModelProto | str | Path, flops: float | None = None,
                           fidelity(ins.model, recovered.model, held, cfg.provider), data, lat, timing, search,
                           time.perf_counter() - t0)
     report["recovery"] = recovered.record
+    report["memory"] = {"estimated_gb": round(memory.total / 2**30, 2),
+                        "peak_rss_gb": round(peak_rss_bytes() / 2**30, 2), "parts": memory.parts}
     _judge_results(cfg, report)
     return CompressResult(recovered.model, report, plan, weights, recovered.stages)
 
@@ -244,11 +249,28 @@ def _size_search(a: Analysis, model: onnx.ModelProto, fit: Calibration, cfg: Com
         f"search: ~{total / 60:.0f} min of measuring estimated"
     if size.asked_seconds > size.estimated_seconds:
         line += (f" ({size.steps} step(s) on {size.sens_samples} samples per measurement to fit --search-time "
-                 f"{cfg.search_seconds:.0f} s; {STEPS} steps on {SENS_SAMPLES}: ~{size.asked_seconds / 60:.0f} min)")
+                 f"{cfg.search_seconds:.0f} s, from ~{size.asked_seconds / 60:.0f} min)")
     log.info("%s; %d search(es)", line, tries)
     if progress:
         progress(line, 0, 1)
     return sized, size
+
+
+def _check_memory(a: Analysis, model: onnx.ModelProto, data: Calibration, cfg: CompressConfig,
+                  batched: bool) -> Footprint:
+    """The search's estimated peak; refused where the machine has less available (unless
+    ``cfg.memory_check`` is off)."""
+    need = estimate_footprint(a, model.ByteSize(), sum(v.nbytes for v in data.samples.values()),
+                              RUN_BATCH if batched else 1)
+    free = available_bytes()
+    log.info("memory: about %.1f GB at the peak estimated (%s); %s available", need.total / 2**30, need.describe(),
+             "unknown" if free is None else f"{free / 2**30:.1f} GB")
+    if cfg.memory_check and free is not None and need.total > free:
+        raise ResourceError(
+            f"compress would need about {need.total / 2**30:.1f} GB at its peak ({need.describe()}) and "
+            f"{free / 2**30:.1f} GB are available: free memory, give fewer calibration samples or a smaller "
+            "input size, or --skip-memory-check to try anyway")
+    return need
 
 
 def _sample_seconds(model: onnx.ModelProto, fit: Calibration, cfg: CompressConfig, batched: bool) -> float:
@@ -284,7 +306,7 @@ def _latency_model(a: Analysis, model: onnx.ModelProto, cfg: CompressConfig, sha
 
 def _search_settings(cfg: CompressConfig, shapes: dict) -> dict[str, Any]:
     """What decides the plan besides the model and the samples (recovery's settings do not)."""
-    skip = {"recover", "recover_seconds", "min_fidelity", "device", "ray_address", "ray_workers"}
+    skip = {"recover", "recover_seconds", "min_fidelity", "device", "ray_address", "ray_workers", "memory_check"}
     return {"shapes": shapes, **{k: v for k, v in vars(cfg).items() if k not in skip}}
 
 

@@ -47,6 +47,7 @@ class CompressConfig:
     device: str = "auto"               # where recovery trains: auto | cpu | cuda
     ray_address: str | None = None     # measure on Ray: local | auto | HOST:PORT; None: in this process
     ray_workers: int = 2               # Ray workers (one CPU each) measuring candidates
+    memory_check: bool = True          # refuse to start where the estimated peak exceeds the available memory
 
     def validate(self) -> None:
         if (self.flops is None) == (self.latency is None):

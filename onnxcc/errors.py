@@ -44,3 +44,7 @@ class VerificationError(OnnxccError):
 
 class PassContractError(RuntimeError):
     """A pass broke its pre- or postcondition: a bug in onnxcc, never the user's fault."""
+
+
+class ResourceError(OnnxccError):
+    """The machine cannot hold what the run needs (estimated before it starts)."""

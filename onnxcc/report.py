@@ -46,6 +46,7 @@ def to_markdown(r: dict[str, Any]) -> str:
         f"- {t['channels_removed']} channels removed, {_emptied(t)}{t['layers_factorized']} convs factorized, "
         f"{t['seconds']} s",
         _search_line(r.get("search", {})),
+        *_memory_line(r.get("memory")),
         f"- calibration: {r['calibration']['source']} ({r['calibration']['samples']} samples"
         f"{', synthetic' if r['calibration']['synthetic'] else ''})",
         f"- fidelity on {f['samples']} held-back samples: cosine {f['cosine_mean']} (min {f['cosine_min']}), "
@@ -97,12 +98,21 @@ def _emptied(t: dict[str, Any]) -> str:
     return f"{t['groups_emptied']} branches emptied ({t['layers_folded']} convs folded away), "
 
 
+def _memory_line(memory: dict[str, Any] | None) -> list[str]:
+    if not memory:
+        return []
+    return [f"- memory: {memory['estimated_gb']} GB at the peak estimated before the search, "
+            f"{memory['peak_rss_gb']} GB peak resident measured"]
+
+
 def _search_line(search: dict[str, Any]) -> str:
     rounds = "".join(f"; search for {r['asked']:.1%} less latency: {r['predicted']:.1%} predicted, "
                      f"{r['measured']:.1%} measured" + (" (kept)" if i == search.get("latency_kept") else "")
                      for i, r in enumerate(search.get("latency_rounds", []), 1))
     timed = (f"; the first search took {search['first_search_seconds']:.0f} s, "
              f"{search['estimated_seconds']:.0f} s estimated before it measured" if "estimated_seconds" in search else "")
+    if "full_size_estimated_seconds" in search:
+        timed += f" (fewer steps or samples to fit --search-time, from {search['full_size_estimated_seconds']:.0f} s)"
     return _tries_line(search) + timed + rounds
 
 

@@ -146,7 +146,8 @@ def _compress_config(args: Namespace) -> CompressConfig:
                           provider=args.provider, seed=args.seed, round_to=args.round_to, threads=args.threads,
                           latency_aware=not args.no_latency_model, tries=args.tries, recover=args.recover,
                           recover_seconds=args.recover_time, min_fidelity=args.min_fidelity, device=args.device,
-                          ray_address=args.ray_address, ray_workers=args.ray_workers)
+                          ray_address=args.ray_address, ray_workers=args.ray_workers,
+                          memory_check=not args.skip_memory_check)
 
 
 def _finetune_config(args: Namespace) -> FinetuneConfig:

@@ -125,6 +125,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "one measured in this process")
     c.add_argument("--ray-workers", type=int, default=CompressConfig.ray_workers, metavar="N",
                    help="Ray workers, one CPU each (--workers is fine-tuning's data loaders)")
+    c.add_argument("--skip-memory-check", action="store_true",
+                   help="start even where the run's estimated peak memory exceeds what is available")
     c.add_argument("--resume", action="store_true",
                    help="continue a killed or interrupted run from the steps it measured (kept in OUTPUT.search/ "
                         "until OUTPUT is written)")

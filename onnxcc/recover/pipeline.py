@@ -23,6 +23,7 @@ from ..analysis.view import build_view, graph_inputs
 from ..calib import Calibration
 from ..config import RECOVER_MODES as MODES, Progress
 from ..errors import PassContractError, UsageError
+from ..memory import available_bytes
 from ..ops import OPS
 from ..passes.base import Pass, PassRecord, PassResult
 from ..passes.normalize import normalize
@@ -41,7 +42,18 @@ MIN_SAMPLES = 2 * MIN_STOP  # recovery trains on at least as many samples as it 
 TRAIN_MEMORY = 2 << 30      # bytes of activations one training batch may hold (forward + backward)
 CACHE_MEMORY = 3 << 30      # bytes of block inputs cached for every training sample
 MAX_VIEWS = 4               # each sample as given plus up to 3 augmented copies
+MAX_BATCH = 16              # training samples per step, fewer where their activations outgrow TRAIN_MEMORY
+MEMORY_SHARE = 0.25         # of the available memory, at most, for each of the two above
 BLOCK_SHARE = 0.55          # of the gradient stages' time: block reconstruction; the rest end to end
+
+
+def memory_budgets() -> tuple[int, int]:
+    """Bytes for a training batch's activations and for the cached block inputs: TRAIN_MEMORY and
+    CACHE_MEMORY, or a share of what is available where that is less (a laptop's 8 GB)."""
+    free = available_bytes()
+    if free is None:
+        return TRAIN_MEMORY, CACHE_MEMORY
+    return min(TRAIN_MEMORY, int(free * MEMORY_SHARE)), min(CACHE_MEMORY, int(free * MEMORY_SHARE))
 
 
 def torch_available() -> bool:
@@ -185,10 +197,11 @@ def _gradient_stages(start: onnx.ModelProto, start_damage: float, teacher: onnx.
     floats = {k for k, v in s_vals.items() if v.dtype.kind == "f"}
     blocks = partition(start, floats, same)
     per_sample = sum(v.nbytes for k, v in s_vals.items() if k in floats)
-    batch = int(np.clip(TRAIN_MEMORY // (3 * per_sample + 1), 1, 16))
+    train_memory, cache_memory = memory_budgets()
+    batch = int(np.clip(train_memory // (3 * per_sample + 1), 1, MAX_BATCH))
     n = len(next(iter(train.values()))) + len(next(iter(judge.feeds.values())))
     widest = max([sum(s_vals[t].nbytes for t in set(b.inputs) | set(b.live)) for b in blocks] + [1])
-    views = int(np.clip(CACHE_MEMORY // (n * widest), 1, MAX_VIEWS))
+    views = int(np.clip(cache_memory // (n * widest), 1, MAX_VIEWS))
     rec = Reconstructor(start, teacher, kept, train, judge, views=views, batch=batch, seed=seed,
                         device=device_for(device), provider=provider, progress=progress)
     budget = Budget(seconds * BLOCK_SHARE)
