@@ -170,6 +170,10 @@ def main() -> None:
         row = run(name, args.flops, args.timeout, args.onnxcc)
         print(json.dumps(row), flush=True)
         rows.append(row)
+    # a label measured again keeps its rows of models not measured this time
+    kept = [r for r in results["labels"].get(args.label, {}).get("rows", []) if r["model"] not in args.models]
+    order = {name: i for i, name in enumerate(DEFAULT_MODELS)}
+    rows = sorted(kept + rows, key=lambda r: order.get(r["model"], len(order)))
     results["labels"][args.label] = {"note": args.note, "command": "python tools/bench_scale.py " + " ".join(sys.argv[1:]),
                                      "rows": rows}
     store.write_text(json.dumps(results, indent=1))
