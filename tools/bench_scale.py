@@ -91,7 +91,8 @@ def run(name: str, flops: float, timeout: float, onnxcc: Path) -> dict:
                "compress", str(path), "--flops", str(flops), "--calib", str(calib), "--recover", "none", "-o", str(out)]
         env = {**os.environ, "PYTHONPATH": str(onnxcc)}
         t0 = time.perf_counter()
-        proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
+        # from the checkout itself: `python -m` puts the working directory first on the path
+        proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=onnxcc)
         wall = time.perf_counter() - t0
         text = proc.stdout + proc.stderr
         rss = re.search(r"Maximum resident set size \(kbytes\): (\d+)", text)
