@@ -126,8 +126,10 @@ def render(results: dict) -> str:
              f"`onnxcc compress MODEL --flops F --calib <{SAMPLES} photos> --recover none` in a child process under "
              "`/usr/bin/time -v`; seconds are its wall time, peak RSS its maximum resident set. Fidelity: the held-out "
              "cosine and relative L2 error compress reports (a quarter of the samples, never measured on), of the "
-             "model's worst output (a random-weight detector's boxes hardly depend on its features: its mask "
-             "prototypes do). Steps × samples: "
+             "model's worst output. The random-weight YOLOv8-seg-size networks' outputs hardly depend on their input "
+             "(PyTorch's default init shrinks the signal layer by layer: two photos give outputs 1e-4 apart), so "
+             "their fidelity says nothing; their time and memory follow from their shapes (the same runs), not their weights. "
+             "Steps × samples: "
              "what the search measured with. Random-weight YOLOv8-seg-size networks from `models/yolov8_seg.py` "
              "(n: width 0.25, s: width 0.5; 576×576, two outputs).", ""]
     for lab in labels:
@@ -145,10 +147,10 @@ def render(results: dict) -> str:
                 continue
             gmacs = gmacs or row["gmacs"]
             secs = f"{row['seconds']:.0f}" if row["finished"] else (
-                f"killed at {row['seconds']:.0f} (estimated {row['estimate_seconds']})" if row.get("estimate_seconds")
+                f"stopped at {row['seconds']:.0f}; {row['estimate_seconds']} s of measuring estimated" if row.get("estimate_seconds")
                 else f"failed: {row.get('error', '')}")
             est = f" ({row['memory_estimated_gb']} GB estimated)" if row.get("memory_estimated_gb") else ""
-            cells += [secs, f"{row['peak_rss_gb']} GB{est}" if row["peak_rss_gb"] else "",
+            cells += [secs, f"{row['peak_rss_gb']} GB{est}" if row["finished"] and row["peak_rss_gb"] else "",
                       f"{row['cosine']}, {row['rel_l2']}" if "rel_l2" in row else "",
                       f"{row['steps']} × {row['sens_samples']}" if row.get("sens_samples") else ""]
         lines.append(f"| {name} | {gmacs} | " + " | ".join(map(str, cells)) + " |")
