@@ -106,8 +106,8 @@ def compress(model: onnx.ModelProto | str | Path, flops: float | None = None,
     speed = lat if cfg.latency is not None or cfg.method == "cc" else None
 
     batched = not batch_fixed_at_one(original)
-    cfg, size = _size_search(a, ins.model, fit, cfg, batched, progress, measured)
     memory = _check_memory(a, ins.model, data, cfg, batched)
+    cfg, size = _size_search(a, ins.model, fit, cfg, batched, progress, measured)
     found, search = _best_search(a, ins.model, fit, cfg, budget, speed, batched, progress, ckpt)
     if cfg.latency is not None:
         found, search = _meet_latency(a, ins.model, fit, cfg, lat, batched, progress, ckpt, shapes, found, search)

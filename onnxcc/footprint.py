@@ -2,12 +2,12 @@
 
 A run that outgrows the machine is killed by the kernel with no message, after minutes of work
 and with nothing written; an estimate from the model's shapes, checked before measuring, turns
-that into a one-line error that says what holds the memory. The parts follow what the search and
-recovery keep (measured on a 16-GMAC YOLOv8-seg-size net and on open-nsfw, tools/results/scale.md):
+that into a one-line error that says what holds the memory. The parts follow what the search
+keeps (measured on a 16-GMAC YOLOv8-seg-size net and on open-nsfw, tools/results/scale.md):
 the layer statistics' second moments (float64, one (columns + 1)² matrix per layer and one
 more towards the original's rows), onnxruntime's buffers for a run of the probe's batch, the
-layer inputs a statistics run returns, the cut cache, the calibration samples, the graph's copies
-and, with block recovery, its activation and cache budgets.
+layer inputs a statistics run returns, the cut cache, the calibration samples and the graph's
+copies. Recovery sizes itself to the memory available when it starts, so it is not in the estimate.
 """
 from __future__ import annotations
 

@@ -57,7 +57,7 @@ def model_file(name: str) -> tuple[Path, tuple[int, ...], str]:
 
 
 def calibration(name: str, shape: tuple[int, ...], layout: str, folder: Path) -> Path:
-    """SAMPLES photos at the model's size: the classification photos, then the street photos."""
+    """The first SAMPLES classification photos, at the model's size and in its preprocessing."""
     size = shape[2] if layout == "NCHW" else shape[1]
     kind = models.INFO.get(name, {}).get("preprocess", "imagenet")
     if kind == "open_nsfw":
