@@ -82,13 +82,13 @@ def _macs(path: Path, shape: tuple[int, ...]) -> int:
     return inspect_model(m, {m.graph.input[0].name: shape}).analysis.total_macs
 
 
-def run(name: str, flops: float, timeout: float, onnxcc: Path) -> dict:
+def run(name: str, flops: float, timeout: float, onnxcc: Path, extra: list[str]) -> dict:
     path, shape, layout = model_file(name)
     with tempfile.TemporaryDirectory(prefix="onnxcc-scale-") as tmp:
         calib = calibration(name, shape, layout, Path(tmp))
         out = Path(tmp) / "out.onnx"
         cmd = ["/usr/bin/time", "-v", "timeout", "-s", "KILL", str(int(timeout)), sys.executable, "-m", "onnxcc",
-               "compress", str(path), "--flops", str(flops), "--calib", str(calib), "--recover", "none", "-o", str(out)]
+               "compress", str(path), "--flops", str(flops), "--calib", str(calib), "--recover", "none", "-o", str(out), *extra]
         env = {**os.environ, "PYTHONPATH": str(onnxcc)}
         t0 = time.perf_counter()
         # from the checkout itself: `python -m` puts the working directory first on the path
@@ -165,12 +165,13 @@ def main() -> None:
     p.add_argument("--flops", type=float, default=0.3)
     p.add_argument("--timeout", type=float, default=1800)
     p.add_argument("--onnxcc", type=Path, default=REPO, help="checkout whose onnxcc runs (default: this one)")
+    p.add_argument("--compress-args", default="", help="more compress flags, e.g. '--search-time 100000'")
     args = p.parse_args()
     store = RESULTS / "scale.json"
     results = json.loads(store.read_text()) if store.exists() else {"labels": {}}
     rows = []
     for name in args.models:
-        row = run(name, args.flops, args.timeout, args.onnxcc)
+        row = run(name, args.flops, args.timeout, args.onnxcc, args.compress_args.split())
         print(json.dumps(row), flush=True)
         rows.append(row)
     # a label measured again keeps its rows of models not measured this time
