@@ -22,7 +22,6 @@ from .analysis.view import batch_fixed_at_one
 from .benchmark import benchmark
 from .calib import Calibration, ImagePreprocess, load_calibration
 from .config import Budget, CompressConfig, Progress
-from .allocate import faithful_share
 from .errors import FidelityError, ResourceError, TargetUnreachableError, UnsupportedModelError
 from .footprint import Footprint, estimate as estimate_footprint
 from .memory import available_bytes, peak_rss_bytes
@@ -40,8 +39,9 @@ from .recover import channel_map, recover_checked, with_channel_map
 from .report import build_report
 from .resume import SearchCheckpoint, fingerprint
 from .runtime import make_session
-from .search import SearchSize, check_reachable, search_plan, size_search, tries_for
-from .sensitivity import RUN_BATCH, Plan, WeightProbe
+from .search import (RUN_BATCH, Plan, SearchContext, SearchSize, SearchTuning, WeightProbe, check_reachable,
+                     search_plan, size_search, tries_for)
+from .search.allocation import faithful_share
 from .verify import fidelity
 
 log = logging.getLogger(__name__)
@@ -87,11 +87,10 @@ def compress(model: onnx.ModelProto | str | Path, flops: float | None = None,
     a = ins.analysis
     ckpt = (SearchCheckpoint(checkpoint, fingerprint(original, data.samples, _search_settings(cfg, shapes)), resume)
             if checkpoint is not None else None)
-    measured = ckpt.measured if ckpt else lambda name, measure: measure()
+    work = _Work(a, ins.model, fit, shapes, not batch_fixed_at_one(original), progress, ckpt)
     if cfg.round_to is None:
-        cfg.round_to = measured("round_to", lambda: best_multiple(cfg.provider, cfg.threads)) if cfg.latency_aware else 16
-    lat = (_latency_model(a, ins.model, cfg, shapes, progress, measured) if cfg.latency_aware or cfg.latency
-           else None)
+        cfg.round_to = work.measured("round_to", lambda: best_multiple(cfg.provider, cfg.threads)) if cfg.latency_aware else 16
+    lat = _latency_model(work, cfg) if cfg.latency_aware or cfg.latency else None
     if lat is not None and not lat.surfaces:
         # only 2-D Convs are timed: a table without one prices every layer at zero
         if cfg.latency is not None:
@@ -100,17 +99,16 @@ def compress(model: onnx.ModelProto | str | Path, flops: float | None = None,
         log.info("no 2-D Conv layer to time: compressing without the latency model")
         lat = None
     budget = _budget(a, lat, cfg)
-    check_reachable(a, cfg, budget)
+    check_reachable(a, SearchTuning.of(cfg), budget)
     # Slow factorizations are refused where something else can take their share of the budget;
     # the decompose ablation under a MAC budget has nothing else, so it keeps them.
     speed = lat if cfg.latency is not None or cfg.method == "cc" else None
 
-    batched = not batch_fixed_at_one(original)
-    memory = _check_memory(a, ins.model, data, cfg, batched)
-    cfg, size = _size_search(a, ins.model, fit, cfg, batched, progress, measured)
-    found, search = _best_search(a, ins.model, fit, cfg, budget, speed, batched, progress, ckpt)
+    memory = _check_memory(work, data, cfg)
+    cfg, size = _size_search(work, cfg)
+    found, search = _best_search(work, cfg, budget, speed)
     if cfg.latency is not None:
-        found, search = _meet_latency(a, ins.model, fit, cfg, lat, batched, progress, ckpt, shapes, found, search)
+        found, search = _meet_latency(work, cfg, lat, found, search)
     search["estimated_seconds"] = round(size.estimated_seconds, 1)
     if size.asked_seconds > size.estimated_seconds:
         search["full_size_estimated_seconds"] = round(size.asked_seconds, 1)
@@ -138,14 +136,30 @@ def compress(model: onnx.ModelProto | str | Path, flops: float | None = None,
     return CompressResult(recovered.model, report, plan, weights, recovered.stages)
 
 
+@dataclass
+class _Work:
+    """What one run's search phase works on, passed as one."""
+
+    analysis: Analysis
+    model: onnx.ModelProto              # the normalized model
+    fit: Calibration                    # the calibration samples not held back
+    shapes: dict[str, tuple[int, ...]]  # one sample's input shapes
+    batched: bool                       # whether the model runs batches of samples
+    progress: Progress | None
+    checkpoint: SearchCheckpoint | None
+
+    def measured(self, name: str, measure: Callable[[], Any]) -> Any:
+        """``measure()``, or what the checkpoint kept of it (a resumed run decides as the killed one did)."""
+        return self.checkpoint.measured(name, measure) if self.checkpoint else measure()
+
+
 Found = tuple[Plan, list[dict], dict[str, np.ndarray]]   # a search's plan, damage curves, emulated weights
 LATENCY_TOLERANCE = 0.02   # the measured latency reduction may miss --latency by this much ...
 LATENCY_SEARCHES = 3       # ... before the search runs again, up to this many searches in all
 
 
-def _meet_latency(a: Analysis, model: onnx.ModelProto, fit: Calibration, cfg: CompressConfig, lat: LatencyModel,
-                  batched: bool, progress: Progress | None, ckpt: SearchCheckpoint | None, shapes: dict,
-                  found: Found, search: dict[str, Any]) -> tuple[Found, dict[str, Any]]:
+def _meet_latency(work: _Work, cfg: CompressConfig, lat: LatencyModel, found: Found,
+                  search: dict[str, Any]) -> tuple[Found, dict[str, Any]]:
     """--latency is priced by the latency model, whose per-layer sums miss what a rewritten
     network really saves (open-nsfw: 50% predicted, 60% measured). Each plan's model is built and
     timed against the original; while the nearest misses the target by more than
@@ -154,8 +168,8 @@ def _meet_latency(a: Analysis, model: onnx.ModelProto, fit: Calibration, cfg: Co
     (predicted, measured) points. The plan measured nearest the target is kept."""
     def measured(f: Found) -> tuple[float, float]:
         plan, _, weights = f
-        built = Sequence(*_rewrite_passes(a, plan, weights), name="rewrite")(model).model
-        timing = _measure(model, built, shapes, cfg, progress)
+        built = Sequence(*_rewrite_passes(work.analysis, plan, weights), name="rewrite")(work.model).model
+        timing = _measure(work.model, built, work.shapes, cfg, work.progress)
         return 1 - lat.seconds(plan.kept(), plan.ranks) / lat.seconds(), 1 - timing["ms_after"] / timing["ms_before"]
 
     goal = cfg.latency
@@ -176,12 +190,12 @@ def _meet_latency(a: Analysis, model: onnx.ModelProto, fit: Calibration, cfg: Co
         retry = replace(cfg, latency=float(np.clip(asked, 0.01, 0.99)))
         log.info("--latency %s: the plan measures %.1f%% less latency (%.1f%% predicted); searching again for "
                  "%.1f%% predicted", goal, 100 * r, 100 * p, 100 * retry.latency)
-        budget = _budget(a, lat, retry)
+        budget = _budget(work.analysis, lat, retry)
         try:
-            check_reachable(a, retry, budget)
+            check_reachable(work.analysis, SearchTuning.of(retry), budget)
         except (TargetUnreachableError, UnsupportedModelError):   # the nearest plan found stays
             break
-        again = _best_search(a, model, fit, retry, budget, lat, batched, progress, ckpt, first=100 * len(tried) + 1)
+        again = _best_search(work, retry, budget, lat, first=100 * len(tried) + 1)
         tried.append((*measured(again[0]), *again))
         rounds.append({"asked": round(retry.latency, 4), "predicted": round(tried[-1][0], 4),
                        "measured": round(tried[-1][1], 4)})
@@ -195,12 +209,12 @@ def _rewrite_passes(a: Analysis, plan: Plan, weights: dict[str, np.ndarray]) -> 
     return [ReplaceInitializersPass(weights), PruneChannelsPass(a, plan.keep), FactorizeConvPass(plan.ranks)]
 
 
-def _best_search(a: Analysis, model: onnx.ModelProto, fit: Calibration, cfg: CompressConfig, budget: Budget,
-                 speed: LatencyModel | None, batched: bool, progress: Progress | None,
-                 ckpt: SearchCheckpoint | None = None, first: int = 1) -> tuple[Found, dict[str, Any]]:
+def _best_search(work: _Work, cfg: CompressConfig, budget: Budget, speed: LatencyModel | None,
+                 first: int = 1) -> tuple[Found, dict[str, Any]]:
     """The plan of the search (of ``tries_for`` searches, each on its own split of ``fit``) whose
     weights do least damage on the calibration samples; a record of the tries. ``first``: the
     checkpoint's number of the first search."""
+    a, model, fit, ckpt, batched = work.analysis, work.model, work.fit, work.checkpoint, work.batched
     tries = tries_for(a, cfg, len(fit))
     found = []
     for t in range(tries):
@@ -211,7 +225,8 @@ def _best_search(a: Analysis, model: onnx.ModelProto, fit: Calibration, cfg: Com
         if cfg.ray_address:
             probe.on_ray(cfg.ray_address, cfg.ray_workers)
         try:
-            found.append(search_plan(a, probe, cfg, budget, speed, _tagged(progress, t, tries), steps))
+            ctx = SearchContext(a, probe, budget, SearchTuning.of(cfg), speed, _tagged(work.progress, t, tries))
+            found.append(search_plan(ctx, steps))
         finally:
             probe.close()
         seconds = steps.seconds() if steps else time.perf_counter() - started
@@ -234,16 +249,14 @@ def _best_search(a: Analysis, model: onnx.ModelProto, fit: Calibration, cfg: Com
                          "kept": pick + 1, **timed}
 
 
-def _size_search(a: Analysis, model: onnx.ModelProto, fit: Calibration, cfg: CompressConfig, batched: bool,
-                 progress: Progress | None, measured: Callable[[str, Callable[[], Any]], Any]
-                 ) -> tuple[CompressConfig, SearchSize]:
+def _size_search(work: _Work, cfg: CompressConfig) -> tuple[CompressConfig, SearchSize]:
     """``cfg`` with the steps and samples per measurement :func:`size_search` gives the time of
     one sample's run (kept by the checkpoint: a resumed run sizes itself as the killed one did);
     says what the search is estimated to take, and what it gave up to fit ``search_seconds``."""
-    size = size_search(a, cfg, measured("sample_seconds", lambda: _sample_seconds(model, fit, cfg, batched)),
-                       len(fit), cfg.ray_workers if cfg.ray_address else 1)
+    size = size_search(work.analysis, cfg, work.measured("sample_seconds", lambda: _sample_seconds(work, cfg)),
+                       len(work.fit), cfg.ray_workers if cfg.ray_address else 1)
     sized = replace(cfg, steps=size.steps, sens_samples=size.sens_samples)
-    tries = tries_for(a, sized, len(fit))
+    tries = tries_for(work.analysis, sized, len(work.fit))
     total = size.estimated_seconds * tries
     line = f"search: ~{total:.0f} s of measuring estimated" if total < 90 else \
         f"search: ~{total / 60:.0f} min of measuring estimated"
@@ -251,17 +264,16 @@ def _size_search(a: Analysis, model: onnx.ModelProto, fit: Calibration, cfg: Com
         line += (f" ({size.steps} step(s) on {size.sens_samples} samples per measurement to fit --search-time "
                  f"{cfg.search_seconds:.0f} s, from ~{size.asked_seconds / 60:.0f} min)")
     log.info("%s; %d search(es)", line, tries)
-    if progress:
-        progress(line, 0, 1)
+    if work.progress:
+        work.progress(line, 0, 1)
     return sized, size
 
 
-def _check_memory(a: Analysis, model: onnx.ModelProto, data: Calibration, cfg: CompressConfig,
-                  batched: bool) -> Footprint:
-    """The search's estimated peak; refused where the machine has less available (unless
-    ``cfg.memory_check`` is off)."""
-    need = estimate_footprint(a, model.ByteSize(), sum(v.nbytes for v in data.samples.values()),
-                              RUN_BATCH if batched else 1)
+def _check_memory(work: _Work, data: Calibration, cfg: CompressConfig) -> Footprint:
+    """The search's estimated peak (``data``: all calibration samples); refused where the machine
+    has less available (unless ``cfg.memory_check`` is off)."""
+    need = estimate_footprint(work.analysis, work.model.ByteSize(), sum(v.nbytes for v in data.samples.values()),
+                              RUN_BATCH if work.batched else 1)
     free = available_bytes()
     log.info("memory: about %.1f GB at the peak estimated (%s); %s available", need.total / 2**30, need.describe(),
              "unknown" if free is None else f"{free / 2**30:.1f} GB")
@@ -273,12 +285,12 @@ def _check_memory(a: Analysis, model: onnx.ModelProto, data: Calibration, cfg: C
     return need
 
 
-def _sample_seconds(model: onnx.ModelProto, fit: Calibration, cfg: CompressConfig, batched: bool) -> float:
-    """One sample's run through ``model``, timed on a batch as the probe runs them, after a warm-up run
+def _sample_seconds(work: _Work, cfg: CompressConfig) -> float:
+    """One sample's run through the model, timed on a batch as the probe runs them, after a warm-up run
     (one sample at a time where a batch does not run)."""
-    sess = make_session(model, cfg.provider, cfg.threads)
-    for n in dict.fromkeys((min(len(fit), RUN_BATCH) if batched else 1, 1)):
-        feeds = fit.take(slice(0, n))
+    sess = make_session(work.model, cfg.provider, cfg.threads)
+    for n in dict.fromkeys((min(len(work.fit), RUN_BATCH) if work.batched else 1, 1)):
+        feeds = work.fit.take(slice(0, n))
         try:
             sess.run(None, feeds)
         except Exception:  # noqa: BLE001 - a batch fixed inside the graph; onnxruntime raises several types
@@ -289,18 +301,17 @@ def _sample_seconds(model: onnx.ModelProto, fit: Calibration, cfg: CompressConfi
     raise UnsupportedModelError("onnxruntime cannot run the model on one calibration sample")
 
 
-def _latency_model(a: Analysis, model: onnx.ModelProto, cfg: CompressConfig, shapes: dict,
-                   progress: Progress | None, measured: Callable[[str, Callable[[], Any]], Any]) -> LatencyModel:
+def _latency_model(work: _Work, cfg: CompressConfig) -> LatencyModel:
     table = latency_table(cfg.provider, cfg.threads)
-    table.pin_reference(measured("latency_reference_seconds", table.reference))
-    lat = LatencyModel(a, table, cfg.round_to, progress)
+    table.pin_reference(work.measured("latency_reference_seconds", table.reference))
+    lat = LatencyModel(work.analysis, table, cfg.round_to, work.progress)
 
     def whole() -> float:
-        runs = benchmark([model], cfg.provider, cfg.threads, runs=30, warmup=3, input_shapes=shapes)
+        runs = benchmark([work.model], cfg.provider, cfg.threads, runs=30, warmup=3, input_shapes=work.shapes)
         # a low percentile: other processes only ever add time, and the table holds quiet numbers
         return float(np.percentile(runs["models"][0]["latencies_ms"], 20)) / 1e3
 
-    lat.calibrate(measured("model_seconds", whole))
+    lat.calibrate(work.measured("model_seconds", whole))
     return lat
 
 

@@ -1,13 +1,13 @@
 """What a compression run is asked for: its settings and the budget they set."""
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Callable
 
 from .errors import UsageError
 
 if TYPE_CHECKING:
-    from .sensitivity import Plan
+    from .search.plan import Plan
 
 Progress = Callable[[str, int, int], None]
 EpochReport = Callable[[dict], None]     # one fine-tuning epoch's numbers, as it ends
@@ -48,6 +48,8 @@ class CompressConfig:
     ray_address: str | None = None     # measure on Ray: local | auto | HOST:PORT; None: in this process
     ray_workers: int = 2               # Ray workers (one CPU each) measuring candidates
     memory_check: bool = True          # refuse to start where the estimated peak exceeds the available memory
+    # the search's internal thresholds by name (onnxcc.search.SearchTuning's fields): for experiments
+    search_overrides: dict[str, float] = field(default_factory=dict)
 
     def validate(self) -> None:
         if (self.flops is None) == (self.latency is None):

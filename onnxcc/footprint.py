@@ -16,9 +16,9 @@ from dataclasses import dataclass
 import numpy as np
 
 from .analysis.groups import Analysis
-from .search import SENS_SAMPLES
-from .sensitivity import STAT_RUN_BYTES
-from .suffix import CACHE_BYTES
+from .search.probe import STAT_RUN_BYTES
+from .search.sizing import SENS_SAMPLES
+from .search.suffix import CACHE_BYTES
 
 ARENA_SHARE = 0.5  # of every tensor of a run, what onnxruntime's reused buffers hold at once
 MODEL_COPIES = 4   # the loaded, normalized and probe graphs, and the sessions' weights

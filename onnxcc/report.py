@@ -20,7 +20,7 @@ if TYPE_CHECKING:   # annotations only: writing a report needs none of them
     from .config import CompressConfig
     from .latency_model import LatencyModel
     from .passes.base import SequenceRecord
-    from .sensitivity import Plan
+    from .search.plan import Plan
 
 log = logging.getLogger(__name__)
 

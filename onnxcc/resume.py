@@ -27,7 +27,7 @@ import onnx
 
 from .errors import UsageError
 from .io import atomic_write_text
-from .sensitivity import Plan
+from .search.plan import Plan
 
 RUN = "run.json"
 

@@ -28,6 +28,14 @@ def test_every_module_has_a_layer():
     assert set(layered) == _top_level()
 
 
+def test_every_search_module_has_a_layer_of_the_search():
+    """The search package's own contract orders all its modules (a new one must take a place)."""
+    contract = next(c for c in CONTRACTS if c.get("containers") == ["onnxcc.search"])
+    layered = [m.strip() for layer in contract["layers"] for m in layer.split(":")]
+    assert sorted(layered) == sorted(set(layered)), "a module in two layers"
+    assert set(layered) == {m.name for m in pkgutil.iter_modules([str(ROOT / "search")])}
+
+
 def test_only_the_command_line_may_parse_and_render():
     sources = set(_contract("forbidden")["source_modules"])
     assert sources == _top_level() - {"onnxcc.cli", "onnxcc.__main__"}

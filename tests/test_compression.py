@@ -14,10 +14,13 @@ from oracles import check_model_full, random_feeds, run, runtime_macs
 from onnxcc.calib import Calibration
 from onnxcc.compression import compress
 from onnxcc.config import CompressConfig
-from onnxcc.search import TARGET_TOLERANCE
+from onnxcc.config import Budget
 from onnxcc.errors import CalibrationError, TargetUnreachableError, UnsupportedModelError, UsageError
-from onnxcc.sensitivity import Plan, WeightProbe, plan_weights
+from onnxcc.search import Plan, SearchContext, SearchTuning, WeightProbe
+from onnxcc.search.emulation import plan_weights
 from engine_helpers import normalized_analysis
+
+TARGET_TOLERANCE = SearchTuning().target_tolerance
 
 
 @pytest.mark.slow
@@ -50,12 +53,11 @@ def test_target_reached_within_two_points(name, method):
     assert abs(res.report["totals"]["mac_reduction"] - 0.4) <= 0.02
 
 
-def test_widths_and_ranks_land_on_multiples(monkeypatch):
+def test_widths_and_ranks_land_on_multiples():
     # finer grids only for targets the multiples miss (here they may miss by 5%), never for
     # less measured damage
-    monkeypatch.setattr("onnxcc.search.TARGET_TOLERANCE", 0.05)
-    monkeypatch.setattr("onnxcc.search.FINER_GRID_GAIN", 0.0)
-    res = compress(GRAPHS["tiny_resnet"](13), 0.4, steps=1, round_to=4)
+    res = compress(GRAPHS["tiny_resnet"](13), 0.4, steps=1, round_to=4,
+                   search_overrides={"target_tolerance": 0.05, "finer_grid_gain": 0.0})
     for gid, m in res.plan.keep.items():
         assert m.sum() % 4 == 0 or m.sum() < 4
     assert all(r % 4 == 0 or r < 4 for r in res.plan.ranks.values())
@@ -63,8 +65,8 @@ def test_widths_and_ranks_land_on_multiples(monkeypatch):
 
 def test_finer_grid_plan_is_taken_only_for_clearly_less_measured_damage(monkeypatch):
     """Of two landings, the coarse grid's stands unless the finer one measures below
-    FINER_GRID_GAIN times its damage; the same plan twice is not measured at all."""
-    from onnxcc.search import FINER_GRID_GAIN, _measured_pick
+    finer_grid_gain times its damage; the same plan twice is not measured at all."""
+    from onnxcc.search.landing import measured_pick
     model = GRAPHS["conv_chain"](13)
     norm, a = normalized_analysis(model)
     probe = WeightProbe(a, norm, random_feeds(model, seed=3, batch=1), batched=False)
@@ -73,14 +75,15 @@ def test_finer_grid_plan_is_taken_only_for_clearly_less_measured_damage(monkeypa
     size = a.groups[gid].size
     deep, light = (Plan({gid: np.arange(size) >= size - k}) for k in (1, size - 1))
     d_deep, d_light = (probe.damage(plan_weights(probe, p, stats)) for p in (deep, light))
-    assert d_light < FINER_GRID_GAIN * d_deep
+    ctx = SearchContext(a, probe, Budget("flops", 0.5, a.total_macs, a.macs), SearchTuning())
+    assert d_light < ctx.tuning.finer_grid_gain * d_deep
 
-    assert _measured_pick(probe, stats, [(16, deep, "c"), (8, light, "f")], 1)[1] == "f"
-    assert _measured_pick(probe, stats, [(16, light, "c"), (8, deep, "f")], 1)[1] == "c"
-    monkeypatch.setattr("onnxcc.search.FINER_GRID_GAIN", 0.5 * d_light / d_deep)
-    assert _measured_pick(probe, stats, [(16, deep, "c"), (8, light, "f")], 1)[1] == "c"
+    assert measured_pick(ctx, stats, [(16, deep, "c"), (8, light, "f")], 1)[1] == "f"
+    assert measured_pick(ctx, stats, [(16, light, "c"), (8, deep, "f")], 1)[1] == "c"
+    ctx.tuning = replace(ctx.tuning, finer_grid_gain=0.5 * d_light / d_deep)
+    assert measured_pick(ctx, stats, [(16, deep, "c"), (8, light, "f")], 1)[1] == "c"
     monkeypatch.setattr(probe, "damage", lambda *_: pytest.fail("identical plans were measured"))
-    assert _measured_pick(probe, stats, [(16, light, "c"), (8, light.copy(), "f")], 1)[1] == "c"
+    assert measured_pick(ctx, stats, [(16, light, "c"), (8, light.copy(), "f")], 1)[1] == "c"
 
 
 def test_emulated_plan_equals_physical_rewrite():
@@ -112,7 +115,7 @@ def test_tries_keep_the_plan_with_least_damage_on_all_fit_samples():
 
 def test_the_search_time_is_estimated_before_measuring_and_reported_beside_the_time_taken(tmp_path):
     from onnxcc.report import write_report
-    from onnxcc.search import estimate_seconds
+    from onnxcc.search.sizing import estimate_seconds
 
     messages = []
     model = GRAPHS["tiny_resnet"](13)
@@ -151,7 +154,7 @@ def test_tries_split_the_calibration_samples_differently():
     assert len({frozenset(sens) for sens, _ in splits}) == 3
 
 
-def test_tries_by_model_cost(monkeypatch):
+def test_tries_by_model_cost():
     from onnxcc.compression import CompressConfig
     from onnxcc.search import tries_for
 
@@ -161,18 +164,18 @@ def test_tries_by_model_cost(monkeypatch):
     assert tries_for(a, replace(cfg, tries=2), 24) == 2
     # no more samples than one damage measurement takes: every split would be the same
     assert tries_for(a, replace(cfg, tries=2), 16) == 1
-    monkeypatch.setattr("onnxcc.search.CHEAP_SEARCH", a.total_macs / 2)
-    assert tries_for(a, cfg, 24) == 1
+    assert tries_for(a, replace(cfg, search_overrides={"cheap_search": a.total_macs / 2}), 24) == 1
 
 
 def test_the_search_is_sized_to_its_time_steps_first_then_samples():
-    from onnxcc.search import estimate_seconds, size_search
+    from onnxcc.search import size_search
+    from onnxcc.search.sizing import estimate_seconds
 
     _, a = normalized_analysis(GRAPHS["tiny_resnet"](13))
     cfg = CompressConfig(flops=0.3)
 
     def cost(steps, samples):
-        return estimate_seconds(a, replace(cfg, steps=steps), samples * 1.0)
+        return estimate_seconds(a, SearchTuning.of(replace(cfg, steps=steps)), samples * 1.0)
 
     def sized(seconds, **given):
         s = size_search(a, replace(cfg, search_seconds=seconds, **given), 1.0, 40)
@@ -365,8 +368,8 @@ def test_report_depthwise_inputs_follow_pruned_outputs():
 
 def test_refits_that_hurt_the_outputs_are_dropped(monkeypatch):
     """Ill-posed least-squares refits (here: targets scrambled) give way to plain removal."""
-    from onnxcc.search import emulate
-    from onnxcc.sensitivity import Stats
+    from onnxcc.search.emulation import emulate
+    from onnxcc.search.statistics import Stats
 
     model = GRAPHS["tiny_resnet"](13)
     res = compress(model, 0.4, steps=1, round_to=1)
@@ -497,8 +500,7 @@ def test_a_conv_folded_away_between_two_emptied_groups_offers_no_rank():
     """Emptying the groups on both sides of a factorizable Conv leaves it no width at all; its
     rank unit must offer nothing rather than size ranks for a 0→0 Conv (a --latency 0.5 search
     on open-nsfw divided by zero there)."""
-    from onnxcc.config import Budget, CompressConfig
-    from onnxcc.search import _grid, _Unit
+    from onnxcc.search.plan import RankUnit
 
     _, a = normalized_analysis(GRAPHS["tiny_mobilenet"](13))
     layer = next(l for l in a.layers if l.factorizable and l.in_groups and l.out_groups
@@ -506,5 +508,6 @@ def test_a_conv_folded_away_between_two_emptied_groups_offers_no_rank():
     plan = Plan({g: np.zeros(a.groups[g].size, bool) for g in layer.in_groups + layer.out_groups})
     assert a.channels(layer, plan.kept()) == (0, 0)
     budget = Budget("flops", 0.5, a.total_macs, a.macs)
-    grid, _ = _grid(a, plan, CompressConfig(flops=0.5, round_to=1), budget, None, {}, _Unit("rank", layer, {layer.key}), 1)
+    ctx = SearchContext(a, None, budget, SearchTuning(round_to=1))
+    grid, _ = RankUnit({layer.key}, layer).grid(ctx, plan, {}, 1)
     assert list(grid) == [0]

@@ -9,10 +9,12 @@ from graphs import GRAPHS, GraphBuilder
 
 from onnxcc import latency
 from onnxcc.compression import LATENCY_TOLERANCE, compress
-from onnxcc.search import TARGET_TOLERANCE
+from onnxcc.search import SearchTuning
 from onnxcc.errors import TargetUnreachableError
 from onnxcc.latency_model import LatencyModel, axis_grid, _site
 from engine_helpers import normalized_analysis
+
+TARGET_TOLERANCE = SearchTuning().target_tolerance
 
 
 def _speed(cin: int, cout: int) -> float:

@@ -54,7 +54,7 @@ def test_resume_refuses_what_it_cannot_continue(tmp_path):
 
 def test_checkpointed_steps_read_back_exactly(tmp_path):
     from onnxcc.resume import SearchCheckpoint
-    from onnxcc.sensitivity import Plan
+    from onnxcc.search import Plan
 
     ckpt = SearchCheckpoint(tmp_path / "c", "key")
     plan = Plan({3: np.array([True, False, True])}, {"conv1": 4})

@@ -14,14 +14,15 @@ from graphs import GRAPHS, GraphBuilder
 from oracles import check_model_full, run
 from strategies import cnn_models
 
-from onnxcc import search
 from onnxcc.calib import Calibration
 from onnxcc.compression import _sample_split, compress
 from onnxcc.config import Budget, CompressConfig
 from onnxcc.errors import VerificationError
 from onnxcc.inspect import inspect_model
 from onnxcc.passes.prune import PruneChannelsPass
-from onnxcc.sensitivity import Plan, WeightProbe, channel_scores, plan_weights
+from onnxcc.search import Plan, WeightProbe
+from onnxcc.search.emulation import plan_weights
+from onnxcc.search.importance import channel_scores
 from onnxcc.analysis.costs import model_params
 from onnxcc.passes.check import CheckPass
 from onnxcc.verify import fidelity
@@ -118,14 +119,14 @@ def _twins() -> onnx.ModelProto:
     return g.build(g.conv(g.concat([a, b, c]), 4, 1))
 
 
-def test_a_step_whose_units_compound_is_allocated_again_without_the_one_that_broke_it(caplog, monkeypatch):
+def test_a_step_whose_units_compound_is_allocated_again_without_the_one_that_broke_it(caplog):
     model, cal = _twins(), _calibration(_twins(), 64)
-    run_it = lambda: compress(model, 0.5, calib=cal, recover="none", steps=1, tries=1, round_to=1)
+    run_it = lambda **tuned: compress(model, 0.5, calib=cal, recover="none", steps=1, tries=1, round_to=1,
+                                      search_overrides=tuned)
     with caplog.at_level("INFO", logger="onnxcc.search"):
         backed_off = run_it()
     assert "allocating again without it" in caplog.text
-    monkeypatch.setattr(search, "COMPOUNDING", float("inf"))
-    compounded = run_it()
+    compounded = run_it(compounding=float("inf"))
     assert backed_off.report["totals"]["mac_reduction"] >= 0.49
     assert backed_off.report["fidelity"]["cosine_mean"] > compounded.report["fidelity"]["cosine_mean"] + 0.03
 

@@ -25,7 +25,7 @@ sys.path[:0] = [str(REPO), str(REPO / "tools")]
 import models  # noqa: E402
 
 from onnxcc.inspect import inspect_model  # noqa: E402
-from onnxcc.sensitivity import WeightProbe  # noqa: E402
+from onnxcc.search import WeightProbe  # noqa: E402
 
 
 def jobs(probe: WeightProbe, rounds: int) -> list:

@@ -21,9 +21,9 @@ from typing import Callable, Iterator, Sequence
 import numpy as np
 import onnx
 
-from .errors import UsageError
-from .outputs import Standardizer
-from .runtime import make_session, quiet_run
+from ..errors import UsageError
+from ..outputs import Standardizer
+from ..runtime import make_session, quiet_run
 from .suffix import SuffixRunner, batches
 
 log = logging.getLogger(__name__)
@@ -181,5 +181,5 @@ class _Worker:
 
 def _import_paths() -> list[str]:
     """Where this onnxcc is imported from, for workers started by a local Ray."""
-    here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    here = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))   # above onnxcc/search/
     return [here] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]

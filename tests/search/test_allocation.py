@@ -4,7 +4,7 @@ import itertools
 import numpy as np
 from hypothesis import given, settings, strategies as st
 
-from onnxcc.allocate import Options, interpolate, knapsack, land_near, outside, settle
+from onnxcc.search.allocation import Options, interpolate, knapsack, land_near, outside, settle
 
 
 def test_landing_trades_options_between_units_where_no_single_move_helps():

@@ -16,7 +16,7 @@ from typing import Callable, Iterator, Sequence
 import numpy as np
 import onnx
 
-from .runtime import make_session
+from ..runtime import make_session
 
 CACHE_BYTES = 768 << 20     # cut tensors held at once (every calibration sample)
 Weights = dict[str, np.ndarray]

@@ -97,7 +97,7 @@ def moment_sums(r: np.ndarray, target: np.ndarray | None = None) -> tuple[np.nda
     return S, (np.concatenate([target, one], 1, dtype=np.float32).T @ z).astype(np.float64)
 
 
-def _ridge(S: np.ndarray) -> np.ndarray:
+def ridge(S: np.ndarray) -> np.ndarray:
     return S + _eps(S) * np.eye(len(S))
 
 
@@ -126,4 +126,4 @@ def refit(Wm: np.ndarray, b: np.ndarray | None, S: np.ndarray, C: np.ndarray,
 def whitener(S: np.ndarray, keep: np.ndarray) -> np.ndarray:
     """L with L Lᵀ = S_KK (input columns only, ridge-stabilised)."""
     k = np.append(keep, False)
-    return np.linalg.cholesky(_ridge(S[np.ix_(k, k)]))
+    return np.linalg.cholesky(ridge(S[np.ix_(k, k)]))

@@ -22,7 +22,7 @@ def local_ray():
 
 def _probe(model: onnx.ModelProto, n: int = 24):
     from onnxcc.inspect import inspect_model
-    from onnxcc.sensitivity import WeightProbe
+    from onnxcc.search import WeightProbe
 
     ins = inspect_model(model, {"x": (1, 3, 16, 16)})
     x = np.random.default_rng(0).standard_normal((n, 3, 16, 16)).astype(np.float32)

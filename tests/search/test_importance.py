@@ -6,7 +6,9 @@ from onnx import numpy_helper
 from graphs import GRAPHS
 from oracles import random_feeds
 
-from onnxcc.sensitivity import Plan, WeightProbe, channel_scores, plan_weights
+from onnxcc.search import Plan, WeightProbe
+from onnxcc.search.emulation import plan_weights
+from onnxcc.search.importance import channel_scores
 from engine_helpers import normalized_analysis
 
 
@@ -62,7 +64,7 @@ def test_scores_mark_removed_channels_and_order_the_rest():
 
 def test_statistics_streamed_in_runs_equal_one_run_over_every_sample(monkeypatch):
     """Layer inputs stream through a run at a time (memory); the rows and sums are the whole set's."""
-    from onnxcc import reconstruct
+    from onnxcc.search import refit as reconstruct
 
     monkeypatch.setattr(reconstruct, "MAX_ROWS", 300)   # subsampled rows must be the same ones too
     model = GRAPHS["tiny_resnet"](13)
@@ -86,5 +88,5 @@ def test_statistics_streamed_in_runs_equal_one_run_over_every_sample(monkeypatch
         for k, (S, C) in whole.moments.items():
             np.testing.assert_allclose(part.moments[k][0], S, rtol=1e-4, atol=1e-6)
             np.testing.assert_allclose(part.moments[k][1], C, rtol=1e-4, atol=1e-6)
-    monkeypatch.setattr("onnxcc.sensitivity.STAT_RUN_BYTES", 1)   # wider layer inputs than a run may return
+    monkeypatch.setattr("onnxcc.search.probe.STAT_RUN_BYTES", 1)   # wider layer inputs than a run may return
     assert WeightProbe(a, norm, random_feeds(model, seed=4, batch=20), batched=True).stat_batch == 1

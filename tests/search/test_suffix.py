@@ -7,7 +7,9 @@ from engine_helpers import normalized_analysis
 from graphs import GRAPHS, OPSETS_TO_TRY
 from oracles import random_feeds
 
-from onnxcc.sensitivity import Plan, WeightProbe, affected_layers, plan_weights
+from onnxcc.search import Plan, WeightProbe
+from onnxcc.search.emulation import plan_weights
+from onnxcc.search.plan import affected_layers
 
 
 def _changes(probe: WeightProbe, seed: int = 0):

@@ -4,7 +4,7 @@ import onnx_graphsurgeon as gs
 import pytest
 import torch
 
-from onnxcc import reconstruct
+from onnxcc.search import refit as reconstruct
 
 
 def _conv(cin: int, k: int, stride: int, pad: int, dilation: int) -> gs.Node:

@@ -8,9 +8,10 @@ from onnx import TensorProto, helper, numpy_helper
 from oracles import check_model_full, run
 
 from onnxcc.compression import compress
-from onnxcc.search import TARGET_TOLERANCE
-from onnxcc.sensitivity import RUN_BATCH, WeightProbe
+from onnxcc.search import RUN_BATCH, SearchTuning, WeightProbe
 from engine_helpers import normalized_analysis
+
+TARGET_TOLERANCE = SearchTuning().target_tolerance
 
 
 def _init(name: str, shape, rng) -> onnx.TensorProto:

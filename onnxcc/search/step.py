@@ -1,0 +1,105 @@
+"""One step of the search: emulate the plan so far, measure every unit, land the step's plan.
+
+Each unit's damage is measured at a few amounts (one per fraction of its grid, and emptying
+where it can empty a branch) on the partly compressed model, with channels re-scored under the
+current activations; the measurements are independent jobs (:meth:`WeightProbe.damages`). A
+plan that measures far more damage than its units' curves add up to is landed again without
+the unit that compounds.
+"""
+from __future__ import annotations
+
+import logging
+from functools import partial
+
+import numpy as np
+
+from .context import SearchContext
+from .emulation import emulate, plan_weights
+from .importance import channel_scores
+from .landing import Offer, land
+from .plan import Apply, Plan, Unit, units
+from .statistics import Stats
+
+log = logging.getLogger(__name__)
+
+
+def take_step(ctx: SearchContext, plan: Plan, prev: dict[str, np.ndarray], step: int) -> tuple[Plan, dict]:
+    """The plan after ``step`` (from ``plan``, emulated by ``prev``), and its units' curves."""
+    probe, tuning = ctx.probe, ctx.tuning
+    weights, stats, base = emulate(probe, plan, prev, tuning.reconstruct)
+    if base is None:
+        base = probe.damage(weights) if (plan.keep or plan.ranks) else 0.0
+    scores = channel_scores(probe, plan, weights, stats)
+    probe.forget_svds()  # this step's weights and statistics differ from the last
+    offers = [Offer(u, *u.grid(ctx, plan, scores, tuning.round_to)) for u in units(ctx.analysis, tuning.method)]
+    offers = [o for o in offers if len(o.grid) > 1]
+    for o in offers:
+        o.unit.measured = _measure_at(o.grid, tuning.fractions, o.unit.empties(ctx.analysis, plan))
+    _measure(ctx, plan, stats, weights, base, offers, step)
+    if not offers:
+        return plan, {}
+
+    new, curves = land(ctx, stats, plan, scores, offers, step)
+    culprit, damage = _compounding(ctx, stats, plan, new, [o.unit for o in offers], base, step)
+    rest = [o for o in offers if o.unit is not culprit]
+    if culprit is None or not rest:
+        return new, curves
+    other = land(ctx, stats, plan, scores, rest, step)[0]
+    d_other = ctx.damage(other, stats)
+    log.info("step %d: without %s the plan measures damage %.4g (%.4g with it)", step, culprit.name, d_other, damage)
+    return (other if d_other < damage and ctx.budget.of(other) <= ctx.budget.of(new) + ctx.slack()
+            else new), curves
+
+
+def _measure(ctx: SearchContext, plan: Plan, stats: Stats, weights: dict[str, np.ndarray], base: float,
+             offers: list[Offer], step: int) -> None:
+    """Every offer's damage at its measured amounts, above the step's ``base`` damage."""
+    probe = ctx.probe
+    jobs = [(o.unit, o.apply, k) for o in offers for k in o.unit.measured]
+
+    def candidate(u: Unit, apply: Apply, k: int) -> dict[str, np.ndarray]:
+        cand = plan.copy()
+        apply(cand, k)
+        return plan_weights(probe, cand, stats, u.touched)
+
+    done = iter(range(1, len(jobs) + 1))
+
+    def tick() -> None:
+        if ctx.progress:
+            ctx.progress(f"step {step}/{ctx.tuning.steps}: measuring", next(done), len(jobs))
+    damages = probe.damages(weights, [(u.touched, partial(candidate, u, apply, k)) for u, apply, k in jobs], tick)
+    for (u, _, _), d in zip(jobs, damages):
+        u.damage.append(d - base)
+
+
+def _measure_at(grid: np.ndarray, fractions: tuple[float, ...], emptying: bool) -> list[int]:
+    """The amounts of ``grid`` (0 first) whose damage is measured: the ones nearest each fraction
+    of the largest. Emptying a group is a different kind of change from narrowing it (a folded
+    branch, not a thinner one), so where the last amount empties, the fractions place themselves
+    on the widths before it and emptying is measured besides: interpolating from emptying would
+    price the narrowest widths by a damage they do not have."""
+    widths = grid[1:-1] if emptying else grid[1:]
+    picked = {int(widths[np.argmin(np.abs(widths - f * widths[-1]))]) for f in fractions} if len(widths) else set()
+    return sorted(picked | ({int(grid[-1])} if emptying else set()))
+
+
+def _compounding(ctx: SearchContext, stats: Stats, plan: Plan, new: Plan, changed_units: list[Unit],
+                 base: float, step: int) -> tuple[Unit | None, float]:
+    """The unit to leave out of this step, where the plan measures far more damage than its units'
+    curves add up to: removals that each cost little can together break a layer (the last
+    channels of a narrow hidden layer behind several thinned ones). Each changed unit, most
+    damaging first, is undone in turn; the one whose undoing lowers the damage most is it."""
+    a, tuning = ctx.analysis, ctx.tuning
+    changed = [(u, k) for u in changed_units if (k := u.amount(a, plan, new)) > 0]
+    if len(changed) < 2:
+        return None, 0.0
+    predicted = base + sum(u.damage_at(k) for u, k in changed)
+    measured = ctx.damage(new, stats)
+    if measured <= tuning.compounding * max(predicted, 0.0) + tuning.noise_damage:
+        return None, measured
+    suspects = sorted(changed, key=lambda c: -c[0].damage_at(c[1]))
+    undone = [(ctx.damage(u.undo(plan, new), stats), i, u) for i, (u, _) in enumerate(suspects[:tuning.backoff_suspects])]
+    best, _, culprit = min(undone)
+    log.info("step %d: the plan measures damage %.4g where its units' curves add up to %.4g; undoing %s: "
+             "%.4g; allocating again without it", step, measured, predicted, culprit.name, best)
+    return culprit, measured
