@@ -105,8 +105,19 @@ class Unit(ABC):
         """How much this unit removes going from ``before`` to ``after`` (channels, or rank steps)."""
 
     @abstractmethod
+    def slot(self, plan: Plan) -> tuple[dict, int | str]:
+        """Where ``plan`` holds this unit's decision: (the plan's dict, the key in it)."""
+
     def undo(self, before: Plan, after: Plan) -> Plan:
         """``after`` with this unit as it was in ``before``."""
+        p = after.copy()
+        store, key = self.slot(p)
+        old = self.slot(before)[0].get(key)
+        if old is None:
+            store.pop(key, None)
+        else:
+            store[key] = old.copy() if isinstance(old, np.ndarray) else old
+        return p
 
     def emptiable(self, a: Analysis) -> bool:
         """Whether removing all of it folds a branch away (a different kind of change from narrowing)."""
@@ -149,14 +160,8 @@ class GroupUnit(Unit):
         size = a.groups[self.gid].size
         return before.kept().get(self.gid, size) - after.kept().get(self.gid, size)
 
-    def undo(self, before: Plan, after: Plan) -> Plan:
-        p = after.copy()
-        old = before.keep.get(self.gid)
-        if old is None:
-            p.keep.pop(self.gid, None)
-        else:
-            p.keep[self.gid] = old.copy()
-        return p
+    def slot(self, plan: Plan) -> tuple[dict, int]:
+        return plan.keep, self.gid
 
     def emptiable(self, a: Analysis) -> bool:
         return a.groups[self.gid].droppable
@@ -204,14 +209,8 @@ class RankUnit(Unit):
         start = before.ranks.get(key, self.layer.max_useful_rank(*a.channels(self.layer, before.kept())) + 1)
         return start - after.ranks[key]
 
-    def undo(self, before: Plan, after: Plan) -> Plan:
-        p = after.copy()
-        old = before.ranks.get(self.layer.key)
-        if old is None:
-            p.ranks.pop(self.layer.key, None)
-        else:
-            p.ranks[self.layer.key] = old
-        return p
+    def slot(self, plan: Plan) -> tuple[dict, str]:
+        return plan.ranks, self.layer.key
 
 
 def units(a: Analysis, method: str) -> list[Unit]:
