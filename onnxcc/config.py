@@ -25,8 +25,8 @@ class CompressConfig:
     provider: str = "cpu"
     seed: int = 0
     gamma: float = 0.9                 # weight of the remaining-compression-space look-ahead
-    sens_samples: int | None = None    # calibration samples per damage measurement; None: 16, 8 where 1 step
-    #                                    on 16 would outlast search_seconds (8 is noisier on some models)
+    sens_samples: int | None = None    # calibration samples per damage measurement; None: 16, 8 where the
+    #                                    steps on 16 would outlast search_seconds (8 is noisier on some models)
     search_seconds: float = 420.0      # what one search should measure for at most (estimated before it starts)
     fractions: tuple[float, ...] = (0.2, 0.45, 0.7, 1.0)  # 1.0: never extrapolate
     # a group keeps at least this fraction of its channels (or is emptied where its branch may be):

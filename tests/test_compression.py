@@ -167,7 +167,7 @@ def test_tries_by_model_cost():
     assert tries_for(a, replace(cfg, search_overrides={"cheap_search": a.total_macs / 2}), 24) == 1
 
 
-def test_the_search_is_sized_to_its_time_steps_first_then_samples():
+def test_the_search_is_sized_to_its_time_most_steps_first_then_most_samples():
     from onnxcc.search import size_search
     from onnxcc.search.sizing import estimate_seconds
 
@@ -182,8 +182,9 @@ def test_the_search_is_sized_to_its_time_steps_first_then_samples():
         return s.steps, s.sens_samples
 
     assert sized(cost(3, 16)) == (3, 16)
-    assert sized(cost(3, 16) * 0.99) == (2, 16)
-    assert sized(cost(1, 16) * 0.99) == (1, 8)     # 3 or 2 steps on 8 cost as much as 1 on 16 or more
+    assert sized(cost(3, 16) * 0.99) == (3, 8)      # fewer samples before fewer steps
+    assert sized(cost(3, 8) * 0.99) == (2, 8)       # 2 steps on 16 cost more than 3 on 8
+    assert sized(cost(2, 8) * 0.99) == (1, 8)       # ... and 1 on 16 as much as 2 on 8
     assert sized(cost(1, 8) * 0.5) == (1, 8)          # nothing fits: the cheapest
     assert sized(cost(1, 8) * 0.5, steps=3) == (3, 8)  # what the user gave stays
     assert sized(cost(1, 8) * 0.5, sens_samples=12) == (1, 12)

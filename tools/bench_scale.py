@@ -126,12 +126,10 @@ def render(results: dict) -> str:
              f"`onnxcc compress MODEL --flops F --calib <{SAMPLES} photos> --recover none` in a child process under "
              "`/usr/bin/time -v`; seconds are its wall time, peak RSS its maximum resident set. Fidelity: the held-out "
              "cosine and relative L2 error compress reports (a quarter of the samples, never measured on), of the "
-             "model's worst output. The random-weight YOLOv8-seg-size networks' outputs hardly depend on their input "
-             "(PyTorch's default init shrinks the signal layer by layer: two photos give outputs 1e-4 apart), so "
-             "their fidelity says nothing; their time and memory follow from their shapes (the same runs), not their weights. "
-             "Steps × samples: "
-             "what the search measured with. Random-weight YOLOv8-seg-size networks from `models/yolov8_seg.py` "
-             "(n: width 0.25, s: width 0.5; 576×576, two outputs).", ""]
+             "model's worst output. Steps × samples: what the search measured with. YOLOv8-seg-size networks "
+             "from `models/yolov8_seg.py` (n: width 0.25, s: width 0.5; 576×576, two outputs): random weights, "
+             "Kaiming-normal with BN statistics from image-like noise, so their outputs depend on the input "
+             "(rows measured on the earlier default-init export, whose outputs did not, carry no fidelity).", ""]
     for lab in labels:
         meta = results["labels"][lab]
         lines.append(f"- **{lab}**: {meta['note']} (`{meta['command']}`)")

@@ -69,13 +69,15 @@ class SearchSize:
 
 def size_search(a: Analysis, cfg: CompressConfig, sample_seconds: float, samples: int, workers: int = 1) -> SearchSize:
     """Steps and samples per measurement for the settings the user left open (None): the most
-    steps, then the most samples, whose estimated measuring time fits ``cfg.search_seconds``;
+    steps, then the most samples at those steps, whose estimated measuring time fits ``cfg.search_seconds``;
     the cheapest where none fits. ``sample_seconds``: one sample's run through the model;
     ``samples``: calibration samples there are to measure on. Deterministic given the timing."""
     tuning = SearchTuning.of(cfg)
     step_options = [cfg.steps] if cfg.steps is not None else list(range(STEPS, 0, -1))
     counts = [cfg.sens_samples] if cfg.sens_samples is not None else [SENS_SAMPLES, FEWEST_SAMPLES]
-    rungs = [(st, min(n, samples)) for n in counts for st in step_options]
+    # steps buy the most fidelity, samples the least (a YOLOv8n-seg-size network at 320×320,
+    # --flops 0.3: held-out cosine 0.971 from 3 steps on 16 samples or on 8, 0.905 from 1 on 8)
+    rungs = [(st, min(n, samples)) for st in step_options for n in counts]
 
     def estimate(st: int, n: int) -> float:
         return estimate_seconds(a, replace(tuning, steps=st), sample_seconds * n, workers)
