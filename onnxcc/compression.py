@@ -89,7 +89,8 @@ def compress(model: onnx.ModelProto | str | Path, flops: float | None = None,
             if checkpoint is not None else None)
     work = _Work(a, ins.model, fit, shapes, not batch_fixed_at_one(original), progress, ckpt)
     if cfg.round_to is None:
-        cfg.round_to = work.measured("round_to", lambda: best_multiple(cfg.provider, cfg.threads)) if cfg.latency_aware else 16
+        cfg.round_to = (work.measured("round_to", lambda: best_multiple(cfg.provider, cfg.threads)) if cfg.latency_aware
+                        else SearchTuning.round_to)
     lat = _latency_model(work, cfg) if cfg.latency_aware or cfg.latency else None
     if lat is not None and not lat.surfaces:
         # only 2-D Convs are timed: a table without one prices every layer at zero

@@ -25,14 +25,15 @@ class SearchTuning:
     and the thresholds by which a step lands its plan (``CompressConfig.search_overrides``
     changes them by name)."""
 
-    method: str = "cc"
-    steps: int = 3
-    fractions: tuple[float, ...] = (0.2, 0.45, 0.7, 1.0)
-    round_to: int = 16
-    min_keep: float = 0.25
-    gamma: float = 0.9
-    speed_weight: float = 1.0
-    reconstruct: bool = True
+    # the config's defaults where it has one; steps and round_to are left open there (sized, measured)
+    method: str = CompressConfig.method
+    steps: int = 3                    # the most steps sizing gives
+    fractions: tuple[float, ...] = CompressConfig.fractions
+    round_to: int = 16                # where no latency model measures the machine's best multiple
+    min_keep: float = CompressConfig.min_keep
+    gamma: float = CompressConfig.gamma
+    speed_weight: float = CompressConfig.speed_weight
+    reconstruct: bool = CompressConfig.reconstruct
     target_tolerance: float = 0.004   # share of the total the last step may fall short by (twice it beyond) before grids get finer
     step_overshoot: float = 0.5       # share of a step's budget a step before the last may remove beyond it
     finer_grid_gain: float = 0.8      # a finer grid's plan must measure at most this share of a coarser one's damage

@@ -15,9 +15,9 @@ from ..config import CompressConfig
 from .context import SearchTuning
 from .plan import units
 
-STEPS = 3              # multi-step removal where the search's time allows ...
-SENS_SAMPLES = 16      # ... on this many samples per damage measurement,
-FEWEST_SAMPLES = 8     # down to this many where even one step on SENS_SAMPLES would not fit
+STEPS = SearchTuning.steps   # multi-step removal where the search's time allows ...
+SENS_SAMPLES = 16            # ... on this many samples per damage measurement,
+FEWEST_SAMPLES = 8           # down to this many before fewer steps
 # Whole runs of the sensitivity samples a step makes besides its units' candidates: its base,
 # the landing and compounding checks, the statistics and channel scores of the step's weights.
 STEP_RUNS = 8
