@@ -128,9 +128,11 @@ def test_latency_budget_is_met_by_the_model():
     res = compress(model, latency=0.3, steps=2)
     lat, search = res.report["totals"]["latency"], res.report["search"]
     rounds = search["latency_rounds"]
-    # A search lands on its predicted target within one point, on either side (land_near may
-    # stop just short: 0.2999 is on target); which widths get there depends on the timings.
-    assert all(abs(r["predicted"] - r["asked"]) <= 0.01 for r in rounds)
+    # A search never stops more than a point short of its predicted target (land_near may stop
+    # just short: 0.2999 is on target). It may go beyond: where the plans inside the band measure
+    # out of all proportion more damage than one removing more, landing keeps the latter, and
+    # which plans those are depends on the live timings behind the latency table.
+    assert all(r["predicted"] >= r["asked"] - 0.01 for r in rounds)
     # another search only where the measured plan missed by more than the tolerance; the plan
     # measured nearest the target is the one written, priced as its search priced it
     assert len(rounds) == 1 or abs(rounds[0]["measured"] - 0.3) > LATENCY_TOLERANCE
