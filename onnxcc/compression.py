@@ -42,6 +42,7 @@ from .runtime import make_session
 from .search import (RUN_BATCH, Plan, SearchContext, SearchSize, SearchTuning, WeightProbe, check_reachable,
                      search_plan, size_search, tries_for)
 from .search.allocation import faithful_share
+from .search.context import keep_floor
 from .verify import fidelity
 
 log = logging.getLogger(__name__)
@@ -91,6 +92,8 @@ def compress(model: onnx.ModelProto | str | Path, flops: float | None = None,
     if cfg.round_to is None:
         cfg.round_to = (work.measured("round_to", lambda: best_multiple(cfg.provider, cfg.threads)) if cfg.latency_aware
                         else SearchTuning.round_to)
+    if cfg.min_keep is None:   # from the user's target, also where --latency searches again for another
+        cfg.min_keep = keep_floor(cfg.removal)
     lat = _latency_model(work, cfg) if cfg.latency_aware or cfg.latency else None
     if lat is not None and not lat.surfaces:
         # only 2-D Convs are timed: a table without one prices every layer at zero
@@ -354,7 +357,7 @@ def _faithful_hint(cfg: CompressConfig, report: dict[str, Any]) -> str:
     curves = report["sensitivity"][0] if report["sensitivity"] else {}
     share = faithful_share(curves, 2 * (1 - cosine))
     what, flag = ("MACs", "flops") if cfg.flops is not None else ("latency", "latency")
-    asked = cfg.flops if cfg.flops is not None else cfg.latency
+    asked = cfg.removal
     if share >= asked:   # the curves are one unit at a time: here the units' damages compound
         return (f"The measured curves, one layer at a time, predicted --{flag} {asked} faithful: the layers' "
                 f"damages compound on this model, so try a smaller --{flag}; more real calibration samples "

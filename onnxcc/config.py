@@ -29,11 +29,9 @@ class CompressConfig:
     #                                    steps on 16 would outlast search_seconds (8 is noisier on some models)
     search_seconds: float = 420.0      # what one search should measure for at most (estimated before it starts)
     fractions: tuple[float, ...] = (0.2, 0.45, 0.7, 1.0)  # 1.0: never extrapolate
-    # a group keeps at least this fraction of its channels (or is emptied where its branch may be):
-    # narrower groups measure little damage alone but leave recovery too little to work with
-    # (MobileNetV2 --flops 0.5 cut a 320-channel bottleneck to 16: 0% top-1 agreement after
-    # recovery; 52% with this floor)
-    min_keep: float = 0.25
+    # a group keeps at least this fraction of its channels (or is emptied where its branch may be);
+    # None: by the target (onnxcc.search.context.keep_floor)
+    min_keep: float | None = None
     reconstruct: bool = True           # least-squares refit + activation-aware SVD (beyond CC)
     stat_samples: int = 32             # calibration samples for layer-input statistics
     round_to: int | None = None        # kept widths and ranks are multiples of this; None: measured
@@ -50,6 +48,11 @@ class CompressConfig:
     memory_check: bool = True          # refuse to start where the estimated peak exceeds the available memory
     # the search's internal thresholds by name (onnxcc.search.SearchTuning's fields): for experiments
     search_overrides: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def removal(self) -> float:
+        """The fraction the target removes, of the MACs or of the latency."""
+        return self.flops if self.flops is not None else self.latency
 
     def validate(self) -> None:
         if (self.flops is None) == (self.latency is None):

@@ -17,6 +17,7 @@ from onnxcc.config import CompressConfig
 from onnxcc.config import Budget
 from onnxcc.errors import CalibrationError, TargetUnreachableError, UnsupportedModelError, UsageError
 from onnxcc.search import Plan, SearchContext, SearchTuning, WeightProbe
+from onnxcc.search.context import keep_floor
 from onnxcc.search.emulation import plan_weights
 from engine_helpers import normalized_analysis
 
@@ -494,7 +495,7 @@ def test_emptying_is_measured_besides_the_narrowest_width():
     for gid, g in a.groups.items():
         if g.droppable:
             removed = curves[f"group:{gid}"]["removed"]
-            assert removed[-1] == g.size and removed[-2] == g.size - int(np.ceil(CompressConfig().min_keep * g.size))
+            assert removed[-1] == g.size and removed[-2] == g.size - int(np.ceil(keep_floor(0.3) * g.size))
 
 
 def test_a_conv_folded_away_between_two_emptied_groups_offers_no_rank():
