@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Benchmark onnxcc compress on real ImageNet classifiers without fine-tuning.
 
-    python tools/bench_compress.py --recovery     # post-training recovery, stage by stage
+    python tools/bench_compress.py --recovery [--case mobilenetv2:0.5]   # post-training recovery, stage by stage
     python tools/bench_compress.py [--flops 0.3] [--steps 3] [--curve 0.1 0.2]   # the search's ablations
 
 ``--recovery``: MobileNetV2 at --flops 0.3 and 0.5 and EfficientNet-Lite0 at 0.3, each compressed
@@ -105,9 +105,12 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=3)
     p.add_argument("--curve", type=float, nargs="*", default=[0.1, 0.2], help="smaller cc targets to plot")
     p.add_argument("--recovery", action="store_true", help="the recovery table instead of the ablations")
+    p.add_argument("--case", action="append", metavar="MODEL:FLOPS",
+                   help="with --recovery: measure only these cases again, keeping the table's other rows")
     args = p.parse_args()
     if args.recovery:
-        return recovery_table()
+        cases = [(c.split(":")[0], float(c.split(":")[1])) for c in args.case] if args.case else RECOVERY_CASES
+        return recovery_table(cases)
     photos = load_photos(models.data_dir() / "photos")
     calib, held = photos[:50], photos[50:]
     orig = onnx.load(str(models.model_path("mobilenetv2")))
@@ -160,10 +163,10 @@ def main() -> None:
 RECOVERY_CASES = (("mobilenetv2", 0.3), ("mobilenetv2", 0.5), ("efficientnet_lite0", 0.3))
 
 
-def recovery_table() -> None:
+def recovery_table(cases=RECOVERY_CASES) -> None:
     out_dir = REPO / "tools" / "results"
     rows = []
-    for name, flops in RECOVERY_CASES:
+    for name, flops in cases:
         calib, held = photos.load_calib_eval(models.data_dir(), preprocess=models.INFO[name]["preprocess"])
         calib = calib[np.random.default_rng(0).permutation(len(calib))]
         orig = onnx.load(str(models.model_path(name)))
@@ -183,6 +186,11 @@ def recovery_table() -> None:
                          recovery_seconds=rec["seconds"])
             rows.append(r)
             print(json.dumps(r), flush=True)
+    if set(cases) != set(RECOVERY_CASES):   # the other cases' rows as last measured, in the table's order
+        old = json.loads((out_dir / "compress_recovery.json").read_text())["rows"]
+        rows = [r for r in old if (r["model"], r["flops"]) not in cases] + rows
+        order = {c: i for i, c in enumerate(RECOVERY_CASES)}
+        rows.sort(key=lambda r: order.get((r["model"], r["flops"]), len(order)))
     result = {"calibration": "150 photos (50 classification + 100 street, ai-benchmark 0.1.2), shuffled; "
                              "compress holds 38 back, recovery trains on 98 and stops on 14",
               "evaluation": "the other 50 classification photos", "machine": _machine(), "rows": rows}

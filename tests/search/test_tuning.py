@@ -7,14 +7,14 @@ from onnxcc.search import SearchTuning
 from onnxcc.search.context import keep_floor
 
 
-@pytest.mark.parametrize("fraction, floor", [(0.1, 0.5), (0.3, 0.49), (0.4, 0.36), (0.5, 0.25), (0.8, 0.25)])
-def test_the_channel_floor_follows_the_target_between_a_quarter_and_a_half(fraction, floor):
+@pytest.mark.parametrize("fraction, floor", [(0.1, 0.5), (0.3, 0.5), (0.5, 0.5), (0.6, 0.4), (0.7, 0.3), (0.8, 0.25)])
+def test_the_channel_floor_is_a_half_and_less_only_for_the_deepest_cuts(fraction, floor):
     assert keep_floor(fraction) == pytest.approx(floor)
 
 
 def test_a_floor_the_user_sets_wins_over_the_targets():
-    assert SearchTuning.of(CompressConfig(flops=0.3)).min_keep == pytest.approx(0.49)
-    assert SearchTuning.of(CompressConfig(latency=0.5)).min_keep == pytest.approx(0.25)
+    assert SearchTuning.of(CompressConfig(flops=0.3)).min_keep == pytest.approx(0.5)
+    assert SearchTuning.of(CompressConfig(latency=0.7)).min_keep == pytest.approx(0.3)
     assert SearchTuning.of(CompressConfig(flops=0.3, min_keep=0.1)).min_keep == 0.1
 
 
