@@ -59,9 +59,10 @@ def test_a_batch_fixed_inside_the_graph_runs_one_sample_at_a_time(reshape_to):
     model = _fixed_batch_inside(reshape_to)
     _probe_of_single_runs(model, 2 * RUN_BATCH)
 
-    res = compress(model, 0.3, calib=None, steps=1, round_to=1)
+    # one channel here is 12.5%: only a floor of a quarter leaves widths that land on 0.3
+    res = compress(model, 0.3, calib=None, steps=1, round_to=1, min_keep=0.25)
     check_model_full(res.model)
-    assert res.report["totals"]["mac_reduction"] >= 0.3 - TARGET_TOLERANCE   # one channel here is 12.5%
+    assert res.report["totals"]["mac_reduction"] >= 0.3 - TARGET_TOLERANCE
 
 
 def test_batches_are_kept_where_they_reproduce_single_runs():
