@@ -42,7 +42,6 @@ from .runtime import make_session
 from .search import (RUN_BATCH, Plan, SearchContext, SearchSize, SearchTuning, WeightProbe, check_reachable,
                      search_plan, size_search, tries_for)
 from .search.allocation import faithful_share
-from .search.context import keep_floor
 from .verify import fidelity
 
 log = logging.getLogger(__name__)
@@ -92,8 +91,8 @@ def compress(model: onnx.ModelProto | str | Path, flops: float | None = None,
     if cfg.round_to is None:
         cfg.round_to = (work.measured("round_to", lambda: best_multiple(cfg.provider, cfg.threads)) if cfg.latency_aware
                         else SearchTuning.round_to)
-    if cfg.min_keep is None:   # from the user's target, also where --latency searches again for another
-        cfg.min_keep = keep_floor(cfg.removal)
+    if cfg.min_keep is None:   # the user's target's floor, also where --latency searches again for another
+        cfg.min_keep = SearchTuning.of(cfg).min_keep
     lat = _latency_model(work, cfg) if cfg.latency_aware or cfg.latency else None
     if lat is not None and not lat.surfaces:
         # only 2-D Convs are timed: a table without one prices every layer at zero
