@@ -40,7 +40,7 @@ class CompressConfig:
     speed_weight: float = 1.0          # under --flops: worth of a removal's latency share vs its MAC share
     tries: int | None = None           # searches on rotated calibration splits; None: by the model's cost
     recover: str | None = None         # none | stats | blocks; None: blocks where torch is installed
-    recover_seconds: float | None = None   # the gradient stages' time; None: by the model's size
+    recover_seconds: float | None = None   # the whole recovery's time; None: by the model's size
     min_fidelity: float | None = None  # refuse to write a model whose held-back cosine is below this
     device: str = "auto"               # where recovery trains: auto | cpu | cuda
     ray_address: str | None = None     # measure on Ray: local | auto | HOST:PORT; None: in this process

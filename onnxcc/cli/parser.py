@@ -32,7 +32,7 @@ def recovery_flags(p: argparse.ArgumentParser, default: str | None = None) -> No
                         "block-wise reconstruction and end-to-end distillation (torch; the default where torch "
                         "is installed)")
     p.add_argument("--recover-time", type=float, metavar="SECONDS",
-                   help="time for block reconstruction and distillation (default: grows with the model, "
+                   help="time for the whole recovery (default: grows with the model, "
                         "1 min + 33 min per GMAC of the compressed model, at most 10 min)")
     p.add_argument("--device", choices=DEVICES, default=CompressConfig.device,
                    help="where recovery trains (auto: the GPU when torch sees one)")

@@ -61,8 +61,8 @@ def torch_available() -> bool:
 
 
 def default_seconds(macs: int) -> float:
-    """The gradient stages' default time: a minute plus ~33 minutes per GMAC of the compressed
-    model, at most 10 minutes (a MobileNetV2 at 30% fewer MACs: about 8)."""
+    """Recovery's default time: a minute plus ~33 minutes per GMAC of the compressed model, at
+    most 10 minutes (a MobileNetV2 at 30% fewer MACs: about 8)."""
     return float(min(600.0, 60.0 + 2000.0 * macs / 1e9))
 
 
@@ -129,8 +129,9 @@ def recover(student: onnx.ModelProto, teacher: onnx.ModelProto, feeds: Mapping[s
             teacher_normalized: bool = False) -> RecoverResult:
     """Give back what compressing ``teacher`` into ``student`` cost, from unlabeled ``feeds``
     (graph input name → samples). ``mode``: ``stats`` (no torch needed) or ``blocks`` (statistics,
-    then block-wise reconstruction and end-to-end distillation for ``seconds``, by default
-    :func:`default_seconds` of ``macs``)."""
+    then block-wise reconstruction and end-to-end distillation). ``seconds`` is the whole
+    recovery's time, by default :func:`default_seconds` of ``macs``: the gradient stages get what
+    the statistics stage leaves of it."""
     if mode not in MODES:
         raise UsageError(f"--recover must be one of {', '.join(MODES)}")
     t0 = time.perf_counter()
@@ -152,7 +153,10 @@ def recover(student: onnx.ModelProto, teacher: onnx.ModelProto, feeds: Mapping[s
     record: dict[str, Any] = {"mode": mode, "train_samples": len(next(iter(train.values()))),
                               "held_back_samples": len(next(iter(stop.values()))), "damage": {}}
     stages = {"cut": student}
+    t_judge = time.perf_counter()
     record["damage"]["cut"] = best_damage = judge.damage(student)
+    # the last stage leaves time for its own export and check, about what this one took
+    finish = time.perf_counter() - t_judge
     best = student
     if progress:
         progress("recover: statistics", 0, 1)
@@ -167,8 +171,12 @@ def recover(student: onnx.ModelProto, teacher: onnx.ModelProto, feeds: Mapping[s
             log.warning("recovery ran its statistics stage only: %s", why_not)
             record["mode"], record["why_stats_only"] = "stats", why_not
         else:
+            if seconds is None:
+                seconds = default_seconds(macs if macs is not None else _macs(student, one))
+            record["budget_seconds"] = round(seconds, 1)
+            deadline = t0 + seconds - finish
             best, best_damage = _gradient_stages(best, best_damage, teacher, kept, train, judge, s_vals, same,
-                                                 record, stages, seconds, macs, seed, provider, device, progress)
+                                                 record, stages, deadline, seed, provider, device, progress)
     record["kept"] = min(record["damage"], key=record["damage"].get)
     if structure(best) != structure(student):
         raise PassContractError("recovery changed the compressed model's graph, not only its weights")
@@ -188,12 +196,11 @@ def _why_no_gradients(student: onnx.ModelProto, teacher: onnx.ModelProto) -> str
 
 def _gradient_stages(start: onnx.ModelProto, start_damage: float, teacher: onnx.ModelProto, kept: ChannelMap,
                      train: dict, judge: OutputJudge, s_vals: dict, same: set[str], record: dict, stages: dict,
-                     seconds: float | None, macs: int | None, seed: int, provider: str, device: str,
+                     deadline: float, seed: int, provider: str, device: str,
                      progress: Progress | None) -> tuple[onnx.ModelProto, float]:
+    """Block reconstruction, then end-to-end distillation, both done by ``deadline`` (perf_counter)."""
     from .train import Budget, Reconstructor, device_for
 
-    if seconds is None:
-        seconds = default_seconds(macs if macs is not None else _macs(start, {k: v[:1] for k, v in train.items()}))
     floats = {k for k, v in s_vals.items() if v.dtype.kind == "f"}
     blocks = partition(start, floats, same)
     per_sample = sum(v.nbytes for k, v in s_vals.items() if k in floats)
@@ -204,9 +211,7 @@ def _gradient_stages(start: onnx.ModelProto, start_damage: float, teacher: onnx.
     views = int(np.clip(cache_memory // (n * widest), 1, MAX_VIEWS))
     rec = Reconstructor(start, teacher, kept, train, judge, views=views, batch=batch, seed=seed,
                         device=device_for(device), provider=provider, progress=progress)
-    budget = Budget(seconds * BLOCK_SHARE)
-    record["blocks"] = rec.blocks(blocks, budget)
-    record["budget_seconds"] = round(seconds, 1)
+    record["blocks"] = rec.blocks(blocks, Budget((deadline - time.perf_counter()) * BLOCK_SHARE))
     record["views"], record["batch"] = views, rec.batch
     stages["blocks"] = m = rec.export()
     record["damage"]["blocks"] = d = judge.damage(m)
@@ -214,7 +219,7 @@ def _gradient_stages(start: onnx.ModelProto, start_damage: float, teacher: onnx.
     if best is not m:   # the end-to-end stage starts from the best weights so far
         rec = Reconstructor(best, teacher, kept, train, judge, views=views, batch=batch, seed=seed,
                             device=device_for(device), provider=provider, progress=progress)
-    record["end_to_end"] = rec.end_to_end(Budget(seconds - (budget.seconds - budget.left())))
+    record["end_to_end"] = rec.end_to_end(Budget(deadline - time.perf_counter()))
     stages["end-to-end"] = m = rec.export()
     record["damage"]["end-to-end"] = d = judge.damage(m)
     return (m, d) if d < best_damage else (best, best_damage)
