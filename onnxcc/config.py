@@ -13,6 +13,7 @@ Progress = Callable[[str, int, int], None]
 EpochReport = Callable[[dict], None]     # one fine-tuning epoch's numbers, as it ends
 METHODS = ("cc", "prune", "decompose")
 RECOVER_MODES = ("none", "stats", "blocks")
+RECOVER_STAGES = ("cut", "statistics", "blocks", "end-to-end")   # in the order recovery runs them
 PROVIDERS = ("cpu", "cuda")
 
 

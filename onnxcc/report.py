@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from .config import RECOVER_STAGES as STAGES
 from .io import atomic_write_text
 from .passes.check import CheckRecord
 from .passes.factorize import FactorizeRecord
@@ -66,9 +67,6 @@ def to_markdown(r: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
-STAGES = ("cut", "statistics", "blocks", "end-to-end")
-
-
 def _recovery_lines(rec: dict[str, Any]) -> list[str]:
     """Held-back fidelity after the cut and after each recovery stage, and the blocks' losses."""
     held = rec.get("held_out")
@@ -76,13 +74,16 @@ def _recovery_lines(rec: dict[str, Any]) -> list[str]:
         return [f"- recovery: {rec.get('skipped', 'none')}"] if rec else []
     lines = ["", f"## Recovery ({rec['mode']}, {rec['seconds']} s; kept: {rec['kept']})", "",
              f"Trained on {rec['train_samples']} calibration samples, stopped on {rec['held_back_samples']} others; "
-             "the fidelity below is on the held-back samples neither saw.", "",
-             "| after | cosine | relative L2 | top-1 agreement | damage on the stopping samples |", "|---|---|---|---|---|"]
+             "the fidelity below is on the held-back samples neither saw, which also chose the stage kept.", "",
+             "| after | cosine | relative L2 | top-1 agreement | damage on the stopping samples | on the held-back |",
+             "|---|---|---|---|---|---|"]
     for stage in STAGES:
         if stage in held:
             f = held[stage]
             top1 = f"{f['top1_agreement']:.1%}" if "top1_agreement" in f else "-"
-            lines.append(f"| {stage} | {f['cosine_mean']} | {f['rel_l2']} | {top1} | {rec['damage'][stage]:.4g} |")
+            chosen = rec.get("choice_damage", {}).get(stage)
+            lines.append(f"| {stage} | {f['cosine_mean']} | {f['rel_l2']} | {top1} | {rec['damage'][stage]:.4g} | "
+                         f"{'-' if chosen is None else f'{chosen:.4g}'} |")
     blocks = [b for b in rec.get("blocks", []) if b.get("steps")]
     if blocks:
         lines += ["", "![recovery](recovery.png)", "",

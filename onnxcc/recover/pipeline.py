@@ -2,10 +2,13 @@
 
     cut ─ statistics (numpy) ─ blocks (torch) ─ end to end (torch)
 
-Each stage starts from the best model so far and is kept only where it lowers the damage on
-samples held back from the calibration set (early stopping, also against overfitting a few
-hundred samples). Only initializer values change: the nodes, shapes and names of the compressed
-model stay as they are, so its speed does too.
+Each stage starts from the best model so far, judged on samples held back from training (early
+stopping, also against overfitting a few hundred samples). Which stage is written is decided on
+samples that neither training nor early stopping saw, where the caller has them (compress's
+held-back share): the early-stopped stages look better than they are on the samples that
+stopped them, and a dozen samples decide between stages a few points apart by chance. Only
+initializer values change: the nodes, shapes and names of the compressed model stay as they
+are, so its speed does too.
 """
 from __future__ import annotations
 
@@ -21,7 +24,7 @@ import onnx
 from ..analysis.costs import node_macs
 from ..analysis.view import build_view, graph_inputs
 from ..calib import Calibration
-from ..config import RECOVER_MODES as MODES, Progress
+from ..config import RECOVER_MODES as MODES, RECOVER_STAGES as STAGES, Progress
 from ..errors import PassContractError, UsageError
 from ..memory import available_bytes
 from ..ops import OPS
@@ -126,12 +129,13 @@ def _split(feeds: Mapping[str, np.ndarray], seed: int) -> tuple[dict[str, np.nda
 def recover(student: onnx.ModelProto, teacher: onnx.ModelProto, feeds: Mapping[str, np.ndarray], *,
             mode: str = "blocks", seconds: float | None = None, macs: int | None = None, seed: int = 0,
             provider: str = "cpu", device: str = "auto", progress: Progress | None = None,
-            teacher_normalized: bool = False) -> RecoverResult:
+            teacher_normalized: bool = False, choose_on: Mapping[str, np.ndarray] | None = None) -> RecoverResult:
     """Give back what compressing ``teacher`` into ``student`` cost, from unlabeled ``feeds``
     (graph input name → samples). ``mode``: ``stats`` (no torch needed) or ``blocks`` (statistics,
     then block-wise reconstruction and end-to-end distillation). ``seconds`` is the whole
     recovery's time, by default :func:`default_seconds` of ``macs``: the gradient stages get what
-    the statistics stage leaves of it."""
+    the statistics stage leaves of it. ``choose_on``: samples recovery never trains or stops on
+    that choose the stage kept (by default, the stopping samples do)."""
     if mode not in MODES:
         raise UsageError(f"--recover must be one of {', '.join(MODES)}")
     t0 = time.perf_counter()
@@ -147,6 +151,7 @@ def recover(student: onnx.ModelProto, teacher: onnx.ModelProto, feeds: Mapping[s
     if progress:
         progress("recover: the original on held-back samples", 0, 1)
     judge = OutputJudge(teacher, stop, provider)
+    chooser = OutputJudge(teacher, {k: choose_on[k] for k in names}, provider) if choose_on is not None else None
     one = {k: v[:1] for k, v in train.items()}
     s_vals, t_vals = _activations(student, one), _activations(teacher, one)
     same = comparable(s_vals, t_vals, kept)
@@ -155,8 +160,14 @@ def recover(student: onnx.ModelProto, teacher: onnx.ModelProto, feeds: Mapping[s
     stages = {"cut": student}
     t_judge = time.perf_counter()
     record["damage"]["cut"] = best_damage = judge.damage(student)
-    # the last stage leaves time for its own export and check, about what this one took
-    finish = time.perf_counter() - t_judge
+    # the last stage leaves time for its export and its check, each about what this check took,
+    # and for judging every stage on the choosing samples
+    finish = 2 * (time.perf_counter() - t_judge)
+    if chooser is not None:
+        t_choose = time.perf_counter()
+        record["choice_damage"] = {"cut": chooser.damage(student)}
+        record["choice_samples"] = len(next(iter(chooser.feeds.values())))
+        finish += (len(STAGES) - 1) * (time.perf_counter() - t_choose)
     best = student
     if progress:
         progress("recover: statistics", 0, 1)
@@ -177,7 +188,12 @@ def recover(student: onnx.ModelProto, teacher: onnx.ModelProto, feeds: Mapping[s
             deadline = t0 + seconds - finish
             best, best_damage = _gradient_stages(best, best_damage, teacher, kept, train, judge, s_vals, same,
                                                  record, stages, deadline, seed, provider, device, progress)
-    record["kept"] = min(record["damage"], key=record["damage"].get)
+    if chooser is not None:
+        record["choice_damage"].update({k: chooser.damage(m) for k, m in stages.items() if k != "cut"})
+        record["kept"] = min(record["choice_damage"], key=record["choice_damage"].get)
+        best = stages[record["kept"]]
+    else:
+        record["kept"] = min(record["damage"], key=record["damage"].get)
     if structure(best) != structure(student):
         raise PassContractError("recovery changed the compressed model's graph, not only its weights")
     record["seconds"] = round(time.perf_counter() - t0, 1)
@@ -227,14 +243,16 @@ def _gradient_stages(start: onnx.ModelProto, start_damage: float, teacher: onnx.
 
 def recover_checked(student: onnx.ModelProto, teacher: onnx.ModelProto, fit: Calibration, held: Calibration,
                     **options: Any) -> RecoverResult:
-    """:func:`recover` on ``fit``, with every stage's fidelity on ``held`` (samples recovery never
-    saw) in the record. Too few samples, or synthetic ones, leave the model as it is."""
+    """:func:`recover` on ``fit``; ``held`` (samples it never trains or stops on) chooses the stage
+    kept where it has MIN_STOP or more, and every stage's fidelity on them is in the record. Too
+    few samples, or synthetic ones, leave the model as it is."""
     if fit.synthetic or len(fit) < MIN_SAMPLES:
         why = "no calibration samples were given" if fit.synthetic else f"only {len(fit)} calibration samples"
         (log.info if fit.synthetic else log.warning)(
             "recovery skipped: %s (it tunes weights on %d or more real ones)", why, MIN_SAMPLES)
         return RecoverResult(student, {"mode": "none", "skipped": why})
-    res = recover(student, teacher, fit.samples, **options)
+    choose_on = held.samples if len(held) >= MIN_STOP else None
+    res = recover(student, teacher, fit.samples, choose_on=choose_on, **options)
     provider = options.get("provider", "cpu")
     res.record["held_out"] = {stage: fidelity(teacher, m, held, provider) for stage, m in res.stages.items()}
     return res

@@ -39,6 +39,7 @@ LR_END = 2e-5
 MIN_STEPS, MAX_STEPS = 20, 2000       # per block
 MAX_END_STEPS = 4000
 EVALS = 8                             # held-back checks per block / end-to-end run
+NOTHING_TO_FIT = 1e-6                 # a block's held-back loss (relative MSE) below which it is left as it is
 
 
 @dataclass
@@ -211,6 +212,8 @@ class Reconstructor:
         if not params:
             return {**rec, "steps": 0}
         best = _Best(params, self._held_loss(b, cache, targets, st_idx))
+        if best.first < NOTHING_TO_FIT:   # the block already reproduces the original: its time goes to later ones
+            return {**rec, "steps": 0, "loss_before": round(best.first, 6)}
         opt = torch.optim.Adam(params.values(), lr=LR_BLOCKS)
         rng = np.random.default_rng(self.seed + k)
         steps = self._steps(budget, lambda: self._block_loss(b, cache, targets, tr_idx[: self.batch], True).backward(),

@@ -69,6 +69,17 @@ def test_statistics_correction_restores_a_shifted_bias():
     assert structure(res.model) == structure(student)
 
 
+def test_samples_recovery_never_saw_choose_the_stage_written():
+    teacher, student, data = _compressed("tiny_resnet", 0.5, 32)
+    unseen = _samples(teacher, 12, seed=5)
+    res = recover(student, teacher, data.samples, mode="stats", choose_on=unseen)
+    chosen = res.record["choice_damage"]
+    assert set(chosen) == set(res.stages) == {"cut", "statistics"}
+    assert chosen["cut"] == pytest.approx(OutputJudge(normalize(teacher).model, unseen).damage(student))
+    assert res.record["kept"] == min(chosen, key=chosen.get) and res.record["choice_samples"] == 12
+    assert res.model is res.stages[res.record["kept"]]
+
+
 def _compressed(name: str, flops: float, n: int):
     """``name`` cut by plain removal (no least-squares refit) down to a quarter of a group's
     channels, so that there is much to give back."""
