@@ -70,11 +70,17 @@ class Standardizer:
         self._energy = float(np.sum(self.reference ** 2))
 
     def __call__(self, x: np.ndarray) -> np.ndarray:
-        return (np.asarray(x, np.float64) - self.mu) / self.sd
+        y = np.array(x, np.float64)   # in place from here: a detector's outputs are tens of MB a candidate
+        y -= self.mu
+        y /= self.sd
+        return y
 
     def relative_error(self, out: np.ndarray) -> float:
         """‖out − reference‖² / ‖reference‖² in the standardised space."""
-        return float(np.sum((self(out) - self.reference) ** 2) / (self._energy + 1e-30))
+        d = self(out)
+        d -= self.reference
+        d = d.ravel()
+        return float(np.dot(d, d) / (self._energy + 1e-30))
 
 
 def compare(ref: np.ndarray, out: np.ndarray, target: Target) -> dict[str, Any]:

@@ -14,7 +14,7 @@ from typing import Protocol
 import numpy as np
 
 from .context import SearchContext
-from .emulation import emulate
+from .emulation import emulate, layer_statistics
 from .plan import Plan, drop_useless_ranks
 from .step import take_step
 
@@ -38,10 +38,14 @@ def search_plan(ctx: SearchContext, steps: StepStore | None = None) -> tuple[Pla
         if saved is not None:
             plan, step_curves, weights = saved
         else:
-            plan, step_curves = take_step(ctx, plan, weights, step)
-            weights = emulate(probe, plan, weights, reconstruct)[0]
+            # one pass of the statistics serves the step's base and its new plan: both are
+            # refit to the inputs the weights so far give
+            stats = layer_statistics(probe, weights, reconstruct)
+            plan, step_curves = take_step(ctx, plan, stats, step)
+            weights = emulate(probe, plan, stats)[0]
+            del stats   # freed before the next step computes its own: the second moments are big
             if steps:
                 steps.save_step(step, plan, step_curves, weights)
         curves.append(step_curves)
     drop_useless_ranks(ctx.analysis, plan, ctx.latency, strict=ctx.budget.kind == "flops")
-    return plan, curves, emulate(probe, plan, weights, reconstruct)[0]
+    return plan, curves, emulate(probe, plan, layer_statistics(probe, weights, reconstruct))[0]

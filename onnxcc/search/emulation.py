@@ -3,7 +3,8 @@
 Pruning zeroes the reads of removed channels, numerically what the physical rewrite gives (see
 the exactness tests), and refits the kept ones by least squares where layer statistics allow; a
 rank feeds the activation-aware rank-r weight. :func:`emulate` takes the statistics under the
-weights so far and keeps refits only where they measure better than plain removal.
+weights so far (one pass of the samples per step, for the step's base and its plan) and keeps
+refits only where they measure better than plain removal.
 """
 from __future__ import annotations
 
@@ -92,16 +93,22 @@ def _low_rank(probe: WeightProbe, key: str, Wm: np.ndarray, cols: np.ndarray, ra
     return out
 
 
-def emulate(probe: WeightProbe, plan: Plan, prev: dict[str, np.ndarray],
-            reconstruct: bool) -> tuple[dict[str, np.ndarray], Stats, float | None]:
-    """The plan's weights, refit from layer-input statistics under ``prev``; the statistics; and
-    the weights' damage where telling refit from plain removal measured it (else None).
+def layer_statistics(probe: WeightProbe, prev: dict[str, np.ndarray], reconstruct: bool) -> Stats:
+    """The layer-input statistics under the weights ``prev`` (second moments where ``reconstruct``
+    refits). The probe's cached SVDs were taken under other statistics: they are dropped."""
+    probe.forget_svds()
+    return probe.statistics(prev, set(probe.views) if reconstruct else set())
+
+
+def emulate(probe: WeightProbe, plan: Plan, stats: Stats) -> tuple[dict[str, np.ndarray], Stats, float | None]:
+    """The plan's weights, refit from the layer-input ``stats`` (:func:`layer_statistics` under the
+    weights so far); the statistics used; and the weights' damage where telling refit from plain
+    removal measured it (else None).
 
     Refits that make the outputs worse than plain removal are dropped: a tiny network's few
     calibration rows can make the least-squares problem ill-posed (weights 10x the original's,
     outputs off by orders of magnitude). They are judged on the sensitivity samples, which the
     refits never see."""
-    stats = probe.statistics(prev, set(probe.views) if reconstruct else set())
     weights = plan_weights(probe, plan, stats)
     if not stats.moments or not (plan.keep or plan.ranks):
         return weights, stats, None

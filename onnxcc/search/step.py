@@ -23,14 +23,14 @@ from .statistics import Stats
 log = logging.getLogger(__name__)
 
 
-def take_step(ctx: SearchContext, plan: Plan, prev: dict[str, np.ndarray], step: int) -> tuple[Plan, dict]:
-    """The plan after ``step`` (from ``plan``, emulated by ``prev``), and its units' curves."""
+def take_step(ctx: SearchContext, plan: Plan, prev: Stats, step: int) -> tuple[Plan, dict]:
+    """The plan after ``step`` (from ``plan``, with ``prev`` the layer statistics under the
+    weights that emulate it), and its units' curves."""
     probe, tuning = ctx.probe, ctx.tuning
-    weights, stats, base = emulate(probe, plan, prev, tuning.reconstruct)
+    weights, stats, base = emulate(probe, plan, prev)
     if base is None:
         base = probe.damage(weights) if (plan.keep or plan.ranks) else 0.0
     scores = channel_scores(probe, plan, weights, stats)
-    probe.forget_svds()  # this step's weights and statistics differ from the last
     offers = [Offer(u, *u.grid(ctx, plan, scores, tuning.round_to)) for u in units(ctx.analysis, tuning.method)]
     offers = [o for o in offers if len(o.grid) > 1]
     for o in offers:
