@@ -71,7 +71,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(REPO), str(REPO / "tools")]
 
 import models  # noqa: E402
-from bench_compress import runtime_macs, session  # noqa: E402
+from bench_compress import cpu_model, runtime_macs, session  # noqa: E402
 from models.mobilenetv2 import build, export_onnx  # noqa: E402
 
 import onnxcc  # noqa: E402
@@ -750,13 +750,7 @@ def markdown(res: dict) -> str:
 
 
 def machine() -> dict:
-    cpu = platform.processor() or platform.machine()
-    try:
-        cpu = next(l.split(":", 1)[1].strip() for l in Path("/proc/cpuinfo").read_text().splitlines()
-                   if l.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    return {"cpu": cpu, "cores": os.cpu_count(), "platform": platform.platform(), "torch_threads": THREADS}
+    return {"cpu": cpu_model()[0], "cores": os.cpu_count(), "platform": platform.platform(), "torch_threads": THREADS}
 
 
 def versions() -> dict:

@@ -215,9 +215,9 @@ def recovery_table(cases=RECOVERY_CASES) -> None:
     (out_dir / "compress_recovery.md").write_text("\n".join(md) + "\n")
 
 
-def _machine() -> str:
-    """The CPU, its cores and its widest vector unit: the same run takes about twice as long
-    without AVX-512, so timings are compared within one machine only."""
+def cpu_model() -> tuple[str, str]:
+    """The CPU's model name and its flags line from /proc/cpuinfo (elsewhere: the platform's
+    processor, no flags)."""
     cpu, flags = platform.processor() or platform.machine(), ""
     try:
         info = Path("/proc/cpuinfo").read_text().splitlines()
@@ -225,6 +225,13 @@ def _machine() -> str:
         flags = next(l for l in info if l.startswith("flags"))
     except (OSError, StopIteration):
         pass
+    return cpu, flags
+
+
+def _machine() -> str:
+    """The CPU, its cores and its widest vector unit: the same run takes about twice as long
+    without AVX-512, so timings are compared within one machine only."""
+    cpu, flags = cpu_model()
     vector = "AVX-512" if " avx512f" in flags else "AVX2 only (no AVX-512)" if " avx2" in flags else ""
     return ", ".join(x for x in (cpu, f"{os.cpu_count()} cores", vector) if x)
 

@@ -190,10 +190,9 @@ def recover(student: onnx.ModelProto, teacher: onnx.ModelProto, feeds: Mapping[s
                                                  record, stages, deadline, seed, provider, device, progress)
     if chooser is not None:
         record["choice_damage"].update({k: chooser.damage(m) for k, m in stages.items() if k != "cut"})
-        record["kept"] = min(record["choice_damage"], key=record["choice_damage"].get)
-        best = stages[record["kept"]]
-    else:
-        record["kept"] = min(record["damage"], key=record["damage"].get)
+    chosen_by = record["choice_damage"] if chooser is not None else record["damage"]
+    record["kept"] = min(chosen_by, key=chosen_by.get)
+    best = stages[record["kept"]]
     if structure(best) != structure(student):
         raise PassContractError("recovery changed the compressed model's graph, not only its weights")
     record["seconds"] = round(time.perf_counter() - t0, 1)

@@ -23,11 +23,11 @@ from .statistics import Stats
 log = logging.getLogger(__name__)
 
 
-def take_step(ctx: SearchContext, plan: Plan, prev: Stats, step: int) -> tuple[Plan, dict]:
-    """The plan after ``step`` (from ``plan``, with ``prev`` the layer statistics under the
+def take_step(ctx: SearchContext, plan: Plan, layer_stats: Stats, step: int) -> tuple[Plan, dict]:
+    """The plan after ``step`` (from ``plan``, with ``layer_stats`` the layer statistics under the
     weights that emulate it), and its units' curves."""
     probe, tuning = ctx.probe, ctx.tuning
-    weights, stats, base = emulate(probe, plan, prev)
+    weights, stats, base = emulate(probe, plan, layer_stats)
     if base is None:
         base = probe.damage(weights) if (plan.keep or plan.ranks) else 0.0
     scores = channel_scores(probe, plan, weights, stats)
