@@ -4,7 +4,7 @@ A run that outgrows the machine is killed by the kernel with no message, after m
 and with nothing written; an estimate from the model's shapes, checked before measuring, turns
 that into a one-line error that says what holds the memory. The parts follow what the search
 keeps (measured on a 16-GMAC YOLOv8-seg-size net and on open-nsfw, tools/results/scale.md):
-the layer statistics' second moments (float64, one (columns + 1)² matrix per layer and one
+the layer statistics' second moments (float32, one (columns + 1)² matrix per layer and one
 more towards the original's rows), onnxruntime's buffers for a run of the probe's batch, the
 layer inputs a statistics run returns, the cut cache, the calibration samples and the graph's
 copies. Recovery sizes itself to the memory available when it starts, so it is not in the estimate.
@@ -54,7 +54,7 @@ def estimate(a: Analysis, model_bytes: int, sample_bytes: int, batch: int) -> Fo
     columns = [(l.cin // max(l.group, 1)) * l.kk + 1 for l in layers]
     return Footprint({"the graph's copies": MODEL_COPIES * model_bytes, "calibration samples": 2 * sample_bytes,
                       "the interpreter": BASE,
-                      "layer statistics": 2 * 8 * sum(c * c for c in columns),
+                      "layer statistics": 2 * 4 * sum(c * c for c in columns),
                       "statistics runs": 2 * max(inputs, min(STAT_RUN_BYTES, batch * inputs)),
                       "onnxruntime buffers": int(ARENA_SHARE * batch * sum(size.values())),
                       "the cut cache": min(CACHE_BYTES, SENS_SAMPLES * inputs)})

@@ -26,9 +26,9 @@ def test_the_estimate_grows_with_the_samples_and_the_batch():
     assert {"layer statistics", "onnxruntime buffers", "calibration samples"} <= set(one.parts)
     assert footprint.estimate(a, model.ByteSize(), 2 << 20, 1).total == one.total + (2 << 20)
     assert footprint.estimate(a, model.ByteSize(), 1 << 20, 8).total > one.total
-    # a layer's statistics: float64 moments of its (columns + 1) per row, towards the original's too
+    # a layer's statistics: float32 moments of its (columns + 1) per row, towards the original's too
     columns = [(l.cin // l.group) * l.kk + 1 for l in a.layers if l.compressible]
-    assert one.parts["layer statistics"] == 16 * sum(c * c for c in columns)
+    assert one.parts["layer statistics"] == 8 * sum(c * c for c in columns)
 
 
 def test_recovery_sizes_its_budgets_to_the_memory_available(monkeypatch):

@@ -44,6 +44,7 @@ class SearchTuning:
     compounding: float = 3.0          # a step's plan may measure this many times its units' summed damage (+ noise_damage) ...
     backoff_suspects: int = 8         # ... before its most damaging units are undone one at a time to find the one to leave out
     cheap_search: float = 50e9        # MACs per sample × units below which a model gets three searches (see sizing.tries_for)
+    flat_share: float = 0.05          # a unit measuring under this share of the median unit at its widest is measured there alone
 
     @classmethod
     def of(cls, cfg: CompressConfig) -> "SearchTuning":

@@ -80,23 +80,6 @@ def _part(pick: np.ndarray | None, start: int, count: int) -> np.ndarray | None:
     return None if pick is None else pick[(pick >= start) & (pick < start + count)] - start
 
 
-def moment_sums(r: np.ndarray, target: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray | None]:
-    """(Σ z zᵀ, Σ t zᵀ) for z = [row; 1] and t = [target row; 1] (None when no target: t = z),
-    to be divided by the rows summed over.
-
-    ``target`` holds the same rows as seen by the *original* model: refitting towards them
-    also undoes the error that upstream removals already put into this layer's input.
-    The products run in float32 (the Gram of a 3×3 Conv over 512 channels is 4609² from 16k
-    rows: twice as fast as float64, and far below the ridge in error); the sums are
-    returned in float64 for the solves."""
-    one = np.ones((len(r), 1), np.float32)
-    z = np.concatenate([r, one], 1, dtype=np.float32)
-    S = (z.T @ z).astype(np.float64)
-    if target is None:
-        return S, None
-    return S, (np.concatenate([target, one], 1, dtype=np.float32).T @ z).astype(np.float64)
-
-
 def ridge(S: np.ndarray) -> np.ndarray:
     return S + _eps(S) * np.eye(len(S))
 

@@ -45,8 +45,8 @@ def estimate_seconds(a: Analysis, tuning: SearchTuning, run_seconds: float, work
     measures every unit at one amount per fraction of ``tuning.fractions`` (and emptying, where a
     unit may empty its branch), a candidate running the samples through the part of the network
     its layers reach (the share of the MACs from its first layer on); ``run_seconds``: one whole
-    run of the sensitivity samples. Emulation and refits are not in the proxy; the report puts
-    the estimate beside the time taken."""
+    run of the sensitivity samples. Emulation and refits are not in the proxy, and units found
+    flat measure fewer amounts than it counts; the report puts the estimate beside the time taken."""
     macs = np.array([a.layer_macs(l, {}) for l in a.layers], float)
     reach = np.cumsum(macs[::-1])[::-1] / max(macs.sum(), 1.0)   # share of the MACs from layer i on
     order = {l.key: i for i, l in enumerate(a.layers)}

@@ -33,8 +33,6 @@ def take_step(ctx: SearchContext, plan: Plan, layer_stats: Stats, step: int) -> 
     scores = channel_scores(probe, plan, weights, stats)
     offers = [Offer(u, *u.grid(ctx, plan, scores, tuning.round_to)) for u in units(ctx.analysis, tuning.method)]
     offers = [o for o in offers if len(o.grid) > 1]
-    for o in offers:
-        o.unit.measured = _measure_at(o.grid, tuning.fractions, o.unit.empties(ctx.analysis, plan))
     _measure(ctx, plan, stats, weights, base, offers, step)
     if not offers:
         return plan, {}
@@ -53,34 +51,54 @@ def take_step(ctx: SearchContext, plan: Plan, layer_stats: Stats, step: int) -> 
 
 def _measure(ctx: SearchContext, plan: Plan, stats: Stats, weights: dict[str, np.ndarray], base: float,
              offers: list[Offer], step: int) -> None:
-    """Every offer's damage at its measured amounts, above the step's ``base`` damage."""
-    probe = ctx.probe
-    jobs = [(o.unit, o.apply, k) for o in offers for k in o.unit.measured]
+    """Every offer's damage at its measured amounts, above the step's ``base`` damage.
+
+    Each unit is measured first at its widest narrowing (and emptying, where it empties). A unit
+    whose widest narrowing measures under ``flat_share`` of the median unit's is flat: its
+    narrower amounts are priced on the line from nothing to its widest, a small error on a small
+    damage, and are not measured. The other units are measured at all their amounts."""
+    probe, tuning = ctx.probe, ctx.tuning
+    amounts = [_measure_at(o.grid, tuning.fractions, o.unit.empties(ctx.analysis, plan)) for o in offers]
+    found: list[dict[int, float]] = [{} for _ in offers]
+    total = sum(len(every) for every, _ in amounts)
+    done = iter(range(1, total + 1))
 
     def candidate(u: Unit, apply: Apply, k: int) -> dict[str, np.ndarray]:
         cand = plan.copy()
         apply(cand, k)
         return plan_weights(probe, cand, stats, u.touched)
 
-    done = iter(range(1, len(jobs) + 1))
-
     def tick() -> None:
         if ctx.progress:
-            ctx.progress(f"step {step}/{ctx.tuning.steps}: measuring", next(done), len(jobs))
-    damages = probe.damages(weights, [(u.touched, partial(candidate, u, apply, k)) for u, apply, k in jobs], tick)
-    for (u, _, _), d in zip(jobs, damages):
-        u.damage.append(d - base)
+            ctx.progress(f"step {step}/{tuning.steps}: measuring", next(done), total)
+
+    def run(jobs: list[tuple[int, int]]) -> None:
+        changes = [(offers[i].unit.touched, partial(candidate, offers[i].unit, offers[i].apply, k)) for i, k in jobs]
+        for (i, k), d in zip(jobs, probe.damages(weights, changes, tick)):
+            found[i][k] = d - base
+
+    run([(i, k) for i, (_, decisive) in enumerate(amounts) for k in decisive])
+    narrowing = {i: found[i][decisive[0]] for i, (every, decisive) in enumerate(amounts) if len(every) > len(decisive)}
+    floor = tuning.flat_share * float(np.median(list(narrowing.values()))) if narrowing else 0.0
+    flat = {i for i, d in narrowing.items() if d < floor}
+    total -= sum(len(every) - len(decisive) for i, (every, decisive) in enumerate(amounts) if i in flat)
+    run([(i, k) for i, (every, decisive) in enumerate(amounts) if i not in flat for k in every if k not in decisive])
+    for o, measured in zip(offers, found):
+        o.unit.measured = sorted(measured)
+        o.unit.damage = [measured[k] for k in o.unit.measured]
 
 
-def _measure_at(grid: np.ndarray, fractions: tuple[float, ...], emptying: bool) -> list[int]:
+def _measure_at(grid: np.ndarray, fractions: tuple[float, ...], emptying: bool) -> tuple[list[int], list[int]]:
     """The amounts of ``grid`` (0 first) whose damage is measured: the ones nearest each fraction
-    of the largest. Emptying a group is a different kind of change from narrowing it (a folded
-    branch, not a thinner one), so where the last amount empties, the fractions place themselves
-    on the widths before it and emptying is measured besides: interpolating from emptying would
-    price the narrowest widths by a damage they do not have."""
+    of the largest; and of them the decisive ones, the widest narrowing first (then emptying).
+    Emptying a group is a different kind of change from narrowing it (a folded branch, not a
+    thinner one), so where the last amount empties, the fractions place themselves on the widths
+    before it and emptying is measured besides: interpolating from emptying would price the
+    narrowest widths by a damage they do not have."""
     widths = grid[1:-1] if emptying else grid[1:]
     picked = {int(widths[np.argmin(np.abs(widths - f * widths[-1]))]) for f in fractions} if len(widths) else set()
-    return sorted(picked | ({int(grid[-1])} if emptying else set()))
+    decisive = ([int(widths[-1])] if len(widths) else []) + ([int(grid[-1])] if emptying else [])
+    return sorted(picked | set(decisive)), decisive
 
 
 def _compounding(ctx: SearchContext, stats: Stats, plan: Plan, new: Plan, changed_units: list[Unit],

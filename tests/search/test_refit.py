@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from onnxcc.search import refit as reconstruct
+from onnxcc.search.statistics import MomentSums
 
 
 def _conv(cin: int, k: int, stride: int, pad: int, dilation: int) -> gs.Node:
@@ -44,3 +45,24 @@ def test_rows_streamed_in_parts_are_the_whole_sets_rows(monkeypatch, max_rows):
     assert len(parts) == len(whole) == min(max_rows, 7 * 100)
     key = lambda r: r[np.lexsort(r.T[::-1])]   # the same rows, in any order
     np.testing.assert_array_equal(key(parts), key(whole))
+
+
+def test_moments_summed_over_streamed_parts_are_the_whole_sets():
+    """The float32 sums accumulated in place, part by part, are the float64 moments of all rows."""
+    rng = np.random.default_rng(0)
+    parts = [rng.standard_normal((n, 40)).astype(np.float32) for n in (7, 50, 1)]
+    targets = [p + 0.1 * rng.standard_normal(p.shape).astype(np.float32) for p in parts]
+    sums = MomentSums()
+    for p, t in zip(parts, targets):
+        sums.add("towards", p, t, True)
+        sums.add("same", p, None, True)
+    stats = sums.stats()
+    z = np.concatenate([np.concatenate(parts), np.ones((58, 1))], 1)
+    t = np.concatenate([np.concatenate(targets), np.ones((58, 1))], 1)
+    S, C = stats.moments["towards"]
+    np.testing.assert_allclose(S, z.T @ z / 58, atol=1e-5)
+    np.testing.assert_allclose(C, t.T @ z / 58, atol=1e-5)
+    S_same, C_same = stats.moments["same"]
+    assert C_same is S_same
+    np.testing.assert_allclose(S_same, S)
+    np.testing.assert_allclose(stats.energy["same"], (z[:, :-1] ** 2).mean(0), rtol=1e-5)
