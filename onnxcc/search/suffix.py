@@ -129,9 +129,8 @@ class SuffixRunner:
         """A session of the nodes from ``cut`` on, with the weights not ``changed`` fixed at ``base``."""
         nodes = self.nodes[cut:]
         outs = [t for t in self.targets if self.produced.get(t, -1) >= cut]
-        used = list(dict.fromkeys(t for n in nodes for t in n.input if t))
+        used, weights = self._reads(nodes)
         crossing = [t for t in used if t in self.produced and self.produced[t] < cut]
-        weights = [t for t in used if t in self.graph_inputs and t not in self.produced and t not in self.initializers]
         fed = [t for t in weights if t in changed]
         constants = [self.initializers[t] for t in used if t in self.initializers]
         constants += [onnx.numpy_helper.from_array(np.asarray(base[t]), t) for t in weights if t not in changed]
@@ -155,10 +154,8 @@ class SuffixRunner:
         key = (stop, tuple(outs))
         if key not in self._sessions:
             nodes = self.nodes[:stop]
-            used = list(dict.fromkeys(t for n in nodes for t in n.input if t))
+            used, weights_fed = self._reads(nodes)
             fed = [t for t in used if t in self.feeds]
-            weights_fed = [t for t in used if t in self.graph_inputs and t not in self.produced
-                           and t not in self.initializers]
             inputs = [_value_info(t, values[t]) for t in fed] + [self.graph_inputs[t] for t in weights_fed]
             sub = self._graph(nodes, f"nodes_before_{stop}", inputs, outs,
                               [self.initializers[t] for t in used if t in self.initializers])
@@ -169,6 +166,12 @@ class SuffixRunner:
             self._sessions[key] = (session, fed, weights_fed)
         session, fed, weights_fed = self._sessions[key]
         return session.run(outs, {**{k: weights[k] for k in weights_fed}, **{k: values[k] for k in fed}})
+
+    def _reads(self, nodes: list[onnx.NodeProto]) -> tuple[list[str], list[str]]:
+        """The tensors ``nodes`` read, and among them the weights (graph inputs that are neither
+        fed samples nor initializers)."""
+        used = list(dict.fromkeys(t for n in nodes for t in n.input if t))
+        return used, [t for t in used if t in self.graph_inputs and t not in self.produced and t not in self.initializers]
 
     def _graph(self, nodes: list[onnx.NodeProto], name: str, inputs: list[onnx.ValueInfoProto], outs: list[str],
                constants: list[onnx.TensorProto]) -> onnx.ModelProto:
