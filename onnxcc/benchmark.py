@@ -32,8 +32,10 @@ BATCH = 1
 def benchmark(models: list[ModelArg], provider: str = "cpu", threads: int = 0, batch: int = BATCH,
               runs: int = RUNS, warmup: int = 5,
               input_shapes: dict[str | None, tuple[int, ...]] | None = None,
-              profile: bool = False, seed: int = 0, per_round: int = 5, top: int = 15) -> dict:
-    """Time ``models`` interleaved in rounds of ``per_round`` runs each; ``runs`` per model in all.
+              profile: bool = False, seed: int = 0, per_round: int = 5, top: int = 15,
+              seconds: float | None = None) -> dict:
+    """Time ``models`` interleaved in rounds of ``per_round`` runs each; ``runs`` per model in all,
+    or fewer where the timed rounds pass ``seconds`` (whole rounds, at least one).
 
     Returns ``{"provider", "threads", "batch", "runs", "warmup", "per_round", "models": [...]}``;
     each model entry has p50/p90/mean/std/min in ms, ``n``, ``speedup`` (first model's p50 over
@@ -55,8 +57,8 @@ def benchmark(models: list[ModelArg], provider: str = "cpu", threads: int = 0, b
     gc_was_enabled = gc.isenabled()
     gc.disable()  # a collection landing inside one model's run would be charged to that model
     try:
-        done = 0
-        while done < runs:
+        done, start = 0, time.perf_counter()
+        while done < runs and (seconds is None or not done or time.perf_counter() - start < seconds):
             k = min(per_round, runs - done)
             for sess, f, t in zip(sessions, feeds, times):
                 for _ in range(k):
@@ -76,7 +78,7 @@ def benchmark(models: list[ModelArg], provider: str = "cpu", threads: int = 0, b
         for e, m, f in zip(entries, protos, feeds):
             e["profile"] = profile_model(m, f, provider, threads, runs=min(runs, 20),
                                          warmup=warmup, top=top)
-    return {"provider": provider, "threads": threads, "batch": batch, "runs": runs,
+    return {"provider": provider, "threads": threads, "batch": batch, "runs": done,
             "warmup": warmup, "per_round": per_round, "onnxruntime": _ort().__version__,
             "models": entries}
 

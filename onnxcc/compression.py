@@ -47,6 +47,8 @@ from .verify import fidelity
 log = logging.getLogger(__name__)
 
 PICK_SAMPLES = 128   # calibration samples the tries' plans are compared on (all of them, up to this)
+TIMING_SECONDS = 15.0  # a whole-model timing stops after the round that passes this, so timing a
+                       # big model costs seconds, not minutes; small ones still get every run
 SLOW_SEARCH = 150.0  # seconds: a first search slower than this is not repeated by default
 
 
@@ -310,7 +312,8 @@ def _latency_model(work: _Work, cfg: CompressConfig) -> LatencyModel:
     lat = LatencyModel(work.analysis, table, cfg.round_to, work.progress)
 
     def whole() -> float:
-        runs = benchmark([work.model], cfg.provider, cfg.threads, runs=30, warmup=3, input_shapes=work.shapes)
+        runs = benchmark([work.model], cfg.provider, cfg.threads, runs=30, warmup=3, input_shapes=work.shapes,
+                         seconds=TIMING_SECONDS)
         # a low percentile: other processes only ever add time, and the table holds quiet numbers
         return float(np.percentile(runs["models"][0]["latencies_ms"], 20)) / 1e3
 
@@ -335,7 +338,8 @@ def _measure(original: onnx.ModelProto, compressed: onnx.ModelProto, shapes: dic
     """Interleaved latency of the original and the compressed model (what users compress for)."""
     if progress:
         progress("timing original vs compressed", 0, 1)
-    b = benchmark([original, compressed], cfg.provider, cfg.threads, runs=40, warmup=3, input_shapes=shapes)
+    b = benchmark([original, compressed], cfg.provider, cfg.threads, runs=40, warmup=3, input_shapes=shapes,
+                  seconds=TIMING_SECONDS)
     if progress:
         progress("timing original vs compressed", 1, 1)
     before, after = (m["p50_ms"] for m in b["models"])
