@@ -1,9 +1,12 @@
-"""Image augmentation for recovery: random resized crops and horizontal flips of the inputs.
+"""Image augmentation for recovery: random resized crops, horizontal flips and mixing of the inputs.
 
 A few hundred calibration images are few for tuning weights; distillation needs no labels, so
 any plausible image is a training sample — the original model says what the answer is. Crops and
 flips are drawn per sample and applied by one ``grid_sample`` on preprocessed tensors, in either
-layout. Inputs that are not images (audio, tokens, features) are left as they are.
+layout. Each image is then blended with another of the batch (mixup with the original's
+answer as the target, the "function matching" of patient distillation): the blends lie between
+the samples, where a few hundred of them leave the student unconstrained. Inputs that are not
+images (audio, tokens, features) are left as they are.
 """
 from __future__ import annotations
 
@@ -15,6 +18,7 @@ import torch.nn.functional as F
 MIN_SIDE = 16
 SCALE = (0.35, 1.0)            # area of the crop, as a fraction of the image
 RATIO = (3 / 4, 4 / 3)
+MIX = 0.4                      # the other image's weight in a blend, at most (drawn uniformly)
 
 
 def image_layout(shape: tuple[int, ...]) -> str | None:
@@ -29,9 +33,11 @@ def image_layout(shape: tuple[int, ...]) -> str | None:
 
 
 def augment(x: torch.Tensor, layout: str, generator: torch.Generator,
-            scale: tuple[float, float] = SCALE) -> torch.Tensor:
+            scale: tuple[float, float] = SCALE, mix: float | None = None) -> torch.Tensor:
     """Each image of ``x`` cropped at random (area in ``scale``, aspect in RATIO), resized back
-    to its size and flipped left-right with probability 1/2."""
+    to its size, flipped left-right with probability 1/2, and blended with another image of the
+    batch at a weight drawn from [0, ``mix``] (MIX unless given)."""
+    mix = MIX if mix is None else mix
     nchw = x if layout == "NCHW" else x.permute(0, 3, 1, 2)
     n = nchw.shape[0]
     rand = torch.rand(n, 5, generator=generator).to(x.device)
@@ -48,4 +54,8 @@ def augment(x: torch.Tensor, layout: str, generator: torch.Generator,
     theta[:, 1, 1], theta[:, 1, 2] = sh, ty
     grid = F.affine_grid(theta, list(nchw.shape), align_corners=False)
     out = F.grid_sample(nchw, grid, mode="bilinear", padding_mode="border", align_corners=False)
+    if mix > 0 and n > 1:
+        other = (torch.arange(n) + torch.randint(1, n, (n,), generator=generator)) % n   # never itself
+        w = (mix * torch.rand(n, 1, 1, 1, generator=generator)).to(x.device, x.dtype)
+        out = (1 - w) * out + w * out[other.to(x.device)]
     return out if layout == "NCHW" else out.permute(0, 2, 3, 1).contiguous()
