@@ -163,13 +163,17 @@ def main() -> None:
 RECOVERY_CASES = (("mobilenetv2", 0.3), ("mobilenetv2", 0.5), ("efficientnet_lite0", 0.3))
 
 
+def recovery_case(name: str) -> tuple[onnx.ModelProto, np.ndarray, np.ndarray]:
+    """The original, its 150 calibration photos (shuffled) and its 50 evaluation photos."""
+    calib, held = photos.load_calib_eval(models.data_dir(), preprocess=models.INFO[name]["preprocess"])
+    return onnx.load(str(models.model_path(name))), calib[np.random.default_rng(0).permutation(len(calib))], held
+
+
 def recovery_table(cases=RECOVERY_CASES) -> None:
     out_dir = REPO / "tools" / "results"
     rows = []
     for name, flops in cases:
-        calib, held = photos.load_calib_eval(models.data_dir(), preprocess=models.INFO[name]["preprocess"])
-        calib = calib[np.random.default_rng(0).permutation(len(calib))]
-        orig = onnx.load(str(models.model_path(name)))
+        orig, calib, held = recovery_case(name)
         ref, ref_calib = logits(orig, held), logits(orig, calib)
         t0 = time.perf_counter()
         res = compress(orig, flops, calib=_calibration(orig, calib))

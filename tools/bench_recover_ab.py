@@ -19,15 +19,10 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
-import onnx
-
 REPO = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(REPO), str(REPO / "tools")]
 
-import models  # noqa: E402
-import photos  # noqa: E402
-from bench_compress import _calibration, _machine, fidelity, logits  # noqa: E402
+from bench_compress import _calibration, _machine, fidelity, logits, recovery_case  # noqa: E402
 
 import onnxcc.recover.augment as augment  # noqa: E402
 from onnxcc.compression import compress  # noqa: E402
@@ -38,9 +33,7 @@ RESULTS = REPO / "tools" / "results"
 
 
 def run(name: str, flops: float, mixes: list[float], seeds: list[int], seconds: float) -> list[dict]:
-    calib, held = photos.load_calib_eval(models.data_dir(), preprocess=models.INFO[name]["preprocess"])
-    calib = calib[np.random.default_rng(0).permutation(len(calib))]
-    orig = onnx.load(str(models.model_path(name)))
+    orig, calib, held = recovery_case(name)
     data = _calibration(orig, calib)
     cut = compress(orig, flops, calib=data, recover="none").model
     teacher = normalize(orig).model
