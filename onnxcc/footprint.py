@@ -7,7 +7,9 @@ keeps (measured on a 16-GMAC YOLOv8-seg-size net and on open-nsfw, tools/results
 the layer statistics' second moments (float32, one (columns + 1)² matrix per layer and one
 more towards the original's rows), onnxruntime's buffers for a run of the probe's batch, the
 layer inputs a statistics run returns, the cut cache, the calibration samples and the graph's
-copies. Recovery sizes itself to the memory available when it starts, so it is not in the estimate.
+copies. Recovery sizes itself to the memory available when it starts, and the layer-latency
+timings before the search are batched to hold at most a few hundred MB (:data:`onnxcc.latency.BATCH_BYTES`),
+so neither is in the estimate.
 """
 from __future__ import annotations
 

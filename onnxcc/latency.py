@@ -54,6 +54,11 @@ Chain = tuple[Pair, tuple[ConvSpec, ...]]
 
 # What every cached time is relative to: a mid-network 3x3 Conv, timed beside each batch
 REFERENCE: Chain = ((28, 28), (ConvSpec(64, 64, 3),))
+# What the sessions of one interleaved batch may hold (see :func:`run_bytes`): every chain of a
+# batch keeps its session, weights and buffers until the batch is timed, and a large network asks
+# for hundreds of chains (open-nsfw: 283, 1.5 GB in one batch)
+BATCH_BYTES = 256 << 20
+SESSION_BYTES = 2 << 20   # what an onnxruntime session holds however small its model
 
 
 def _pair(v: Pair) -> tuple[int, int]:
@@ -117,9 +122,9 @@ class LatencyTable:
         """Latency per chain; the uncached ones are timed together with the reference, interleaved,
         then saved."""
         missing = list(dict.fromkeys(ch for ch in chains if chain_key(ch) not in self.entries))
-        if missing:
-            *times, ref = measure_chains(missing + [REFERENCE], self.provider, self.threads, self.budget_s)
-            self.entries.update({chain_key(ch): t / ref for ch, t in zip(missing, times)})
+        for batch in _batches(missing, _context(self.provider)):
+            *times, ref = measure_chains(batch + [REFERENCE], self.provider, self.threads, self.budget_s)
+            self.entries.update({chain_key(ch): t / ref for ch, t in zip(batch, times)})
             self._reference = self._reference or ref
             self._save()
         ref = self.reference()
@@ -151,6 +156,47 @@ class LatencyTable:
             doc = {"version": _CACHE_VERSION, "provider": self.provider, "threads": self.threads,
                    "machine": machine_info(self.provider), "entries": self.entries}
             atomic_write_text(self.path, json.dumps(doc, indent=0, sort_keys=True))
+
+
+def _context(provider: str) -> int:
+    """Channels of the context Convs a chain is timed between: on CPU only (see :func:`measure_chains`)."""
+    return _CONTEXT if provider == "cpu" else 0
+
+
+def _batches(chains: list[Chain], context: int) -> list[list[Chain]]:
+    """``chains`` in order, cut into batches whose sessions hold at most BATCH_BYTES together
+    (a chain larger than that alone)."""
+    out: list[list[Chain]] = []
+    held = BATCH_BYTES
+    for ch in chains:
+        size = run_bytes(ch, context)
+        if held + size > BATCH_BYTES:
+            out.append([])
+            held = 0
+        out[-1].append(ch)
+        held += size
+    return out
+
+
+def run_bytes(chain: Chain, context: int = 0) -> int:
+    """What a session timing ``chain`` holds, about (measured on CPU sessions from 7x7x16 to
+    14x14x512): a fixed part, its weights four times (the model's, the session's, the pre-packed
+    copy) and its activations twice (blocked-layout copies and the arena's slack)."""
+    hw, layers = _pair(chain[0]), _with_context(chain[1], context)
+    weights, elements = 0, layers[0].cin * hw[0] * hw[1]
+    for c in layers:
+        k = _pair(c.k)
+        weights += c.cout * (c.cin // c.group) * k[0] * k[1]
+        hw = _out_size(hw, c.k, c.stride)
+        elements += c.cout * hw[0] * hw[1]
+    return SESSION_BYTES + 4 * (4 * weights + 2 * elements)
+
+
+def _with_context(layers: tuple[ConvSpec, ...], context: int) -> tuple[ConvSpec, ...]:
+    """``layers`` between a 1x1 Conv from and a 1x1 Conv to ``context`` channels (none for 0)."""
+    if not context:
+        return tuple(layers)
+    return (ConvSpec(context, layers[0].cin, 1),) + tuple(layers) + (ConvSpec(layers[-1].cout, context, 1),)
 
 
 def factorized_chain(cin: int, r: int, cout: int, k: int, stride: int, hw: int) -> Chain:
@@ -239,15 +285,15 @@ def measure_chains(chains: list[Chain], provider: str = "cpu", threads: int = 2,
     once, and make unaligned widths, which run without the blocked layout, look cheaper than
     they are. CUDA kernels run asynchronously, so there whole runs of the bare chain are timed.
     """
-    in_context = provider == "cpu"
+    context = _context(provider)
     rng = np.random.default_rng(0)
     with tempfile.TemporaryDirectory(prefix="onnxcc-latency-") as tmp:
         sessions, feeds = [], []
         for i, ch in enumerate(chains):
-            model = _chain_model(ch, rng, context=_CONTEXT if in_context else 0)
-            sessions.append(make_session(model, provider, threads, profile_prefix=f"{tmp}/p{i}") if in_context
+            model = _chain_model(ch, rng, context=context)
+            sessions.append(make_session(model, provider, threads, profile_prefix=f"{tmp}/p{i}") if context
                             else make_session(model, provider, threads))
-            cin = _CONTEXT if in_context else ch[1][0].cin
+            cin = context or ch[1][0].cin
             feeds.append({"x": rng.standard_normal((1, cin, *_pair(ch[0]))).astype(np.float32)})
         per_round = []
         for sess, f in zip(sessions, feeds):
@@ -258,7 +304,7 @@ def measure_chains(chains: list[Chain], provider: str = "cpu", threads: int = 2,
         for _ in range(rounds):
             for sess, f, n, s in zip(sessions, feeds, per_round, samples):
                 s.extend(_timed(sess, f) for _ in range(n))
-        if in_context:
+        if context:
             # the trace starts at session creation: drop the warm-up and the two estimate runs
             samples = [[_between_context(run) for run in split_runs(read_trace(sess))[3:]]
                        for sess in sessions]
@@ -294,10 +340,7 @@ def _out_size(hw: Pair, k: Pair, stride: Pair) -> tuple[int, int]:
 def _chain_model(chain: Chain, rng: np.random.Generator, context: int = 0) -> onnx.ModelProto:
     """The chain's Convs (bias, pads k//2); with ``context`` > 0 between a 1x1 Conv from and a
     1x1 Conv to ``context`` channels."""
-    hw, layers = _pair(chain[0]), chain[1]
-    if context:
-        layers = ((ConvSpec(context, layers[0].cin, 1),) + tuple(layers)
-                  + (ConvSpec(layers[-1].cout, context, 1),))
+    hw, layers = _pair(chain[0]), _with_context(chain[1], context)
     nodes, inits, x = [], [], "x"
     for i, c in enumerate(layers):
         k = _pair(c.k)

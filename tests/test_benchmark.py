@@ -181,6 +181,31 @@ def test_cached_times_are_relative_to_a_reference_timed_beside_them(monkeypatch,
     assert quiet == pytest.approx(latency.chain_macs(chain) * 1e-11) and loaded == pytest.approx(2 * quiet)
 
 
+def test_many_chains_are_timed_in_batches_of_bounded_memory(monkeypatch, tmp_path):
+    """Every batch's sessions fit BATCH_BYTES (a chain larger than that alone); each batch is timed
+    beside the reference, and every chain ends up in the table, in its own batch's ratio."""
+    monkeypatch.setenv("ONNXCC_CACHE", str(tmp_path))
+    batches: list = []
+    load = iter([1.0, 3.0, 2.0, 5.0, 4.0, 1.5] * 10)   # each batch runs under another load
+
+    def measure(chains, *a, **k):
+        batches.append(chains)
+        f = next(load)
+        return [latency.chain_macs(ch) * 1e-11 * f for ch in chains]
+
+    monkeypatch.setattr(latency, "measure_chains", measure)
+    chains = [(hw, (latency.ConvSpec(c, c, 3),)) for hw in (14, 28, 56) for c in (16, 32, 64, 128)]
+    chains.append((7, (latency.ConvSpec(2048, 2048, 3),)))   # 150 MB of weights: over any batch
+    context = latency._context("cpu")
+    monkeypatch.setattr(latency, "BATCH_BYTES", 3 * max(latency.run_bytes(ch, context) for ch in chains[:-1]))
+    times = latency.LatencyTable("cpu", 3).measure(chains)
+    assert len(batches) > 2 and all(b[-1] == latency.REFERENCE for b in batches)
+    assert [ch for b in batches for ch in b[:-1]] == chains
+    for b in batches:
+        assert len(b) == 2 or sum(latency.run_bytes(ch, context) for ch in b[:-1]) <= latency.BATCH_BYTES
+    assert times == pytest.approx([latency.chain_macs(ch) * 1e-11 for ch in chains])
+
+
 def test_chain_geometry():
     assert latency.chain_macs((12, (latency.ConvSpec(8, 16, 3, 2),))) == 16 * 8 * 9 * 6 * 6
     fact = latency.factorized_chain(8, 4, 16, 3, 1, 10)
