@@ -2,18 +2,20 @@
 """Recovery settings compared on one cut, seed by seed (the seed draws the stopping samples and
 the training order, and moves a result as much as a setting does).
 
-    python tools/bench_recover_ab.py [--case mobilenetv2:0.3] [--mix 0 0.4] [--seeds 0 1 2] [--seconds 300]
+    python tools/bench_recover_ab.py [--case mobilenetv2:0.3] [--vary augment.MIX 0 0.4] [--seeds 0 1 2] [--seconds 300]
 
 The model is compressed once with ``--recover none`` as the recovery table does it (150 shuffled
-calibration photos, compress's held-back quarter split off the same way); then, for every mixing
-weight of :mod:`onnxcc.recover.augment` and every seed, the default recovery runs on the cut with
-the same time. Reported: the held-back damage of the stage written on the 38 samples that chose it,
-and top-1 agreement and logit cosine on the 50 photos never used. Appends to
-tools/results/recover_ab.jsonl and rewrites tools/results/recover_ab.md.
+calibration photos, compress's held-back quarter split off the same way); then, for every value of
+the setting varied (a constant of a module of :mod:`onnxcc.recover`, e.g. ``train.LR_END``) and
+every seed, the default recovery runs on the cut with the same time. Reported: the held-back damage
+of the stage written on the 38 samples that chose it, top-1 agreement and logit cosine on the 50
+photos never used, the time taken and the training steps of the longest block and of end-to-end
+distillation. Appends to tools/results/recover_ab.jsonl and rewrites tools/results/recover_ab.md.
 """
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import sys
 import time
@@ -24,7 +26,6 @@ sys.path[:0] = [str(REPO), str(REPO / "tools")]
 
 from bench_compress import _calibration, _machine, fidelity, logits, recovery_case  # noqa: E402
 
-import onnxcc.recover.augment as augment  # noqa: E402
 from onnxcc.compression import compress  # noqa: E402
 from onnxcc.passes.normalize import normalize  # noqa: E402
 from onnxcc.recover import recover_checked  # noqa: E402
@@ -32,7 +33,10 @@ from onnxcc.recover import recover_checked  # noqa: E402
 RESULTS = REPO / "tools" / "results"
 
 
-def run(name: str, flops: float, mixes: list[float], seeds: list[int], seconds: float) -> list[dict]:
+def run(name: str, flops: float, setting: str, values: list[float], seeds: list[int], seconds: float) -> list[dict]:
+    module_name, attr = setting.rsplit(".", 1)
+    module = importlib.import_module(f"onnxcc.recover.{module_name}")
+    default = getattr(module, attr)
     orig, calib, held = recovery_case(name)
     data = _calibration(orig, calib)
     cut = compress(orig, flops, calib=data, recover="none").model
@@ -41,17 +45,20 @@ def run(name: str, flops: float, mixes: list[float], seeds: list[int], seconds: 
     fit, choose = data.split()
     rows = []
     for seed in seeds:
-        for mix in mixes:
-            augment.MIX = mix
+        for value in values:
+            setattr(module, attr, type(default)(value))
             t0 = time.perf_counter()
             res = recover_checked(cut, teacher, fit, choose, mode="blocks", seconds=seconds, seed=seed)
-            kept = res.record["kept"]
-            row = {"model": name, "flops": flops, "mix": mix, "seed": seed, "seconds": seconds,
-                   "took": round(time.perf_counter() - t0), "kept": kept,
-                   "choice_damage": round(res.record["choice_damage"][kept], 4),
+            rec, kept = res.record, res.record["kept"]
+            row = {"model": name, "flops": flops, "setting": setting, "value": value, "seed": seed,
+                   "seconds": seconds, "took": round(time.perf_counter() - t0), "kept": kept,
+                   "choice_damage": round(rec["choice_damage"][kept], 4),
+                   "block_steps": max((b["steps"] for b in rec.get("blocks", [])), default=0),
+                   "end_steps": rec.get("end_to_end", {}).get("steps", 0),
                    **fidelity(ref, logits(res.model, held)), "machine": _machine()}
             print(json.dumps(row), flush=True)
             rows.append(row)
+    setattr(module, attr, default)
     return rows
 
 
@@ -59,24 +66,34 @@ def render(rows: list[dict]) -> str:
     md = ["# Recovery settings, seed by seed", "",
           "`python tools/bench_recover_ab.py`: one cut per model and target, the default recovery on it with the "
           "same time for every setting and seed; damage of the stage written on compress's 38 held-back samples "
-          "(which chose it), top-1 agreement and logit cosine on 50 photos never used. `mix`: the largest weight "
-          "of the second image blended into each augmented one.", "",
-          "| model | --flops | mix | seed | seconds | stage written | damage (38 held back) | top-1 agreement (50 unseen) "
-          "| cosine (50 unseen) | machine |", "|---|---|---|---|---|---|---|---|---|---|"]
-    md += [f"| {r['model']} | {r['flops']} | {r['mix']} | {r['seed']} | {r['seconds']:.0f} | {r['kept']} | "
-           f"{r['choice_damage']} | {r['top1_agreement']:.0%} | {r['cosine_mean']} | {r['machine']} |" for r in rows]
+          "(which chose it), top-1 agreement and logit cosine on 50 photos never used; the steps of the longest "
+          "block and of end-to-end distillation (blank: not recorded). `augment.MIX`: the largest weight of the "
+          "second image blended into each augmented one; `train.MAX_EPOCHS`: passes over the training samples "
+          "at most.", "",
+          "| model | --flops | setting | value | seed | seconds given | taken | block / end-to-end steps | stage written "
+          "| damage (38 held back) | top-1 agreement (50 unseen) | cosine (50 unseen) | machine |",
+          "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    md += [f"| {r['model']} | {r['flops']} | {r['setting']} | {r['value']:g} | {r['seed']} | {r['seconds']:.0f} | "
+           f"{r['took']} | {_steps(r)} | {r['kept']} | {r['choice_damage']} | {r['top1_agreement']:.0%} | "
+           f"{r['cosine_mean']} | {r['machine']} |" for r in rows]
     return "\n".join(md) + "\n"
+
+
+def _steps(row: dict) -> str:
+    return f"{row['block_steps']} / {row['end_steps']}" if "block_steps" in row else ""
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--case", default="mobilenetv2:0.3", help="MODEL:FLOPS")
-    p.add_argument("--mix", type=float, nargs="+", default=[0.0, augment.MIX])
+    p.add_argument("--vary", nargs="+", default=["augment.MIX", "0", "0.4"], metavar=("MODULE.NAME", "VALUE"),
+                   help="a recovery constant and the values it takes")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--seconds", type=float, default=300.0)
     args = p.parse_args()
     name, flops = args.case.split(":")
-    new = run(name, float(flops), args.mix, args.seeds, args.seconds)
+    setting, *values = args.vary
+    new = run(name, float(flops), setting, [float(v) for v in values], args.seeds, args.seconds)
     log = RESULTS / "recover_ab.jsonl"
     with log.open("a") as f:
         f.writelines(json.dumps(r) + "\n" for r in new)

@@ -1,4 +1,5 @@
 """Post-training recovery: exact where nothing was removed, structure untouched, error lowered."""
+import math
 import subprocess
 import sys
 
@@ -105,6 +106,22 @@ def test_blocks_lower_the_error_on_samples_recovery_never_saw(name):
     batch = {k: v[:5] for k, v in _samples(teacher, 5, seed=3).items()}
     single = np.concatenate([run(res.model, {k: v[i:i + 1] for k, v in batch.items()})[0] for i in range(5)])
     np.testing.assert_allclose(run(res.model, batch)[0], single, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.slow
+def test_a_few_samples_stop_training_before_its_time_is_up(monkeypatch):
+    """Past MAX_EPOCHS passes over the same samples training stops, however much time is left:
+    16 samples do not take the whole of a generous budget."""
+    from onnxcc.recover import train
+
+    monkeypatch.setattr(train, "MAX_EPOCHS", 10)
+    teacher, student, data = _compressed("tiny_resnet", 0.5, 16)
+    res = recover(student, teacher, data.samples, mode="blocks", seconds=600)
+    rec = res.record
+    views = rec["train_samples"] * rec["views"]
+    assert [b["steps"] for b in rec["blocks"]] == [math.ceil(10 * views / rec["batch"])] * len(rec["blocks"])
+    assert rec["end_to_end"]["steps"] == math.ceil(10 * rec["train_samples"] / rec["batch"])
+    assert structure(res.model) == structure(student)
 
 
 def test_blocks_cover_the_graph_and_end_at_joins():
