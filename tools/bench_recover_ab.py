@@ -53,6 +53,7 @@ def run(name: str, flops: float, setting: str, values: list[float], seeds: list[
             row = {"model": name, "flops": flops, "setting": setting, "value": value, "seed": seed,
                    "seconds": seconds, "took": round(time.perf_counter() - t0), "kept": kept,
                    "choice_damage": round(rec["choice_damage"][kept], 4),
+                   "cut_damage": round(rec["choice_damage"]["cut"], 4),
                    "block_steps": max((b["steps"] for b in rec.get("blocks", [])), default=0),
                    "end_steps": rec.get("end_to_end", {}).get("steps", 0),
                    **fidelity(ref, logits(res.model, held)), "machine": _machine()}
@@ -67,16 +68,21 @@ def render(rows: list[dict]) -> str:
           "`python tools/bench_recover_ab.py`: one cut per model and target, the default recovery on it with the "
           "same time for every setting and seed; damage of the stage written on compress's 38 held-back samples "
           "(which chose it), top-1 agreement and logit cosine on 50 photos never used; the steps of the longest "
-          "block and of end-to-end distillation (blank: not recorded). `augment.MIX`: the largest weight of the "
+          "block and of end-to-end distillation and the cut's damage (blank: not recorded; each run of the tool "
+          "compresses once, and plans follow the machine's timings, so runs can differ in their cut). `augment.MIX`: the largest weight of the "
           "second image blended into each augmented one; `train.MAX_EPOCHS`: passes over the training samples "
           "at most.", "",
           "| model | --flops | setting | value | seed | seconds given | taken | block / end-to-end steps | stage written "
-          "| damage (38 held back) | top-1 agreement (50 unseen) | cosine (50 unseen) | machine |",
+          "| damage (38 held back): cut, written | top-1 agreement (50 unseen) | cosine (50 unseen) | machine |",
           "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     md += [f"| {r['model']} | {r['flops']} | {r['setting']} | {r['value']:g} | {r['seed']} | {r['seconds']:.0f} | "
-           f"{r['took']} | {_steps(r)} | {r['kept']} | {r['choice_damage']} | {r['top1_agreement']:.0%} | "
+           f"{r['took']} | {_steps(r)} | {r['kept']} | {_damage(r)} | {r['top1_agreement']:.0%} | "
            f"{r['cosine_mean']} | {r['machine']} |" for r in rows]
     return "\n".join(md) + "\n"
+
+
+def _damage(row: dict) -> str:
+    return f"{row['cut_damage']}, {row['choice_damage']}" if "cut_damage" in row else f"{row['choice_damage']}"
 
 
 def _steps(row: dict) -> str:
