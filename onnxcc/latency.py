@@ -119,8 +119,8 @@ class LatencyTable:
         self._reference: float | None = None
 
     def measure(self, chains: list[Chain]) -> list[float]:
-        """Latency per chain; the uncached ones are timed together with the reference, interleaved,
-        then saved."""
+        """Latency per chain; the uncached ones are timed in batches of bounded memory, each
+        interleaved with the reference, and saved batch by batch."""
         missing = list(dict.fromkeys(ch for ch in chains if chain_key(ch) not in self.entries))
         for batch in _batches(missing, _context(self.provider)):
             *times, ref = measure_chains(batch + [REFERENCE], self.provider, self.threads, self.budget_s)
