@@ -167,10 +167,10 @@ def _batches(chains: list[Chain], context: int) -> list[list[Chain]]:
     """``chains`` in order, cut into batches whose sessions hold at most BATCH_BYTES together
     (a chain larger than that alone)."""
     out: list[list[Chain]] = []
-    held = BATCH_BYTES
+    held = 0
     for ch in chains:
         size = run_bytes(ch, context)
-        if held + size > BATCH_BYTES:
+        if not out or held + size > BATCH_BYTES:
             out.append([])
             held = 0
         out[-1].append(ch)

@@ -70,8 +70,8 @@ def render(rows: list[dict]) -> str:
           "(which chose it), top-1 agreement and logit cosine on 50 photos never used; the steps of the longest "
           "block and of end-to-end distillation and the cut's damage (blank: not recorded; each run of the tool "
           "compresses once, and plans follow the machine's timings, so runs can differ in their cut). `augment.MIX`: the largest weight of the "
-          "second image blended into each augmented one; `train.MAX_EPOCHS`: passes over the training samples "
-          "at most.", "",
+          "second image blended into each augmented one; `train.LR_END`: end-to-end distillation's learning "
+          "rate; `pipeline.BLOCK_SHARE`: the share of the gradient stages' time that block reconstruction gets.", "",
           "| model | --flops | setting | value | seed | seconds given | taken | block / end-to-end steps | stage written "
           "| damage (38 held back): cut, written | top-1 agreement (50 unseen) | cosine (50 unseen) | machine |",
           "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
