@@ -144,7 +144,7 @@ class Reconstructor:
         self.train = dict(train)
         self.n_train = len(next(iter(train.values())))
         self.views = views
-        self.module = OnnxModule(student).to(device)
+        self.module = OnnxModule(student).to(device).channels_last()
         self.module.eval()
         self.batch = min(batch, self.n_train)
         # a graph exported at batch 1 (Reshape targets with a literal 1) runs one sample at a time
@@ -262,7 +262,7 @@ class Reconstructor:
     def end_to_end(self, budget: Budget) -> dict:
         """Distil the whole network on its outputs with fresh augmentations; keep the weights
         that do least damage on the held-back samples."""
-        teacher = OnnxModule(self.teacher).to(self.device).eval()
+        teacher = OnnxModule(self.teacher).to(self.device).channels_last().eval()
         for p in teacher.parameters():
             p.requires_grad_(False)
         names = self.judge.names

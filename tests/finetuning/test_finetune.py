@@ -178,6 +178,9 @@ ZOO = {
     "PRelu-scalar": _one("PRelu", 13, {"x": X, "s": _f(0.2)}),
     "Clip-none": _one("Clip", 13, {"x": X}),
     "Clip-max-only": _one("Clip", 13, {"x": X, "lo": None, "hi": np.array(0.5, F32)}),
+    "Clip-both": _one("Clip", 13, {"x": X, "lo": np.array(-0.5, F32), "hi": np.array(1.5, F32)}),
+    "Clip-6-attributes": _one("Clip", 6, {"x": X}, min=0.0, max=1.0),
+    "Clip-min-above-max": _one("Clip", 13, {"x": X, "lo": np.array(1.0, F32), "hi": np.array(0.5, F32)}),
     "Pow": _one("Pow", 13, {"x": X, "p": np.array(2.0, F32)}),
     "Pow-int-exponent": _one("Pow", 15, {"x": X, "p": np.array(3, I64)}),
     "Max": _one("Max", 13, {"a": X, "b": (3, 1), "c": (4,)}),
@@ -387,6 +390,31 @@ def test_every_op_the_channel_analysis_accepts_is_run_here():
 
 
 @needs_torch
+def test_channels_last_weights_change_nothing_but_memory_order():
+    """Recovery trains 2-D convolutions on channels-last weights: same outputs, and what is
+    exported after a step is the parameters' values in ONNX order (1-D and 3-D weights stay)."""
+    torch = pytest.importorskip("torch")
+    from onnxcc.finetuning.executor import OnnxModule, export_weights
+
+    for model in (ZOO["Conv-valid-dilated"], _one("Conv", 13, {"x": (1, 2, 9), "w": _w(4, 2, 3)}),
+                  _one("Conv", 13, {"x": (1, 2, 5, 5, 5), "w": _w(4, 2, 3, 3, 3)})):
+        x = {i.name: torch.from_numpy(_w(*[d.dim_value for d in i.type.tensor_type.shape.dim], seed=1))
+             for i in model.graph.input}
+        plain, fast = OnnxModule(model), OnnxModule(model).channels_last()
+        w = fast.onnx_parameters()["w"]
+        assert w.is_contiguous(memory_format=torch.channels_last) == (w.dim() == 4)
+        y = fast(x)[0]
+        torch.testing.assert_close(y, plain(x)[0], rtol=1e-5, atol=1e-6)
+        np.testing.assert_array_equal(numpy_helper.to_array(export_weights(fast, model).graph.initializer[0]),
+                                      numpy_helper.to_array(model.graph.initializer[0]))
+        y.square().sum().backward()
+        with torch.no_grad():
+            w -= 0.1 * w.grad
+        out = numpy_helper.to_array(export_weights(fast, model).graph.initializer[0])
+        np.testing.assert_array_equal(out, w.detach().numpy())
+        assert not np.array_equal(out, numpy_helper.to_array(model.graph.initializer[0]))
+
+
 def test_unsupported_op_is_one_line_error():
     from onnxcc.finetuning.executor import OnnxModule
 
