@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import json
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -56,11 +57,19 @@ def run(name: str, flops: float, setting: str, values: list[float], seeds: list[
                    "cut_damage": round(rec["choice_damage"]["cut"], 4),
                    "block_steps": max((b["steps"] for b in rec.get("blocks", [])), default=0),
                    "end_steps": rec.get("end_to_end", {}).get("steps", 0),
-                   **fidelity(ref, logits(res.model, held)), "machine": _machine()}
+                   **fidelity(ref, logits(res.model, held)), "machine": _machine(), "commit": _commit()}
             print(json.dumps(row), flush=True)
             rows.append(row)
     setattr(module, attr, default)
     return rows
+
+
+def _commit() -> str:
+    """The code measured: rows of one setting and value from different commits differ in what
+    the setting did not vary."""
+    head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True)
+    dirty = subprocess.run(["git", "status", "--porcelain", "--", "onnxcc"], cwd=REPO, capture_output=True, text=True)
+    return head.stdout.strip() + ("+changes" if dirty.stdout.strip() else "") if head.returncode == 0 else ""
 
 
 def render(rows: list[dict]) -> str:
@@ -68,16 +77,16 @@ def render(rows: list[dict]) -> str:
           "`python tools/bench_recover_ab.py`: one cut per model and target, the default recovery on it with the "
           "same time for every setting and seed; damage of the stage written on compress's 38 held-back samples "
           "(which chose it), top-1 agreement and logit cosine on 50 photos never used; the steps of the longest "
-          "block and of end-to-end distillation and the cut's damage (blank: not recorded; each run of the tool "
+          "block and of end-to-end distillation, the cut's damage and the commit measured (blank: not recorded; each run of the tool "
           "compresses once, and plans follow the machine's timings, so runs can differ in their cut). `augment.MIX`: the largest weight of the "
           "second image blended into each augmented one; `train.LR_END`: end-to-end distillation's learning "
           "rate; `pipeline.BLOCK_SHARE`: the share of the gradient stages' time that block reconstruction gets.", "",
           "| model | --flops | setting | value | seed | seconds given | taken | block / end-to-end steps | stage written "
-          "| damage (38 held back): cut, written | top-1 agreement (50 unseen) | cosine (50 unseen) | machine |",
-          "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+          "| damage (38 held back): cut, written | top-1 agreement (50 unseen) | cosine (50 unseen) | machine | commit |",
+          "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     md += [f"| {r['model']} | {r['flops']} | {r['setting']} | {r['value']:g} | {r['seed']} | {r['seconds']:.0f} | "
            f"{r['took']} | {_steps(r)} | {r['kept']} | {_damage(r)} | {r['top1_agreement']:.0%} | "
-           f"{r['cosine_mean']} | {r['machine']} |" for r in rows]
+           f"{r['cosine_mean']} | {r['machine']} | {r.get('commit', '')} |" for r in rows]
     return "\n".join(md) + "\n"
 
 
