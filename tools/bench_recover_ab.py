@@ -68,8 +68,10 @@ def _commit() -> str:
     """The code measured: rows of one setting and value from different commits differ in what
     the setting did not vary."""
     head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True)
+    if head.returncode != 0:   # not a git checkout
+        return ""
     dirty = subprocess.run(["git", "status", "--porcelain", "--", "onnxcc"], cwd=REPO, capture_output=True, text=True)
-    return head.stdout.strip() + ("+changes" if dirty.stdout.strip() else "") if head.returncode == 0 else ""
+    return head.stdout.strip() + ("+changes" if dirty.stdout.strip() else "")
 
 
 def render(rows: list[dict]) -> str:

@@ -32,7 +32,6 @@ from bench_compress import _machine  # noqa: E402
 from onnxcc.finetuning.executor import OnnxModule  # noqa: E402
 
 RESULTS = REPO / "tools" / "results"
-LAYOUTS = ("default", "channels-last")
 
 
 def _step(module: OnnxModule, feeds: dict[str, torch.Tensor]) -> tuple[float, list[torch.Tensor]]:

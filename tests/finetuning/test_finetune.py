@@ -393,7 +393,6 @@ def test_every_op_the_channel_analysis_accepts_is_run_here():
 def test_channels_last_weights_change_nothing_but_memory_order():
     """Recovery trains 2-D convolutions on channels-last weights: same outputs, and what is
     exported after a step is the parameters' values in ONNX order (1-D and 3-D weights stay)."""
-    torch = pytest.importorskip("torch")
     from onnxcc.finetuning.executor import OnnxModule, export_weights
 
     for model in (ZOO["Conv-valid-dilated"], _one("Conv", 13, {"x": (1, 2, 9), "w": _w(4, 2, 3)}),
