@@ -359,6 +359,14 @@ def test_coarse_multiples_fall_back_to_finer_ones_near_the_target(name):
     assert abs(res.report["totals"]["mac_reduction"] - 0.3) <= 0.01
 
 
+def test_a_floor_no_multiple_fits_under_leaves_the_group_whole():
+    """A floor of 3/4 rounds a 6-channel group up to 8 channels at multiples of 4: no narrower
+    width exists, so the group stays whole instead of breaking the search (an IndexError before)."""
+    res = compress(GRAPHS["concat"](13), 0.2, steps=1, round_to=4, min_keep=0.75)
+    check_model_full(res.model)
+    assert 0 < res.report["totals"]["mac_reduction"] < 0.2
+
+
 def test_report_depthwise_inputs_follow_pruned_outputs():
     model = GRAPHS["tiny_mobilenet"](13)
     depthwise = {l.name for l in normalized_analysis(model)[1].layers if l.group > 1}

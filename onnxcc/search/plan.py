@@ -232,7 +232,9 @@ def extreme_plan(a: Analysis, tuning: SearchTuning) -> Plan:
             if g.prunable:
                 m = np.zeros(g.size, bool)
                 if not g.droppable:
-                    m[:min(g.size, allowed(min_keep(tuning, g.size), g.size, tuning.round_to, g.size)[0])] = True
+                    # no width of the multiple between the floor and the group's size: it stays whole
+                    floor = allowed(min_keep(tuning, g.size), g.size, tuning.round_to, g.size)
+                    m[:floor[0] if len(floor) else g.size] = True
                 plan.keep[gid] = m
     if tuning.method in ("cc", "decompose"):
         plan.ranks = {l.key: int(allowed(1, l.max_useful_rank(), tuning.round_to, l.max_useful_rank())[0])
