@@ -867,6 +867,27 @@ def conv_constant_weights(opset: int = 13, *, seed: int = 0) -> onnx.ModelProto:
     return g.build(y)
 
 
+@_register([13, 17])
+def runtime_anchors(opset: int = 13, *, seed: int = 0) -> onnx.ModelProto:
+    """A detector head that computes at run time what YOLOv8 exports do: an anchor grid (Shape ->
+    Gather -> Cast -> Range) and a reshape target [N, C, -1] from the batch size, alive across
+    the head's Convs; the head's output is reshaped by it and offset by the anchors."""
+    g = GraphBuilder(opset, seed, "runtime_anchors")
+    x = g.input((1, 3, 16, 16))
+    s = g.relu(g.conv(x, 8, 3, stride=2))                       # (1, 8, 8, 8)
+    shape = g.node("Shape", [s], (4,))
+    batch, h, w = (g.node("Gather", [shape, g.i64(i, "at")], (), axis=0) for i in (0, 2, 3))
+    target = g.node("Concat", [g.node("Unsqueeze", [batch, g.i64([0], "axes")], (1,)), g.i64([6, -1], "rest")],
+                    (3,), axis=0)
+    cells = g.node("Cast", [g.node("Mul", [h, w], ())], (), to=TensorProto.FLOAT)
+    grid = g.node("Range", [g.f32(0.0), cells, g.f32(1.0)], (64,))
+    t = g.relu(g.conv(s, 8, 3))
+    t = g.add(g.relu(g.conv(t, 8, 3)), t)
+    t = g.relu(g.conv(t, 8, 3))
+    y = g.node("Reshape", [g.conv(t, 6, 1), target], (1, 6, 64))
+    return g.build(g.add(y, g.mul(g.reshape(grid, (1, 1, 64)), g.f32(0.01))))
+
+
 @_register()
 def tiny_resnet(opset: int = 13, *, seed: int = 0) -> onnx.ModelProto:
     """ResNet-ish, 10 convs: stem, 2 identity blocks, 1 projection block, 1 more identity, GAP->Flatten->Gemm."""

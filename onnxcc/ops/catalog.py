@@ -49,6 +49,9 @@ def declare_facts(ops: OpRegistry) -> None:
     ops.declare("Sigmoid", output=OutputKind.SQUASHES)
     ops.declare("Softmax", "LogSoftmax", "ArgMax", "ArgMin", output=OutputKind.CLASSIFIES)
 
+    # ---- shape computations: what follows from these alone is the same for every sample ---------
+    ops.declare("Shape", "Size", reads_shape=True)
+
     # ---- normalization removes these (Dropout only while its mask is unread) ---------------------
     ops.declare("Identity", "Dropout", identity=True)
 

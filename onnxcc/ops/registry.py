@@ -59,6 +59,7 @@ class OpSpec:
     weights: tuple[int, ...] = ()          # input positions holding learned weights (trained when fine-tuning)
     per_channel_weights: bool = False      # ... only when they are per-channel vectors (a scale, a shift)
     not_trainable: str | None = None       # why the torch executor deliberately lacks it
+    reads_shape: bool = False              # reads its inputs' shapes, never their values
 
     @property
     def name(self) -> str:

@@ -6,7 +6,7 @@ squared error, the quantity the search minimises.
 """
 from __future__ import annotations
 
-from typing import Mapping
+from typing import Callable, Mapping
 
 import numpy as np
 import onnx
@@ -29,10 +29,20 @@ def batch_size(model: onnx.ModelProto) -> int:
     return 1 if batch_fixed_at_one(model) else BATCH
 
 
-def run_batched(sess, names: list[str], feeds: Mapping[str, np.ndarray], batch: int) -> list[np.ndarray]:
-    """``sess``'s named outputs over ``feeds`` (a leading sample axis), ``batch`` samples a run."""
+def run_batched(sess, names: list[str], feeds: Mapping[str, np.ndarray], batch: int,
+                shared: Callable[[int], Mapping[str, np.ndarray]] | None = None) -> list[np.ndarray]:
+    """``sess``'s named outputs over ``feeds`` (a leading sample axis), ``batch`` samples a run;
+    ``shared``: the inputs without a sample axis, for a batch of a given size."""
     n = len(next(iter(feeds.values())))
-    parts = [sess.run(names, {k: v[i:i + batch] for k, v in feeds.items()}) for i in range(0, n, batch)]
+    wanted = {i.name for i in sess.get_inputs()}
+
+    def run(part: dict[str, np.ndarray]) -> list[np.ndarray]:
+        if shared is not None:
+            size = len(next(iter(part.values())))
+            part.update({k: v for k, v in shared(size).items() if k in wanted})
+        return sess.run(names, part)
+
+    parts = [run({k: v[i:i + batch] for k, v in feeds.items()}) for i in range(0, n, batch)]
     return [np.concatenate([p[j] for p in parts]) for j in range(len(names))]
 
 

@@ -35,6 +35,7 @@ from ..verify import fidelity
 from .blocks import partition
 from .channels import ChannelMap, read_channel_map
 from .judge import OutputJudge
+from .shared import SharedValues, sample_free
 from .stats import recover_statistics
 
 log = logging.getLogger(__name__)
@@ -154,7 +155,9 @@ def recover(student: onnx.ModelProto, teacher: onnx.ModelProto, feeds: Mapping[s
     chooser = OutputJudge(teacher, {k: choose_on[k] for k in names}, provider) if choose_on is not None else None
     one = {k: v[:1] for k, v in train.items()}
     s_vals, t_vals = _activations(student, one), _activations(teacher, one)
-    same = comparable(s_vals, t_vals, kept)
+    free = sample_free(student)
+    shared = SharedValues(student, free, one, provider)
+    same = comparable(s_vals, t_vals, kept) - free
     record: dict[str, Any] = {"mode": mode, "train_samples": len(next(iter(train.values()))),
                               "held_back_samples": len(next(iter(stop.values()))), "damage": {}}
     stages = {"cut": student}
@@ -171,7 +174,8 @@ def recover(student: onnx.ModelProto, teacher: onnx.ModelProto, feeds: Mapping[s
     best = student
     if progress:
         progress("recover: statistics", 0, 1)
-    stat_model, record["statistics"] = recover_statistics(student, teacher, same, kept, train, s_vals, judge, provider)
+    stat_model, record["statistics"] = recover_statistics(student, teacher, same, kept, train, s_vals, shared, judge,
+                                                          provider)
     stages["statistics"] = stat_model
     record["damage"]["statistics"] = d = judge.damage(stat_model)
     if d < best_damage:
@@ -186,7 +190,7 @@ def recover(student: onnx.ModelProto, teacher: onnx.ModelProto, feeds: Mapping[s
                 seconds = default_seconds(macs if macs is not None else _macs(student, one))
             record["budget_seconds"] = round(seconds, 1)
             deadline = t0 + seconds - finish
-            best, best_damage = _gradient_stages(best, best_damage, teacher, kept, train, judge, s_vals, same,
+            best, best_damage = _gradient_stages(best, best_damage, teacher, kept, train, judge, s_vals, same, shared,
                                                  record, stages, deadline, seed, provider, device, progress)
     if chooser is not None:
         record["choice_damage"].update({k: chooser.damage(m) for k, m in stages.items() if k != "cut"})
@@ -210,13 +214,14 @@ def _why_no_gradients(student: onnx.ModelProto, teacher: onnx.ModelProto) -> str
 
 
 def _gradient_stages(start: onnx.ModelProto, start_damage: float, teacher: onnx.ModelProto, kept: ChannelMap,
-                     train: dict, judge: OutputJudge, s_vals: dict, same: set[str], record: dict, stages: dict,
+                     train: dict, judge: OutputJudge, s_vals: dict, same: set[str], shared: SharedValues,
+                     record: dict, stages: dict,
                      deadline: float, seed: int, provider: str, device: str,
                      progress: Progress | None) -> tuple[onnx.ModelProto, float]:
     """Block reconstruction, then end-to-end distillation, both done by ``deadline`` (perf_counter)."""
     from .train import Budget, Reconstructor, device_for
 
-    floats = {k for k, v in s_vals.items() if v.dtype.kind == "f"}
+    floats = {k for k, v in s_vals.items() if v.dtype.kind == "f" and k not in shared}
     blocks = partition(start, floats, same)
     per_sample = sum(v.nbytes for k, v in s_vals.items() if k in floats)
     train_memory, cache_memory = memory_budgets()
@@ -224,7 +229,7 @@ def _gradient_stages(start: onnx.ModelProto, start_damage: float, teacher: onnx.
     n = len(next(iter(train.values()))) + len(next(iter(judge.feeds.values())))
     widest = max([sum(s_vals[t].nbytes for t in set(b.inputs) | set(b.live)) for b in blocks] + [1])
     views = int(np.clip(cache_memory // (n * widest), 1, MAX_VIEWS))
-    rec = Reconstructor(start, teacher, kept, train, judge, views=views, batch=batch, seed=seed,
+    rec = Reconstructor(start, teacher, kept, train, judge, shared, views=views, batch=batch, seed=seed,
                         device=device_for(device), provider=provider, progress=progress)
     record["blocks"] = rec.blocks(blocks, Budget((deadline - time.perf_counter()) * BLOCK_SHARE))
     record["views"], record["batch"] = views, rec.batch
@@ -232,7 +237,7 @@ def _gradient_stages(start: onnx.ModelProto, start_damage: float, teacher: onnx.
     record["damage"]["blocks"] = d = judge.damage(m)
     best, best_damage = (m, d) if d < start_damage else (start, start_damage)
     if best is not m:   # the end-to-end stage starts from the best weights so far
-        rec = Reconstructor(best, teacher, kept, train, judge, views=views, batch=batch, seed=seed,
+        rec = Reconstructor(best, teacher, kept, train, judge, shared, views=views, batch=batch, seed=seed,
                             device=device_for(device), provider=provider, progress=progress)
     record["end_to_end"] = rec.end_to_end(Budget(deadline - time.perf_counter()))
     stages["end-to-end"] = m = rec.export()

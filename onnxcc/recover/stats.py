@@ -23,6 +23,7 @@ from ..runtime import expose_outputs, make_session
 from .blocks import Liveness
 from .channels import ChannelMap
 from .judge import OutputJudge, batch_size, run_batched
+from .shared import SharedValues
 
 log = logging.getLogger(__name__)
 
@@ -131,7 +132,7 @@ def _moments(y: np.ndarray, axis: int) -> tuple[np.ndarray, np.ndarray]:
 
 
 def correct(student: onnx.ModelProto, teacher: onnx.ModelProto, comparable: set[str], kept: ChannelMap,
-            feeds: Mapping[str, np.ndarray], like: Mapping[str, np.ndarray], mode: str,
+            feeds: Mapping[str, np.ndarray], like: Mapping[str, np.ndarray], shared: SharedValues, mode: str,
             provider: str = "cpu") -> tuple[onnx.ModelProto, int]:
     """``student`` with its layers' output statistics moved to the original's (``mode``: mean or
     affine); the number of layers corrected.
@@ -139,7 +140,8 @@ def correct(student: onnx.ModelProto, teacher: onnx.ModelProto, comparable: set[
     The layers are corrected in graph order, each seeing the corrections before it (estimated
     together, the corrections of a deep network feed on each other and diverge): the graph runs
     once, segment by segment, each layer's output corrected in place before the next segment
-    reads it. ``like``: one value of every activation of ``student``."""
+    reads it. ``like``: one value of every activation of ``student``; ``shared``: its tensors
+    without a sample axis, fed to each segment for the size of the batch."""
     layers = _layers(student, comparable)
     if not layers:
         return student, 0
@@ -152,11 +154,11 @@ def correct(student: onnx.ModelProto, teacher: onnx.ModelProto, comparable: set[
                    if t[0].size == inits[l.weight].dims[l.row_axis] and l.output in live.crossing(at[l.output]))
     done, fixes, prev, batch = [], [], -1, batch_size(student)
     for cut, layer, (mt, st) in order:
-        after = live.crossing(cut)
+        after = [t for t in live.crossing(cut) if t not in shared]
         made = [t for t in after if t not in values]
-        given = [t for t in live.crossing(prev) if t in values]
+        given = [t for t in live.crossing(prev) if t in values or t in shared]
         sess = make_session(_segment(student, prev + 1, cut + 1, given, made, like), provider)
-        outs = run_batched(sess, made, {t: values[t] for t in given}, batch)
+        outs = run_batched(sess, made, {t: values[t] for t in given if t in values}, batch, shared)
         values = {t: values[t] if t in values else outs[made.index(t)] for t in after}
         ms, ss = _moments(values[layer.output], layer.axis)
         a = np.ones_like(mt)
@@ -176,12 +178,13 @@ def correct(student: onnx.ModelProto, teacher: onnx.ModelProto, comparable: set[
 
 def recover_statistics(student: onnx.ModelProto, teacher: onnx.ModelProto, comparable: set[str],
                        kept: ChannelMap, feeds: Mapping[str, np.ndarray], like: Mapping[str, np.ndarray],
-                       judge: OutputJudge, provider: str = "cpu") -> tuple[onnx.ModelProto, dict]:
+                       shared: SharedValues, judge: OutputJudge,
+                       provider: str = "cpu") -> tuple[onnx.ModelProto, dict]:
     """The least-damage of: no correction, mean correction, affine correction (on ``judge``'s
     held-back samples)."""
     best, record = student, {"mode": "none", "damage": {"none": judge.damage(student)}, "layers": 0}
     for mode in MODES:
-        model, layers = correct(student, teacher, comparable, kept, feeds, like, mode, provider)
+        model, layers = correct(student, teacher, comparable, kept, feeds, like, shared, mode, provider)
         if not layers:
             break
         d = judge.damage(model)

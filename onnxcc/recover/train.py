@@ -31,6 +31,7 @@ from .augment import augment, image_layout
 from .blocks import Block
 from .channels import ChannelMap
 from .judge import OutputJudge, batch_size, run_batched
+from .shared import SharedValues
 
 log = logging.getLogger(__name__)
 
@@ -136,11 +137,13 @@ class Reconstructor:
     """The compressed model in torch, fitted block by block, then end to end."""
 
     def __init__(self, student: onnx.ModelProto, teacher: onnx.ModelProto, kept: ChannelMap,
-                 train: Mapping[str, np.ndarray], judge: OutputJudge, *, views: int, batch: int, seed: int,
+                 train: Mapping[str, np.ndarray], judge: OutputJudge, shared: SharedValues, *, views: int,
+                 batch: int, seed: int,
                  device: torch.device, provider: str, progress: Progress | None = None):
         torch.manual_seed(seed)
         self.student, self.teacher, self.kept = student, teacher, kept
         self.judge, self.seed, self.device, self.provider, self.progress = judge, seed, device, provider, progress
+        self.unbatched = shared
         self.train = dict(train)
         self.n_train = len(next(iter(train.values())))
         self.views = views
@@ -152,17 +155,26 @@ class Reconstructor:
         readers = Counter(i for n in student.graph.node for i in n.input)
         self.shared = {i.name for i in student.graph.initializer if readers[i.name] > 1}
 
-    def _run(self, module: OnnxModule, feeds: Mapping[str, torch.Tensor], names) -> list[torch.Tensor]:
+    def _run(self, module: OnnxModule, feeds: Mapping[str, torch.Tensor], names,
+             reads: tuple[str, ...] = ()) -> list[torch.Tensor]:
+        """``names`` from ``feeds`` (a leading sample axis) and, of ``reads``, the tensors without
+        one, computed for the size of each run."""
+        def run(part: dict[str, torch.Tensor]) -> list[torch.Tensor]:
+            size = len(next(iter(part.values())))
+            part.update({t: torch.from_numpy(np.asarray(v)).to(self.device)
+                         for t, v in self.unbatched(size).items() if t in reads})
+            return module.run(part, list(names))
+
         n = len(next(iter(feeds.values())))
         if n <= self.chunk:
-            return module.run(feeds, list(names))
-        parts = [module.run({k: v[i:i + self.chunk] for k, v in feeds.items()}, list(names))
-                 for i in range(0, n, self.chunk)]
+            return run(dict(feeds))
+        parts = [run({k: v[i:i + self.chunk] for k, v in feeds.items()}) for i in range(0, n, self.chunk)]
         return [torch.cat([p[j] for p in parts]) for j in range(len(names))]
 
     # ------------------------------------------------------------------ helpers
     def _to(self, feeds: Mapping[str, np.ndarray], idx: np.ndarray | slice) -> dict[str, torch.Tensor]:
         return {k: torch.from_numpy(np.ascontiguousarray(v[idx])).to(self.device) for k, v in feeds.items()}
+
 
     def _say(self, message: str, done: int, total: int) -> None:
         if self.progress:
@@ -204,9 +216,9 @@ class Reconstructor:
     def _block_loss(self, b: Block, cache: dict[str, torch.Tensor], targets: _Targets,
                     idx: np.ndarray, grad: bool) -> torch.Tensor:
         idx = np.sort(idx)
-        feeds = {t: cache[t][idx].to(self.device) for t in b.inputs}
+        feeds = {t: cache[t][idx].to(self.device) for t in b.inputs if t in cache}
         with torch.set_grad_enabled(grad):
-            outs = self._run(self.module, feeds, b.compared)
+            outs = self._run(self.module, feeds, b.compared, b.inputs)
         return _relative_mse(outs, targets.batch(b.compared, idx, self.device), [targets.scale[t] for t in b.compared])
 
     def _held_loss(self, b: Block, cache, targets, st_idx) -> float:
@@ -247,16 +259,21 @@ class Reconstructor:
 
     def _advance(self, b: Block, cache: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """The cached activations after block ``b``: what crosses the cut after it."""
-        new = [t for t in b.live if t not in cache]
+        new = [t for t in b.live if t not in cache and t not in self.unbatched]
         n = len(next(iter(cache.values())))
-        parts: list[list[torch.Tensor]] = [[] for _ in new]
+        # written in place batch by batch: the cache is the largest thing recovery holds, and a
+        # list of parts concatenated at the end would hold it twice over beside the old one
+        produced: dict[str, torch.Tensor] = {}
         with torch.no_grad():
-            for i in range(0, n, self.batch):
-                outs = self._run(self.module, {t: cache[t][i:i + self.batch].to(self.device) for t in b.inputs}, new) if new else []
-                for p, o in zip(parts, outs):
-                    p.append(o.cpu())
-        produced = {t: torch.cat(p) for t, p in zip(new, parts)}
-        return {t: cache[t] if t in cache else produced[t] for t in b.live}
+            for i in range(0, n, self.batch) if new else ():
+                fed = {t: cache[t][i:i + self.batch].to(self.device) for t in b.inputs if t in cache}
+                for t, o in zip(new, self._run(self.module, fed, new, b.inputs)):
+                    if t not in produced:   # in the layout the module made it (channels-last for Convs)
+                        last = o.dim() == 4 and o.is_contiguous(memory_format=torch.channels_last)
+                        layout = torch.channels_last if last else torch.contiguous_format
+                        produced[t] = torch.empty((n, *o.shape[1:]), dtype=o.dtype, memory_format=layout)
+                    produced[t][i:i + len(o)] = o.cpu()
+        return {t: cache[t] if t in cache else produced[t] for t in b.live if t not in self.unbatched}
 
     # ------------------------------------------------------------------ end to end
     def end_to_end(self, budget: Budget) -> dict:

@@ -1,3 +1,5 @@
+from collections import Counter
+
 import numpy as np
 import pytest
 
@@ -19,8 +21,8 @@ def test_pruning_zeroed_channels_is_exact(name, opset):
     assert norm.SerializeToString() == before
     check_model_full(res.model)
     assert_same_outputs(zero_reads(a, norm, keep), res.model, feeds, rtol=1e-5, atol=1e-5)
-    assert not any(n.op_type == "Gather" for n in res.model.graph.node)
-    assert len(res.model.graph.node) == len(norm.graph.node)
+    # kept channels are sliced out of the weights, never gathered at run time
+    assert Counter(n.op_type for n in res.model.graph.node) == Counter(n.op_type for n in norm.graph.node)
     assert runtime_macs(res.model, feeds) == res.record.macs_after
     assert res.record.channels_removed == sum(int((~m).sum()) for m in keep.values())
 

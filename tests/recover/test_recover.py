@@ -18,6 +18,7 @@ from onnxcc.recover import Kept, read_channel_map, recover, with_channel_map
 from onnxcc.recover.blocks import partition
 from onnxcc.recover.judge import OutputJudge
 from onnxcc.recover.pipeline import _activations, comparable, structure
+from onnxcc.recover.shared import sample_free
 
 
 def _samples(model: onnx.ModelProto, n: int, seed: int = 0) -> dict[str, np.ndarray]:
@@ -42,9 +43,10 @@ def test_channel_map_round_trips_through_metadata():
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("name", ["tiny_mobilenet", "runtime_anchors"])
 @pytest.mark.parametrize("mode", ["stats", "blocks"])
-def test_nothing_removed_leaves_outputs_unchanged(mode):
-    model = normalize(_batch_dynamic(GRAPHS["tiny_mobilenet"](13))).model
+def test_nothing_removed_leaves_outputs_unchanged(mode, name):
+    model = normalize(_batch_dynamic(GRAPHS[name](13))).model
     feeds = _samples(model, 24)
     res = recover(model, model, feeds, mode=mode, seconds=5)
     assert structure(res.model) == structure(model)
@@ -104,6 +106,27 @@ def test_blocks_lower_the_error_on_samples_recovery_never_saw(name):
     assert res.record["kept"] != "cut"
     assert after < 0.5 * before, (before, after, res.record["damage"])
     batch = {k: v[:5] for k, v in _samples(teacher, 5, seed=3).items()}
+    single = np.concatenate([run(res.model, {k: v[i:i + 1] for k, v in batch.items()})[0] for i in range(5)])
+    np.testing.assert_allclose(run(res.model, batch)[0], single, rtol=1e-4, atol=1e-5)
+
+
+def test_tensors_without_a_sample_axis_are_fed_for_the_batch_at_hand():
+    """YOLOv8-style exports compute anchors and reshape targets ([N, C, -1]) from shapes at run
+    time, alive across the head: statistics segments and blocks are fed them for the size of each
+    batch, never concatenated over batches (which raised on the scalars among them)."""
+    teacher, student, data = _compressed("runtime_anchors", 0.5, 48)
+    free = sample_free(student)
+    one = {k: v[:1] for k, v in data.samples.items()}
+    s_vals, t_vals = _activations(student, one), _activations(normalize(teacher).model, one)
+    floats = {k for k, v in s_vals.items() if v.dtype.kind == "f"} - free
+    blocks = partition(student, floats, comparable(s_vals, t_vals, read_channel_map(student)) - free)
+    assert any(free & set(b.inputs) for b in blocks[1:]), "a later block reads a shape-made tensor"
+    res = recover(student, teacher, data.samples, mode="blocks", seconds=8, choose_on=_samples(teacher, 12, seed=7))
+    assert structure(res.model) == structure(student)
+    assert {"statistics", "blocks", "end-to-end"} <= set(res.stages)
+    unseen = OutputJudge(normalize(teacher).model, _samples(teacher, 32, seed=99))
+    assert unseen.damage(res.model) < unseen.damage(student)
+    batch = _samples(teacher, 5, seed=3)
     single = np.concatenate([run(res.model, {k: v[i:i + 1] for k, v in batch.items()})[0] for i in range(5)])
     np.testing.assert_allclose(run(res.model, batch)[0], single, rtol=1e-4, atol=1e-5)
 
