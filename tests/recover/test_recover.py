@@ -110,6 +110,24 @@ def test_blocks_lower_the_error_on_samples_recovery_never_saw(name):
     np.testing.assert_allclose(run(res.model, batch)[0], single, rtol=1e-4, atol=1e-5)
 
 
+def test_targets_kept_in_files_read_back_any_samples_as_computed(tmp_path):
+    import torch
+
+    from onnxcc.recover.judge import run_outputs
+    from onnxcc.recover.train import _Targets
+
+    model = normalize(_batch_dynamic(GRAPHS["tiny_resnet"](13))).model
+    feeds = _samples(model, 70)
+    names = [n.output[0] for n in model.graph.node if n.op_type == "Conv"][:2] + [model.graph.output[0].name]
+    targets = _Targets(model, names, feeds, {}, tmp_path, "cpu")
+    ref = run_outputs(model, names, feeds)
+    idx = np.array([69, 3, 40, 0])
+    for got, want in zip(targets.batch(tuple(names), idx, torch.device("cpu")), ref):
+        np.testing.assert_array_equal(got.numpy(), want[np.sort(idx)])
+    for name, want in zip(names, ref):
+        assert targets.scale[name] == pytest.approx(np.var(want[:64].astype(np.float64)), rel=1e-9)
+
+
 def test_tensors_without_a_sample_axis_are_fed_for_the_batch_at_hand():
     """YOLOv8-style exports compute anchors and reshape targets ([N, C, -1]) from shapes at run
     time, alive across the head: statistics segments and blocks are fed them for the size of each
