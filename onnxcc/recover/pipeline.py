@@ -215,8 +215,7 @@ def _why_no_gradients(student: onnx.ModelProto, teacher: onnx.ModelProto) -> str
 
 def _gradient_stages(start: onnx.ModelProto, start_damage: float, teacher: onnx.ModelProto, kept: ChannelMap,
                      train: dict, judge: OutputJudge, s_vals: dict, same: set[str], shared: SharedValues,
-                     record: dict, stages: dict,
-                     deadline: float, seed: int, provider: str, device: str,
+                     record: dict, stages: dict, deadline: float, seed: int, provider: str, device: str,
                      progress: Progress | None) -> tuple[onnx.ModelProto, float]:
     """Block reconstruction, then end-to-end distillation, both done by ``deadline`` (perf_counter)."""
     from .train import Budget, Reconstructor, device_for

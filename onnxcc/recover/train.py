@@ -164,12 +164,11 @@ class Reconstructor:
 
     def __init__(self, student: onnx.ModelProto, teacher: onnx.ModelProto, kept: ChannelMap,
                  train: Mapping[str, np.ndarray], judge: OutputJudge, shared: SharedValues, *, views: int,
-                 batch: int, seed: int,
-                 device: torch.device, provider: str, progress: Progress | None = None):
+                 batch: int, seed: int, device: torch.device, provider: str, progress: Progress | None = None):
         torch.manual_seed(seed)
         self.student, self.teacher, self.kept = student, teacher, kept
         self.judge, self.seed, self.device, self.provider, self.progress = judge, seed, device, provider, progress
-        self.unbatched = shared
+        self.shared = shared
         self.train = dict(train)
         self.n_train = len(next(iter(train.values())))
         self.views = views
@@ -179,16 +178,15 @@ class Reconstructor:
         # a graph exported at batch 1 (Reshape targets with a literal 1) runs one sample at a time
         self.chunk = batch_size(student)
         readers = Counter(i for n in student.graph.node for i in n.input)
-        self.shared = {i.name for i in student.graph.initializer if readers[i.name] > 1}
+        self.shared_weights = {i.name for i in student.graph.initializer if readers[i.name] > 1}
 
     def _run(self, module: OnnxModule, feeds: Mapping[str, torch.Tensor], names,
              reads: tuple[str, ...] = ()) -> list[torch.Tensor]:
         """``names`` from ``feeds`` (a leading sample axis) and, of ``reads``, the tensors without
         one, computed for the size of each run."""
         def run(part: dict[str, torch.Tensor]) -> list[torch.Tensor]:
-            size = len(next(iter(part.values())))
-            part.update({t: torch.from_numpy(np.asarray(v)).to(self.device)
-                         for t, v in self.unbatched(size).items() if t in reads})
+            values = self.shared(len(next(iter(part.values()))))
+            part.update({t: torch.from_numpy(np.asarray(values[t])).to(self.device) for t in reads if t in values})
             return module.run(part, list(names))
 
         n = len(next(iter(feeds.values())))
@@ -200,7 +198,6 @@ class Reconstructor:
     # ------------------------------------------------------------------ helpers
     def _to(self, feeds: Mapping[str, np.ndarray], idx: np.ndarray | slice) -> dict[str, torch.Tensor]:
         return {k: torch.from_numpy(np.ascontiguousarray(v[idx])).to(self.device) for k, v in feeds.items()}
-
 
     def _say(self, message: str, done: int, total: int) -> None:
         if self.progress:
@@ -255,7 +252,7 @@ class Reconstructor:
         rec = {"block": k + 1, "nodes": [b.start, b.end], "layers": b.layers, "compared": list(b.compared)}
         params = self.module.parameters_for(b.compared, b.inputs) if b.compared else {}
         # a weight other nodes read too is left to end-to-end distillation, which sees every reader
-        params = {k: p for k, p in params.items() if k not in self.shared}
+        params = {k: p for k, p in params.items() if k not in self.shared_weights}
         if not params:
             return {**rec, "steps": 0}
         best = _Best(params, self._held_loss(b, cache, targets, st_idx))
@@ -285,7 +282,7 @@ class Reconstructor:
 
     def _advance(self, b: Block, cache: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """The cached activations after block ``b``: what crosses the cut after it."""
-        new = [t for t in b.live if t not in cache and t not in self.unbatched]
+        new = [t for t in b.live if t not in cache and t not in self.shared]
         n = len(next(iter(cache.values())))
         # written in place batch by batch: the cache is the largest thing recovery holds, and a
         # list of parts concatenated at the end would hold it twice over beside the old one
@@ -299,7 +296,7 @@ class Reconstructor:
                         layout = torch.channels_last if last else torch.contiguous_format
                         produced[t] = torch.empty((n, *o.shape[1:]), dtype=o.dtype, memory_format=layout)
                     produced[t][i:i + len(o)] = o.cpu()
-        return {t: cache[t] if t in cache else produced[t] for t in b.live if t not in self.unbatched}
+        return {t: cache[t] if t in cache else produced[t] for t in b.live if t not in self.shared}
 
     # ------------------------------------------------------------------ end to end
     def end_to_end(self, budget: Budget) -> dict:
